@@ -1,0 +1,36 @@
+"""Few-shot classification tasks: definitions, prompt templates and data loading.
+
+Pure Python (no torch) so that the client and the server can share it.
+"""
+
+from .data import ENV_VAR, SPLITS, Example, list_seeds, load_split, load_task_file, resolve_data_dir
+from .registry import (
+    PLACEHOLDERS,
+    DataQuirks,
+    Task,
+    TaskError,
+    get_task,
+    list_tasks,
+    place_prompt,
+    register_task,
+    validate_template,
+)
+
+__all__ = [
+    "ENV_VAR",
+    "PLACEHOLDERS",
+    "SPLITS",
+    "DataQuirks",
+    "Example",
+    "Task",
+    "TaskError",
+    "get_task",
+    "list_seeds",
+    "list_tasks",
+    "load_split",
+    "load_task_file",
+    "place_prompt",
+    "register_task",
+    "resolve_data_dir",
+    "validate_template",
+]

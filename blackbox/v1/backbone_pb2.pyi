@@ -1,0 +1,160 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DELTA_KINDS_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_KINDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    max_length: int
+    delta_kinds: _containers.RepeatedScalarFieldContainer[str]
+    projection_kinds: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    dtype: str
+    max_batch_tokens: int
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
+
+class Example(_message.Message):
+    __slots__ = ("text_a", "text_b", "label")
+    TEXT_A_FIELD_NUMBER: _ClassVar[int]
+    TEXT_B_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    text_a: str
+    text_b: str
+    label: int
+    def __init__(self, text_a: _Optional[str] = ..., text_b: _Optional[str] = ..., label: _Optional[int] = ...) -> None: ...
+
+class Split(_message.Message):
+    __slots__ = ("name", "examples")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    examples: _containers.RepeatedCompositeFieldContainer[Example]
+    def __init__(self, name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
+
+class DeltaSpec(_message.Message):
+    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    INTRINSIC_DIM_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_SCALE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    prompt_length: int
+    intrinsic_dim: int
+    projection: str
+    seed: int
+    projection_scale: float
+    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("splits", "template", "verbalizer", "delta", "truncate")
+    SPLITS_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VERBALIZER_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    splits: _containers.RepeatedCompositeFieldContainer[Split]
+    template: str
+    verbalizer: _containers.RepeatedScalarFieldContainer[str]
+    delta: DeltaSpec
+    truncate: bool
+    def __init__(self, splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., template: _Optional[str] = ..., verbalizer: _Optional[_Iterable[str]] = ..., delta: _Optional[_Union[DeltaSpec, _Mapping]] = ..., truncate: _Optional[bool] = ...) -> None: ...
+
+class CreateSessionResponse(_message.Message):
+    __slots__ = ("session_id", "verbalizer_token_ids", "split_sizes", "prompt_position", "prefix_reuse", "truncated_examples")
+    class SplitSizesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERBALIZER_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_SIZES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_REUSE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    verbalizer_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    split_sizes: _containers.ScalarMap[str, int]
+    prompt_position: str
+    prefix_reuse: bool
+    truncated_examples: int
+    def __init__(self, session_id: _Optional[str] = ..., verbalizer_token_ids: _Optional[_Iterable[int]] = ..., split_sizes: _Optional[_Mapping[str, int]] = ..., prompt_position: _Optional[str] = ..., prefix_reuse: _Optional[bool] = ..., truncated_examples: _Optional[int] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("session_id", "split", "z", "start", "count", "return_logits")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    split: str
+    z: Tensor
+    start: int
+    count: int
+    return_logits: bool
+    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("ce_loss", "hinge_loss", "accuracy", "logits", "num_examples", "server_ms")
+    CE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HINGE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    ce_loss: Tensor
+    hinge_loss: Tensor
+    accuracy: Tensor
+    logits: Tensor
+    num_examples: int
+    server_ms: float
+    def __init__(self, ce_loss: _Optional[_Union[Tensor, _Mapping]] = ..., hinge_loss: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Tensor, _Mapping]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., num_examples: _Optional[int] = ..., server_ms: _Optional[float] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
