@@ -1,0 +1,5 @@
+import sys
+
+from backbone_server.server import main
+
+sys.exit(main())

@@ -1,0 +1,10 @@
+"""Delta kinds: each turns a population of intrinsic vectors z into model changes.
+
+A kind registers itself by name; `build_delta` looks it up. Importing this package
+imports every kind so that the registry is complete.
+"""
+
+from backbone_server.deltas.base import DELTA_KINDS, Delta, build_delta, register_delta
+from backbone_server.deltas import soft_prompt  # noqa: F401  (registers "prompt")
+
+__all__ = ["DELTA_KINDS", "Delta", "build_delta", "register_delta"]

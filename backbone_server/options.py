@@ -1,0 +1,20 @@
+"""Command-line options of the server, shared by `python -m backbone_server` and
+`blackbox serve` (kept free of torch imports so the client's CLI can build its parser)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m (bundled), tiny-llama, tiny-roberta, or a local HF model folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    parser.add_argument("--port", type=int, default=50051, help="port to bind (0 picks a free one)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="memory bound: (candidate, example) rows x tokens in one forward "
+                             "(0: 8192 on CPU, 65536 on GPU)")
+    parser.add_argument("--no-prefix-reuse", action="store_true",
+                        help="recompute the tokens before the prompt for every candidate (for comparison)")

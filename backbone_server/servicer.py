@@ -1,0 +1,91 @@
+"""The Backbone service: protobuf messages in, engine calls, protobuf messages out."""
+
+from __future__ import annotations
+
+import time
+
+from backbone_server.deltas import DELTA_KINDS
+from backbone_server.deltas.base import DeltaConfig
+from backbone_server.engine import Engine
+from backbone_server.errors import InvalidArgument, Unavailable
+from backbone_server.projection import PROJECTION_KINDS
+from blackbox.v1 import backbone_pb2 as pb
+from blackbox.v1 import backbone_pb2_grpc
+from blackbox.wire import WireError, array_to_tensor, tensor_to_array
+
+
+class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
+    """Holds the engine once the model is loaded; until then every call is UNAVAILABLE."""
+
+    def __init__(self, engine: Engine | None = None):
+        self.engine = engine
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.engine
+
+    def GetInfo(self, request, context):
+        engine = self._engine()
+        backbone = engine.backbone
+        return pb.ModelInfo(
+            model_name=backbone.name,
+            architecture=backbone.architecture,
+            hidden_size=backbone.hidden_size,
+            num_layers=backbone.num_layers,
+            vocab_size=backbone.embeddings.weight.shape[0],
+            max_length=backbone.max_length,
+            delta_kinds=sorted(DELTA_KINDS),
+            projection_kinds=list(PROJECTION_KINDS),
+            device=str(backbone.device),
+            dtype=str(backbone.dtype).removeprefix("torch."),
+            max_batch_tokens=engine.max_batch_tokens,
+        )
+
+    def CreateSession(self, request, context):
+        engine = self._engine()
+        spec = request.delta
+        delta = DeltaConfig(
+            kind=spec.kind or "prompt",
+            prompt_length=spec.prompt_length,
+            intrinsic_dim=spec.intrinsic_dim,
+            projection=spec.projection or "normal",
+            seed=spec.seed,
+            projection_scale=spec.projection_scale or 1.0,
+        )
+        splits = {
+            split.name: [(e.text_a, e.text_b, e.label) for e in split.examples] for split in request.splits
+        }
+        if len(splits) != len(request.splits):
+            raise InvalidArgument("split names must be unique")
+        session = engine.create_session(splits, request.template, list(request.verbalizer), delta,
+                                        truncate=request.truncate)
+        return pb.CreateSessionResponse(
+            session_id=session.id,
+            verbalizer_token_ids=session.verbalizer_ids.tolist(),
+            split_sizes={name: len(examples) for name, examples in session.splits.items()},
+            prompt_position=session.encoder.prompt_position,
+            prefix_reuse=session.prefix_reuse,
+            truncated_examples=session.truncated_examples,
+        )
+
+    def Evaluate(self, request, context):
+        engine = self._engine()
+        started = time.perf_counter()
+        try:
+            z = tensor_to_array(request.z, ndim=2)
+        except WireError as error:
+            raise InvalidArgument(f"z: {error}") from None
+        scores = engine.evaluate(request.session_id, request.split, z, request.start, request.count)
+        return pb.EvaluateResponse(
+            ce_loss=array_to_tensor(scores.ce_loss),
+            hinge_loss=array_to_tensor(scores.hinge_loss),
+            accuracy=array_to_tensor(scores.accuracy),
+            logits=array_to_tensor(scores.logits) if request.return_logits else None,
+            num_examples=scores.logits.shape[1],
+            server_ms=(time.perf_counter() - started) * 1e3,
+        )
+
+    def CloseSession(self, request, context):
+        self._engine().close_session(request.session_id)
+        return pb.CloseSessionResponse()
