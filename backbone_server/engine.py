@@ -176,7 +176,7 @@ class Engine:
         labels = torch.tensor([e.label for e in selected], device=self.backbone.device)
 
         with self._compute_lock, torch.inference_mode():
-            population = torch.from_numpy(z).to(self.backbone.device)
+            population = torch.tensor(z, device=self.backbone.device)
             prompts = session.delta.prompts(population)
             logits = torch.empty(len(population), len(selected), len(session.verbalizer_ids),
                                  device=self.backbone.device, dtype=torch.float32)

@@ -194,7 +194,6 @@ def load_backbone(name: str, device: str = "auto", dtype: str = "auto") -> Backb
 
         model, tokenizer = build_tiny_llama() if name == "tiny-llama" else build_tiny_roberta()
         architecture = "causal" if name == "tiny-llama" else "masked"
-        model = model.to(torch_dtype)
     elif name == BUNDLED_MODEL:
         model, tokenizer, architecture = _load_folder(_bundled_model_folder(), torch_dtype)
     elif Path(name).expanduser().is_dir():
@@ -204,7 +203,13 @@ def load_backbone(name: str, device: str = "auto", dtype: str = "auto") -> Backb
             f"unknown model {name!r}: use {BUNDLED_MODEL}, {', '.join(TINY_MODELS)} "
             "or the path of a local Hugging Face model folder"
         )
-    model = model.to(torch_device).eval().requires_grad_(False)
+    return wrap_backbone(name, model, tokenizer, architecture, torch_device, torch_dtype)
+
+
+def wrap_backbone(name: str, model: nn.Module, tokenizer, architecture: str, device: torch.device,
+                  dtype: torch.dtype) -> Backbone:
+    """Freezes `model` on `device` and splits it for the engine (also for benchmark models)."""
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     body, head = _split_body_and_head(model)
     return Backbone(
         name=name,
@@ -214,6 +219,6 @@ def load_backbone(name: str, device: str = "auto", dtype: str = "auto") -> Backb
         body=body,
         head=head,
         max_length=_max_length(model),
-        device=torch_device,
-        dtype=torch_dtype,
+        device=device,
+        dtype=dtype,
     )

@@ -1,0 +1,134 @@
+"""`blackbox` command line: tune, serve, info, tasks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from contextlib import ExitStack
+
+from backbone_server.options import add_server_arguments
+from blackbox.client import BackboneClient, BackboneError
+from blackbox.runlog import RunDirError
+from blackbox.tasks import TaskError, list_tasks
+
+
+def _tune_arguments(parser: argparse.ArgumentParser) -> None:
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", default="sst2", help=f"one of: {', '.join(list_tasks())}")
+    task.add_argument("--seed", type=int, default=13, help="k-shot split seed (13, 21, 42); also seeds the search")
+    task.add_argument("--k", type=int, default=16, help="examples per class in the k-shot split")
+    task.add_argument("--data-dir", help="data folder (default: $BLACKBOX_DATA_DIR, else ../shared/data)")
+    search = parser.add_argument_group("search")
+    search.add_argument("--budget", type=int, default=8000, help="API calls (one candidate on the train set = one)")
+    search.add_argument("--popsize", type=int, default=20)
+    search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
+    search.add_argument("--prompt-length", type=int, default=50, help="soft prompt tokens")
+    search.add_argument("--placement", choices=("before", "after"), default="before",
+                        help="prompt before the text (BBT) or after it (lets a causal backbone reuse the text)")
+    search.add_argument("--projection", default="normal", help="normal (BBT scaling) or uniform")
+    search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo")
+    search.add_argument("--sigma", type=float, default=1.0, help="initial step size")
+    search.add_argument("--alpha", type=float, default=1.0, help="BBT's projection scale")
+    search.add_argument("--bound", type=float, help="box bound on every coordinate of z")
+    search.add_argument("--loss", choices=("ce", "hinge"), default="ce")
+    search.add_argument("--dev-every", type=int, default=1, help="check the generation's best on dev every N generations")
+    search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
+    backend = parser.add_argument_group("backbone")
+    backend.add_argument("--server", help="HOST:PORT of a running backbone; without it an embedded one starts")
+    backend.add_argument("--model", default="smollm2-135m", help="model of the embedded server")
+    backend.add_argument("--device", default="auto", help="device of the embedded server")
+    backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
+    backend.add_argument("--max-batch-tokens", type=int, default=0,
+                         help="memory bound of the embedded server (0: its device's default)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="runs/tune", help="run folder for log.jsonl, result.json, curve.png")
+    output.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    output.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from blackbox.tuner import TuneConfig, run_tune
+
+    config = TuneConfig(
+        task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir, budget=args.budget,
+        popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, placement=args.placement,
+        projection=args.projection, optimizer=args.optimizer, sigma=args.sigma, alpha=args.alpha,
+        bound=args.bound, loss=args.loss, dev_every=args.dev_every, truncate=args.truncate, out=args.out,
+    )
+    with ExitStack() as stack:
+        address = args.server
+        if address is None:
+            from blackbox.embedded import embedded_server
+
+            print(f"starting an embedded backbone server with {args.model} ...", file=sys.stderr, flush=True)
+            address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens))
+        client = stack.enter_context(BackboneClient(address))
+        client.wait_ready()
+        result = run_tune(config, client, model_label=args.model if args.server is None else "",
+                          show_progress=not args.quiet, overwrite=args.overwrite)
+    print(
+        f"{result['task']} seed {result['seed']} on {result['model']}: zero-shot test acc "
+        f"{result['zero_shot_test_acc']:.4f} -> tuned {result['test_acc']:.4f} "
+        f"(best dev {result['best_dev_acc']:.4f}; {result['api_calls']} API calls, "
+        f"{result['generations']} generations, {result['wall_s']:.0f} s)"
+    )
+    print(f"results: {result['files']['result']}  log: {result['files']['log']}  plot: {result['files']['curve']}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from backbone_server.server import serve
+    except ImportError as error:
+        raise RuntimeError(f"serving needs the server extra ({error.name} is missing): "
+                           "pip install 'blackbox-tuner[server]'") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+def _info(args: argparse.Namespace) -> int:
+    with BackboneClient(args.server) as client:
+        client.wait_ready(timeout=args.timeout)
+        print(json.dumps(client.get_info().__dict__, indent=2))
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from blackbox.tasks import get_task
+
+    for name in list_tasks():
+        task = get_task(name)
+        print(f"{name:8s} {len(task.labels)} classes: {', '.join(task.verbalizer)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blackbox", description="Gradient-free black-box tuning of language models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    tune = commands.add_parser("tune", help="tune a delta on a task through a backbone server")
+    _tune_arguments(tune)
+    tune.set_defaults(run=_tune)
+    serve = commands.add_parser("serve", help="host a frozen backbone over gRPC")
+    add_server_arguments(serve)
+    serve.set_defaults(run=_serve)
+    info = commands.add_parser("info", help="describe the model a running server hosts")
+    info.add_argument("--server", required=True, help="HOST:PORT")
+    info.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    info.set_defaults(run=_info)
+    tasks = commands.add_parser("tasks", help="list the built-in tasks")
+    tasks.set_defaults(run=_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (BackboneError, TaskError, RunDirError, ValueError, RuntimeError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,168 @@
+"""The client side of the Backbone service: sessions, populations in, scores out.
+
+gRPC statuses become `BackboneError`s whose message says what went wrong and what the
+server said, so a CLI user never sees a raw RpcError.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from blackbox.v1 import backbone_pb2 as pb
+from blackbox.v1 import backbone_pb2_grpc
+from blackbox.wire import GRPC_OPTIONS, array_to_tensor, tensor_to_array
+
+
+class BackboneError(RuntimeError):
+    """A failed call to a backbone server, with the gRPC status name and its details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str, method: str):
+        self.code = code
+        self.details = details
+        super().__init__(f"{method} on {address} failed with {code.name}: {details}")
+
+
+@dataclass
+class Scores:
+    ce_loss: np.ndarray  # (P,)
+    hinge_loss: np.ndarray  # (P,)
+    accuracy: np.ndarray  # (P,)
+    logits: np.ndarray | None  # (P, N, C) when asked for
+    num_examples: int
+    server_ms: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    max_length: int
+    delta_kinds: tuple[str, ...]
+    projection_kinds: tuple[str, ...]
+    device: str
+    dtype: str
+    max_batch_tokens: int
+
+
+@dataclass(frozen=True)
+class DeltaSpec:
+    kind: str = "prompt"
+    prompt_length: int = 50
+    intrinsic_dim: int = 500
+    projection: str = "normal"
+    seed: int = 0
+    projection_scale: float = 1.0
+
+
+class BackboneClient:
+    def __init__(self, address: str):
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub = backbone_pb2_grpc.BackboneStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise BackboneError(error.code(), error.details(), self.address, method) from None
+
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> None:
+        """Waits until the server reports SERVING (it may still be loading its model)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as error:
+                last = f"{error.code().name}: {error.details()}"
+            time.sleep(poll)
+        raise TimeoutError(f"backbone at {self.address} not ready after {timeout:.0f} s ({last})")
+
+    def get_info(self) -> ModelInfo:
+        info = self._call("GetInfo", pb.GetInfoRequest(), timeout=30)
+        return ModelInfo(
+            model_name=info.model_name,
+            architecture=info.architecture,
+            hidden_size=info.hidden_size,
+            num_layers=info.num_layers,
+            vocab_size=info.vocab_size,
+            max_length=info.max_length,
+            delta_kinds=tuple(info.delta_kinds),
+            projection_kinds=tuple(info.projection_kinds),
+            device=info.device,
+            dtype=info.dtype,
+            max_batch_tokens=info.max_batch_tokens,
+        )
+
+    def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
+                       delta: DeltaSpec, truncate: bool = False) -> "Session":
+        """`splits` maps a name to examples with text_a, text_b (or None) and label."""
+        request = pb.CreateSessionRequest(
+            splits=[
+                pb.Split(name=name, examples=[
+                    pb.Example(text_a=e.text_a, text_b=e.text_b or "", label=e.label) for e in examples
+                ])
+                for name, examples in splits.items()
+            ],
+            template=template,
+            verbalizer=list(verbalizer),
+            delta=pb.DeltaSpec(**delta.__dict__),
+            truncate=truncate,
+        )
+        response = self._call("CreateSession", request)
+        return Session(self, response, delta)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "BackboneClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Session:
+    """A task uploaded to one server; `evaluate` scores populations on its splits."""
+
+    def __init__(self, client: BackboneClient, response: pb.CreateSessionResponse, delta: DeltaSpec):
+        self.client = client
+        self.id = response.session_id
+        self.delta = delta
+        self.split_sizes = dict(response.split_sizes)
+        self.verbalizer_token_ids = list(response.verbalizer_token_ids)
+        self.prompt_position = response.prompt_position
+        self.prefix_reuse = response.prefix_reuse
+        self.truncated_examples = response.truncated_examples
+
+    def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0,
+                 return_logits: bool = False) -> Scores:
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        response = self.client._call("Evaluate", pb.EvaluateRequest(
+            session_id=self.id, split=split, z=array_to_tensor(z), start=start, count=count,
+            return_logits=return_logits,
+        ))
+        return Scores(
+            ce_loss=tensor_to_array(response.ce_loss),
+            hinge_loss=tensor_to_array(response.hinge_loss),
+            accuracy=tensor_to_array(response.accuracy),
+            logits=tensor_to_array(response.logits) if response.HasField("logits") else None,
+            num_examples=response.num_examples,
+            server_ms=response.server_ms,
+        )
+
+    def close(self) -> None:
+        self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))

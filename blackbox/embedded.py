@@ -1,0 +1,26 @@
+"""A backbone server inside the client's process, on a free loopback port."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def embedded_server(model: str, device: str = "auto", dtype: str = "auto",
+                    max_batch_tokens: int = 0, prefix_reuse: bool = True) -> Iterator[str]:
+    """Yields the address of a running server with `model` loaded; stops it on exit."""
+    try:
+        from backbone_server.server import create_server
+    except ImportError as error:
+        raise RuntimeError(
+            f"the embedded server needs the server extra ({error.name} is missing): "
+            "pip install 'blackbox-tuner[server]', or point --server at a running backbone"
+        ) from None
+    running = create_server(model, "127.0.0.1:0", device=device, dtype=dtype,
+                            max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse)
+    try:
+        running.wait_ready()
+        yield running.address
+    finally:
+        running.stop(grace=0)

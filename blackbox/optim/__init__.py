@@ -1,0 +1,40 @@
+"""Derivative-free optimizers over the low-dimensional search vector z.
+
+    opt = make_optimizer("cma", dim=500, popsize=20, seed=0, sigma0=1.0)
+    while not opt.stop():
+        z = opt.ask()                 # (popsize, dim) float64
+        opt.tell(z, losses_of(z))     # one batched backbone call per generation
+    z_best, loss_best = opt.best
+
+Names: "cma", "sep-cma", "mezo" and "ng:<NAME>" for any nevergrad optimizer; see
+``available_optimizers()``. pycma and nevergrad are imported only when used.
+"""
+
+from . import cma_es, mezo, nevergrad_opt  # noqa: F401  (importing registers them)
+from .base import (
+    BaseOptimizer,
+    GlobalRNGSandbox,
+    Optimizer,
+    available_optimizers,
+    make_optimizer,
+    pinned_blas,
+    register_optimizer,
+)
+from .cma_es import CMAES, SepCMAES
+from .mezo import MeZO
+from .nevergrad_opt import NevergradOptimizer, nevergrad_optimizer_names
+
+__all__ = [
+    "BaseOptimizer",
+    "CMAES",
+    "GlobalRNGSandbox",
+    "MeZO",
+    "NevergradOptimizer",
+    "Optimizer",
+    "SepCMAES",
+    "available_optimizers",
+    "make_optimizer",
+    "nevergrad_optimizer_names",
+    "pinned_blas",
+    "register_optimizer",
+]

@@ -1,0 +1,82 @@
+"""MeZO: zeroth-order SGD with two-sided SPSA gradient estimates (Malladi et al., 2023).
+
+Each generation draws q = popsize // 2 directions u_i ~ N(0, I) and asks the 2q points
+``[x + eps*u_1, ..., x + eps*u_q, x - eps*u_1, ..., x - eps*u_q]`` (all "+" first). The
+told losses give
+
+    g = mean_i (L(x + eps*u_i) - L(x - eps*u_i)) / (2*eps) * u_i
+
+and an SGD step ``x <- x - lr * (g + weight_decay*x)`` (heavy-ball momentum optional).
+The directions come from ``np.random.default_rng([seed, generation])`` and are
+regenerated in tell() rather than stored -- MeZO's memory trick, and it keeps the
+checkpoint small. Each +/- evaluation is one API call (BBT's counting), hence
+``calls_per_candidate = 1``.
+
+Defaults: ``lr=1e-2``, ``eps=1e-3*sigma0`` (sigma0 is the search scale of z),
+``weight_decay=0``, ``momentum=0``. The learning rate is not rescaled by sigma0: the
+gradient of a loss wrt z scales as 1/scale, so no single rule fits every loss; tune it.
+With bounds, x and the asked points are clipped into the box (this biases the estimate
+near the walls). stop() is True only once x has become non-finite (lr far too large).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import BaseOptimizer, _check_positive_float, register_optimizer
+
+
+@register_optimizer("mezo")
+class MeZO(BaseOptimizer):
+    option_defaults = {"lr": 1e-2, "eps": None, "weight_decay": 0.0, "momentum": 0.0}
+    min_popsize = 2
+
+    def _resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = super()._resolve_options(options)
+        if self.popsize % 2:
+            raise ValueError(f"mezo needs an even popsize (pairs of +/- evaluations), got {self.popsize}")
+        options["lr"] = _check_positive_float("mezo option 'lr'", options["lr"])
+        eps = options["eps"]
+        options["eps"] = _check_positive_float("mezo option 'eps'", 1e-3 * self.sigma0 if eps is None else eps)
+        wd = float(options["weight_decay"])
+        if not wd >= 0.0 or not np.isfinite(wd):
+            raise ValueError(f"mezo option 'weight_decay' must be finite and >= 0, got {wd}")
+        mom = float(options["momentum"])
+        if not 0.0 <= mom < 1.0:
+            raise ValueError(f"mezo option 'momentum' must be in [0, 1), got {mom}")
+        options["weight_decay"], options["momentum"] = wd, mom
+        return options
+
+    def _setup(self) -> None:
+        self.x = np.zeros(self.dim)
+        self._velocity = np.zeros(self.dim)
+
+    def _directions(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.generation])
+        return rng.standard_normal((self.popsize // 2, self.dim))
+
+    def _clip(self, a: np.ndarray) -> np.ndarray:
+        if self.bounds is not None:
+            np.clip(a, self.bounds[0], self.bounds[1], out=a)
+        return a
+
+    def _ask(self) -> np.ndarray:
+        step = self.options["eps"] * self._directions()
+        return self._clip(np.concatenate([self.x + step, self.x - step]))
+
+    def _tell(self, candidates: np.ndarray, losses: np.ndarray) -> None:
+        q = self.popsize // 2
+        eps, lr = self.options["eps"], self.options["lr"]
+        projected = (losses[:q] - losses[q:]) / (2.0 * eps)
+        grad = projected @ self._directions() / q
+        if self.options["weight_decay"]:
+            grad = grad + self.options["weight_decay"] * self.x
+        if self.options["momentum"]:
+            self._velocity = self.options["momentum"] * self._velocity + grad
+            grad = self._velocity
+        self.x = self._clip(self.x - lr * grad)
+
+    def _stop(self) -> bool:
+        return not bool(np.all(np.isfinite(self.x)))

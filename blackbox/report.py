@@ -1,0 +1,39 @@
+"""Plots of a run: train loss and dev accuracy against API calls."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from blackbox.runlog import read_log
+
+
+def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    calls = [r["api_calls"] for r in records]
+    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(calls, [r["train_loss_mean"] for r in records], label="population mean", alpha=0.6)
+    loss_axis.plot(calls, [r["train_loss"] for r in records], label="generation best")
+    loss_axis.set_xlabel("API calls")
+    loss_axis.set_ylabel("train loss")
+    loss_axis.legend()
+    checked = [r for r in records if r.get("dev_acc") is not None]
+    acc_axis.plot([r["api_calls"] for r in checked], [r["dev_acc"] for r in checked], ".", alpha=0.5,
+                  label="generation best on dev")
+    acc_axis.step([r["api_calls"] for r in checked], [r["best_dev_acc"] for r in checked], where="post",
+                  label="best so far")
+    acc_axis.set_xlabel("API calls")
+    acc_axis.set_ylabel("dev accuracy")
+    acc_axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out = Path(out_png)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

@@ -1,0 +1,178 @@
+"""One black-box tuning run: task -> session -> ask/evaluate/tell loop -> test -> files.
+
+The loop owns the bookkeeping the objective must not do: counting API calls, checking
+the generation's best candidate on dev, keeping the best-on-dev z, logging, and the
+final test evaluation of that z.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from blackbox.client import BackboneClient, DeltaSpec, Session
+from blackbox.objective import Objective
+from blackbox.optim import make_optimizer
+from blackbox.report import plot_curve
+from blackbox.runlog import RunLog
+from blackbox.tasks import get_task, load_split, place_prompt
+
+# Test splits are scored in slices so that long evaluations show progress.
+EVAL_SLICE = 256
+
+
+@dataclass
+class TuneConfig:
+    task: str = "sst2"
+    seed: int = 13
+    k: int = 16
+    data_dir: str | None = None
+    budget: int = 8000
+    popsize: int = 20
+    dim: int = 500
+    prompt_length: int = 50
+    placement: str = "before"
+    projection: str = "normal"
+    optimizer: str = "cma"
+    sigma: float = 1.0
+    alpha: float = 1.0
+    bound: float | None = None
+    loss: str = "ce"
+    dev_every: int = 1
+    truncate: bool = False
+    out: str = "runs/tune"
+
+    def __post_init__(self):
+        for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.budget < self.popsize:
+            raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {self.popsize})")
+        if not self.sigma > 0 or not self.alpha > 0:
+            raise ValueError("sigma and alpha must be > 0")
+        if self.bound is not None and not self.bound > 0:
+            raise ValueError("bound must be > 0")
+
+
+def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show: bool) -> tuple[float, float]:
+    """Accuracy and mean CE of one candidate on a whole split, in slices with a progress bar."""
+    size = session.split_sizes[split]
+    correct = loss = 0.0
+    with tqdm(total=size, desc=label, unit="ex", disable=not show, leave=False) as bar:
+        for start in range(0, size, EVAL_SLICE):
+            scores = session.evaluate(split, z[None, :], start=start, count=EVAL_SLICE)
+            correct += float(scores.accuracy[0]) * scores.num_examples
+            loss += float(scores.ce_loss[0]) * scores.num_examples
+            bar.update(scores.num_examples)
+    return correct / size, loss / size
+
+
+def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", show_progress: bool = True,
+             overwrite: bool = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    task = get_task(config.task)
+    info = client.get_info()
+    template = place_prompt(task.template_for(info.architecture), config.placement)
+    splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
+              for split in ("train", "dev", "test")}
+    optimizer = make_optimizer(
+        config.optimizer, dim=config.dim, popsize=config.popsize, seed=config.seed, sigma0=config.sigma,
+        bounds=(-config.bound, config.bound) if config.bound else None,
+    )
+    run = RunLog(config.out, overwrite=overwrite)
+    run.write_config({**dataclasses.asdict(config), "template": template, "model": info.model_name,
+                      "architecture": info.architecture})
+    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
+    delta = DeltaSpec(kind="prompt", prompt_length=config.prompt_length, intrinsic_dim=config.dim,
+                      projection=config.projection, seed=config.seed,
+                      projection_scale=config.alpha / config.sigma)
+    session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
+    try:
+        zero = np.zeros(config.dim, dtype=np.float32)
+        zero_shot_test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
+        best_dev_acc, best_dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+        best_z, best_generation = zero, 0
+        if show_progress:
+            tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
+
+        objective = Objective(session, "train", config.loss)
+        api_calls = generation = 0
+        calls_per_generation = config.popsize * optimizer.calls_per_candidate
+        with tqdm(total=config.budget, desc=f"{config.task} {config.optimizer}", unit="call",
+                  disable=not show_progress) as bar:
+            while api_calls + calls_per_generation <= config.budget and not optimizer.stop():
+                tick = time.perf_counter()
+                candidates = optimizer.ask()
+                losses, scores = objective(candidates)
+                optimizer.tell(candidates, losses)
+                generation += 1
+                api_calls += calls_per_generation
+                leader = int(np.argmin(losses))
+                record = {
+                    "generation": generation,
+                    "api_calls": api_calls,
+                    "train_loss": float(losses[leader]),
+                    "train_loss_mean": float(losses.mean()),
+                    "train_acc": float(scores.accuracy[leader]),
+                    "dev_acc": None,
+                    "dev_loss": None,
+                }
+                if generation % config.dev_every == 0:
+                    dev = session.evaluate("dev", candidates[leader][None, :])
+                    dev_acc, dev_loss = float(dev.accuracy[0]), float(dev.ce_loss[0])
+                    record.update(dev_acc=dev_acc, dev_loss=dev_loss)
+                    if (dev_acc, -dev_loss) > (best_dev_acc, -best_dev_loss):
+                        best_dev_acc, best_dev_loss = dev_acc, dev_loss
+                        best_z, best_generation = candidates[leader].astype(np.float32), generation
+                record.update(best_dev_acc=best_dev_acc, server_ms=scores.server_ms,
+                              generation_ms=(time.perf_counter() - tick) * 1e3,
+                              elapsed_s=time.perf_counter() - started)
+                run.log_generation(record)
+                bar.update(calls_per_generation)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{best_dev_acc:.3f}")
+
+        test_acc, test_loss = evaluate_split(session, "test", best_z, "test", show_progress)
+    finally:
+        session.close()
+        run.close()
+
+    result = {
+        "task": task.name,
+        "seed": config.seed,
+        "model": model_label or info.model_name,
+        "architecture": info.architecture,
+        "device": info.device,
+        "dtype": info.dtype,
+        "delta": "prompt",
+        "prompt_length": config.prompt_length,
+        "placement": config.placement,
+        "prompt_position": session.prompt_position,
+        "prefix_reuse": session.prefix_reuse,
+        "projection": config.projection,
+        "optimizer": config.optimizer,
+        "loss": config.loss,
+        "dim": config.dim,
+        "popsize": config.popsize,
+        "sigma": config.sigma,
+        "budget": config.budget,
+        "api_calls": api_calls,
+        "generations": generation,
+        "best_generation": best_generation,
+        "best_dev_acc": best_dev_acc,
+        "test_acc": test_acc,
+        "test_loss": test_loss,
+        "zero_shot_test_acc": zero_shot_test_acc,
+        "test_examples": session.split_sizes["test"],
+        "test_note": task.test_note,
+        "wall_s": time.perf_counter() - started,
+    }
+    result_path = run.write_result(result, best_z)
+    plot_curve(run.log_path, run.dir / "curve.png",
+               title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
+    result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
+    return result
