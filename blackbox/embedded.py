@@ -20,7 +20,10 @@ def embedded_server(model: str, device: str = "auto", dtype: str = "auto",
     running = create_server(model, "127.0.0.1:0", device=device, dtype=dtype,
                             max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse)
     try:
-        running.wait_ready()
+        try:
+            running.wait_ready()
+        except Exception as error:
+            raise RuntimeError(f"the embedded server could not load {model!r}: {error}") from None
         yield running.address
     finally:
         running.stop(grace=0)

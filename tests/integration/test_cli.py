@@ -1,0 +1,40 @@
+"""The `blackbox` command: an embedded server end to end, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from blackbox.cli import main
+
+TINY_RUN = ["tune", "--model", "tiny-llama", "--device", "cpu", "--task", "rte", "--budget", "8", "--popsize", "4",
+            "--dim", "6", "--prompt-length", "2", "--placement", "after", "--truncate", "--quiet"]
+
+
+def test_tune_with_an_embedded_server(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot test acc" in printed and str(out / "result.json") in printed
+    result = json.loads((out / "result.json").read_text())
+    assert result["task"] == "rte" and result["model"] == "tiny-llama" and result["api_calls"] == 8
+    assert result["test_examples"] == 277
+
+    # A finished run is never overwritten by accident.
+    assert main(TINY_RUN + ["--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert json.loads((out / "result.json").read_text()) == result
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--budget", "2"], "smaller than one generation"),
+    (["--optimizer", "sgd-please"], "sgd-please"),
+    (["--data-dir", "/nonexistent"], "BLACKBOX_DATA_DIR"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, arguments, message):
+    assert main(TINY_RUN + ["--out", str(tmp_path / "run")] + arguments) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "result.json").exists()
