@@ -14,9 +14,13 @@ Quirks handled here:
 * Meta-optimizers such as NGOpt choose their algorithm from the budget and fail with a
   bare AssertionError when there is none; that becomes a ValueError asking for
   ``options={"budget": ...}``, raised by the constructor.
-* Optimizers that run scipy in a worker thread only pickle after ``enable_pickling()``
-  before the first ask, so it is always called (they then keep their tell history).
+* Optimizers that run scipy in a worker thread (Powell, SQP, Cobyla, ...) cannot be
+  checkpointed (their pickled replay fails to load) and a live one hangs interpreter
+  exit; they are refused (they only accept popsize 1 anyway). ``enable_pickling()`` is
+  still called on every optimizer before its first ask, as nevergrad requires.
 * nevergrad 1.0.12's metamodels break under NumPy >= 2.4 (see ``_import_nevergrad``).
+* nevergrad's CMA (ng:CMA, and NGOpt when it picks it) crashes at d >= 300 unless
+  popsize >= 4 + 3 ln d; refused up front (see ``_refuse_misaligned_cma``).
 * Several nevergrad optimizers also draw from the global ``np.random``, so every call
   runs inside a private global-RNG state (see ``GlobalRNGSandbox``); otherwise neither
   determinism nor bit-exact resume would hold, and the caller's RNG would be consumed.
@@ -36,8 +40,6 @@ import numpy as np
 from .base import BaseOptimizer, _check_int, register_optimizer
 
 PREFIX = "ng:"
-
-
 _SHIM_MARK = "_blackbox_numpy24_shim"
 
 
@@ -97,6 +99,46 @@ def _resolve_name(full_name: str) -> str:
     )
 
 
+def _threaded_parts(optimizer: Any, depth: int = 0) -> list[str]:
+    """Names of the thread-based (recast) optimizers in ``optimizer`` and its wrapped ones."""
+    from nevergrad.optimization.base import Optimizer as NgOptimizer
+    from nevergrad.optimization.recaster import RecastOptimizer
+
+    if isinstance(optimizer, RecastOptimizer):
+        return [optimizer.name]
+    if depth > 4:
+        return []
+    found: list[str] = []
+    for value in vars(optimizer).values():  # NGOpt's _optim, chains' optimizers, portfolios' optims
+        children = value if isinstance(value, (list, tuple)) else [value]
+        for child in children:
+            if isinstance(child, NgOptimizer):
+                found += _threaded_parts(child, depth + 1)
+    return found
+
+
+def _misaligned_cma(optimizer: Any, popsize: int, depth: int = 0) -> tuple[int, bool]:
+    """(pycma population, elitist) of a nevergrad CMA in ``optimizer`` that popsize breaks, else (0, False)."""
+    from cma.evolution_strategy import TPA_dimension
+    from nevergrad.optimization.base import Optimizer as NgOptimizer
+    from nevergrad.optimization.optimizerlib import _CMA
+
+    if isinstance(optimizer, _CMA):
+        config = optimizer._config
+        uses_tpa = optimizer.dimension >= TPA_dimension and (config.inopts or {}).get("AdaptSigma", True) is True
+        if uses_tpa and not config.fcmaes and optimizer._popsize > popsize:
+            return optimizer._popsize, bool(config.elitist)
+        return 0, False
+    if depth <= 4:
+        for value in vars(optimizer).values():
+            for child in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(child, NgOptimizer):
+                    found = _misaligned_cma(child, popsize, depth + 1)
+                    if found[0]:
+                        return found
+    return 0, False
+
+
 @register_optimizer(PREFIX, family=True)
 class NevergradOptimizer(BaseOptimizer):
     option_defaults = {"budget": None, "bounds_method": "bouncing"}
@@ -125,28 +167,68 @@ class NevergradOptimizer(BaseOptimizer):
             )
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{self.name}: nevergrad refused dim={self.dim}, popsize={self.popsize}: {exc}") from exc
-        # Optimizers driving scipy in a worker thread (Powell, SQP, ..., and NGOpt when it
-        # picks one) only pickle, hence checkpoint, if told so before their first ask.
-        # For meta-optimizers this also makes them pick their algorithm now, so a missing
-        # budget fails here rather than at the first ask.
-        with self._budget_hint():
+        # nevergrad wants this before the first ask from optimizers that are only optionally
+        # picklable (checkpoints need pickling). For meta-optimizers it also makes them pick
+        # their algorithm now, so the checks below see it and a missing budget fails here.
+        with self._explained_failures():
             self.ng_optimizer.enable_pickling()
+        self._refuse_threaded()
+        self._refuse_misaligned_cma()
         self._asked: list[Any] = []
 
+    def _refuse_misaligned_cma(self) -> None:
+        # nevergrad's CMA gives pycma popsize max(num_workers, 4 + 3 ln d) and refills from a
+        # fresh es.ask() whenever its queue runs dry, telling pycma only per full pycma
+        # generation. With popsize below that, the batches drift apart and es.ask() gets
+        # called twice without a tell, which pycma >= 4 forbids once it uses TPA step-size
+        # adaptation (d >= 300): RuntimeError "Mean shift samples are expected but missing"
+        # a dozen generations in. Refuse up front, with the popsize that works.
+        need, elitist = _misaligned_cma(self.ng_optimizer, self.popsize)
+        if need:
+            fix = (
+                "no popsize avoids it (its elitist variant always takes popsize + 1)"
+                if elitist
+                else f"popsize >= {need} avoids it (NGOpt may then pick another variant)"
+            )
+            raise ValueError(
+                f"{self.name} runs nevergrad's CMA with a pycma population of {need} > popsize "
+                f"{self.popsize}; at d={self.dim} (pycma's TPA step-size adaptation) nevergrad then "
+                f"crashes after a few generations. {fix[0].upper() + fix[1:]}; otherwise use 'cma' or 'sep-cma'"
+            )
+
+    def _refuse_threaded(self) -> None:
+        # nevergrad's scipy wrappers (Powell, SQP, Cobyla, ...) run scipy in a non-daemon
+        # worker thread: a checkpoint of one fails to load ("Mismatch in replay"), and a
+        # live one blocked on its queue keeps the interpreter from exiting. They only take
+        # popsize 1 anyway, so they are refused rather than half supported.
+        threaded = _threaded_parts(self.ng_optimizer)
+        if threaded:
+            raise ValueError(
+                f"{self.name}: runs {', '.join(threaded)} in a scipy worker thread, which cannot be "
+                "checkpointed or cleanly shut down; pick a population-based optimizer instead"
+            )
+
     @contextmanager
-    def _budget_hint(self) -> Iterator[None]:
-        # Meta-optimizers (NGOpt & co.) assert on a missing budget; say what to do instead.
+    def _explained_failures(self) -> Iterator[None]:
+        # Turn nevergrad's cryptic failures into ones that say what to do.
         try:
             yield
-        except AssertionError as exc:
+        except AssertionError as exc:  # meta-optimizers (NGOpt & co.) without a budget
             if self.options["budget"] is None:
                 raise ValueError(
                     f"{self.name} needs a budget: pass options={{'budget': <total candidate evaluations>}}"
                 ) from exc
             raise
+        except RuntimeError as exc:  # a CMA that a chain switched to after construction
+            if "Mean shift samples" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"{self.name}: nevergrad's CMA broke pycma's ask/tell pairing (population larger than "
+                f"popsize={self.popsize} at d >= 300); use 'cma' or 'sep-cma'"
+            ) from exc
 
     def _ask(self) -> np.ndarray:
-        with self._budget_hint():
+        with self._explained_failures():
             self._asked = [self.ng_optimizer.ask() for _ in range(self.popsize)]
         return np.stack([np.asarray(c.value, dtype=np.float64).reshape(self.dim) for c in self._asked])
 
@@ -155,6 +237,10 @@ class NevergradOptimizer(BaseOptimizer):
         for candidate, loss in zip(self._asked, losses):
             self.ng_optimizer.tell(candidate, float(loss))
         self._asked = []
+
+    def state_dict(self) -> bytes:
+        self._refuse_threaded()  # a chain may have switched to one since construction
+        return super().state_dict()
 
     def _stop(self) -> bool:
         budget = self.options["budget"]

@@ -152,6 +152,20 @@ def test_ngopt_without_budget_asks_for_one():
         make_optimizer("ng:NGOpt", DIM, 10, seed=0)
 
 
+def test_thread_based_nevergrad_optimizers_are_refused():
+    with pytest.raises(ValueError, match="Powell in a scipy worker thread"):
+        make_optimizer("ng:Powell", DIM, 1, seed=0)
+
+
+def test_nevergrad_cma_that_would_crash_is_refused():
+    # d >= 300: pycma uses TPA, and nevergrad's CMA (population 4 + 3 ln d = 21 > 10) would
+    # call pycma's ask twice without a tell a few generations in.
+    with pytest.raises(ValueError, match=r"population of 21 > popsize 10.*Popsize >= 21 avoids it"):
+        make_optimizer("ng:CMA", 300, 10, seed=0)
+    make_optimizer("ng:CMA", 300, 21, seed=0)
+    make_optimizer("ng:CMA", 299, 10, seed=0)  # CSA below 300: pycma tolerates the extra asks
+
+
 def test_mezo_needs_even_popsize():
     with pytest.raises(ValueError, match="even popsize"):
         make_optimizer("mezo", DIM, 7, seed=0)
@@ -322,40 +336,45 @@ def test_cma_seed_matches_plain_pycma():
 
 
 RESUME = [
-    ("cma", None, {}),
-    ("cma", (-1.0, 1.0), {}),
-    ("sep-cma", None, {}),
-    ("ng:TwoPointsDE", None, {}),
-    ("ng:OnePlusOne", None, {}),
-    ("ng:NGOpt", (-2.0, 2.0), {"budget": 400}),
-    (GLOBAL_RNG_USER, None, {}),
-    ("mezo", None, {}),
-    ("mezo", None, {"momentum": 0.9, "weight_decay": 0.01}),
+    ("cma", DIM, None, {}),
+    ("cma", DIM, (-1.0, 1.0), {}),
+    ("sep-cma", DIM, None, {}),
+    ("sep-cma", 300, None, {}),  # d >= 300: pycma switches to TPA step-size adaptation
+    ("ng:TwoPointsDE", DIM, None, {}),
+    ("ng:OnePlusOne", DIM, None, {}),
+    ("ng:NGOpt", DIM, (-2.0, 2.0), {"budget": 400}),
+    (GLOBAL_RNG_USER, DIM, None, {}),
+    ("mezo", DIM, None, {}),
+    ("mezo", DIM, None, {"momentum": 0.9, "weight_decay": 0.01}),
 ]
 
 
 @pytest.mark.parametrize("pending", [False, True], ids=["after-tell", "mid-generation"])
-@pytest.mark.parametrize("name,bounds,options", RESUME)
-def test_resume_is_bit_exact(name, bounds, options, pending):
+@pytest.mark.parametrize("name,dim,bounds,options", RESUME)
+def test_resume_is_bit_exact(name, dim, bounds, options, pending):
     k, m = 4, 5
+    center = np.linspace(-1.0, 1.0, dim)
+
+    def objective(z):
+        return np.sum((z - center) ** 2, axis=1)
 
     def make():
-        return make_optimizer(name, DIM, 6, seed=11, sigma0=0.8, bounds=bounds, options=options)
+        return make_optimizer(name, dim, 6, seed=11, sigma0=0.8, bounds=bounds, options=options)
 
-    uninterrupted = run(make(), k + m)
+    uninterrupted = run(make(), k + m, objective)
 
     first = make()
-    run(first, k)
+    run(first, k, objective)
     if pending:
         first.ask()
     state = first.state_dict()
     assert isinstance(state, bytes)
     del first
     resumed = make()
-    run(resumed, 2)  # its own progress must be overwritten entirely
+    run(resumed, 2, objective)  # its own progress must be overwritten entirely
     resumed.load_state_dict(state)
     assert resumed.generation == k
-    continued = run(resumed, m)
+    continued = run(resumed, m, objective)
     for gen, (x, y) in enumerate(zip(uninterrupted[k:], continued), start=k):
         assert np.array_equal(x, y), f"{name}: generation {gen} differs after resume"
 
