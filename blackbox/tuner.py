@@ -7,6 +7,7 @@ final test evaluation of that z.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from blackbox.client import BackboneClient, DeltaSpec, Session
+from blackbox.client import BackboneClient, BackboneError, DeltaSpec, Session
 from blackbox.objective import Objective
 from blackbox.optim import make_optimizer
 from blackbox.report import plot_curve
@@ -138,7 +139,9 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
 
         test_acc, test_loss = evaluate_split(session, "test", best_z, "test", show_progress)
     finally:
-        session.close()
+        # Best effort: a server that went away must not hide the error that ended the run.
+        with contextlib.suppress(BackboneError):
+            session.close()
         run.close()
 
     result = {
