@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -21,7 +22,8 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     task.add_argument("--k", type=int, default=16, help="examples per class in the k-shot split")
     task.add_argument("--data-dir", help="data folder (default: $BLACKBOX_DATA_DIR, else ../shared/data)")
     search = parser.add_argument_group("search")
-    search.add_argument("--budget", type=int, default=8000, help="API calls (one candidate on the train set = one)")
+    search.add_argument("--budget", type=int,
+                        help="API calls, one candidate on the train set = one (default 8000; on --resume, the run's own)")
     search.add_argument("--popsize", type=int, default=20)
     search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
     search.add_argument("--prompt-length", type=int, default=50, help="soft prompt tokens")
@@ -45,18 +47,25 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="runs/tune", help="run folder for log.jsonl, result.json, curve.png")
     output.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    output.add_argument("--resume", action="store_true",
+                        help="continue the run stored in --out with its own settings and the --budget given now")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from blackbox.tuner import TuneConfig, run_tune
+    from blackbox.tuner import TuneConfig, resume_config, run_tune
 
-    config = TuneConfig(
-        task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir, budget=args.budget,
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    config = resume_config(args.out, args.budget) if args.resume else TuneConfig(
+        task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
+        budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, placement=args.placement,
         projection=args.projection, optimizer=args.optimizer, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, truncate=args.truncate, out=args.out,
     )
+    if args.resume and args.data_dir:
+        config = dataclasses.replace(config, data_dir=args.data_dir)
     with ExitStack() as stack:
         address = args.server
         if address is None:
@@ -67,7 +76,7 @@ def _tune(args: argparse.Namespace) -> int:
         client = stack.enter_context(BackboneClient(address))
         client.wait_ready()
         result = run_tune(config, client, model_label=args.model if args.server is None else "",
-                          show_progress=not args.quiet, overwrite=args.overwrite)
+                          show_progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
     print(
         f"{result['task']} seed {result['seed']} on {result['model']}: zero-shot test acc "
         f"{result['zero_shot_test_acc']:.4f} -> tuned {result['test_acc']:.4f} "

@@ -1,43 +1,80 @@
-"""A run's files: config.json, log.jsonl (one line per generation), result.json, best_z.npy."""
+"""A run's files: config.json, log.jsonl (one line per generation), checkpoint.pkl (the
+state after the last finished generation), result.json, best_z.npy, curve.png."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-RUN_FILES = ("config.json", "log.jsonl", "result.json", "best_z.npy", "curve.png")
+RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pkl", "result.json", "best_z.npy", "curve.png")
+CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT_FORMAT = 1
 
 
 class RunDirError(ValueError):
     pass
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
     """Readers never see half a file, even if the run is killed mid-write."""
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text)
+    staging.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(staging, path)
 
 
 class RunLog:
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+    """Opens a run folder: a new run (refusing to clobber one unless `overwrite`), or with
+    `resume` the run stored there, whose checkpoint `checkpoint` then holds."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, resume: bool = False):
         self.dir = Path(out)
-        existing = [name for name in RUN_FILES if (self.dir / name).exists()]
-        if existing and not overwrite:
-            raise RunDirError(
-                f"{self.dir} already holds a run ({', '.join(existing)}); "
-                "choose another --out or pass --overwrite"
-            )
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if existing:
+        self.log_path = self.dir / "log.jsonl"
+        self.checkpoint: dict[str, Any] | None = None
+        if resume:
+            self.checkpoint = self._load_checkpoint()
+            # Lines logged after the checkpoint (a kill between the two writes) are
+            # written again by the resumed run.
+            kept = [r for r in read_log(self.log_path) if r["generation"] <= self.checkpoint["generation"]]
+            _write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+            for name in ("result.json", "best_z.npy", "curve.png"):
+                (self.dir / name).unlink(missing_ok=True)
+        else:
+            existing = [name for name in RUN_FILES if (self.dir / name).exists()]
+            if existing and not overwrite:
+                raise RunDirError(
+                    f"{self.dir} already holds a run ({', '.join(existing)}); "
+                    "choose another --out, continue it with --resume, or pass --overwrite"
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
             for name in existing:
                 (self.dir / name).unlink()
-        self.log_path = self.dir / "log.jsonl"
         self._log = self.log_path.open("a")
+
+    def _load_checkpoint(self) -> dict[str, Any]:
+        return self.read_checkpoint(self.dir)
+
+    @staticmethod
+    def read_checkpoint(out: str | os.PathLike) -> dict[str, Any]:
+        path = Path(out) / CHECKPOINT
+        if not path.exists():
+            raise RunDirError(f"nothing to resume: {path} does not exist")
+        try:
+            checkpoint = pickle.loads(path.read_bytes())
+        except Exception as error:
+            raise RunDirError(f"{path} is not a readable checkpoint: {error}") from None
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise RunDirError(f"{path} was written by another version of blackbox")
+        return checkpoint
+
+    def write_checkpoint(self, state: dict[str, Any]) -> None:
+        """Only load checkpoints you wrote: they are pickles."""
+        payload = {"format": CHECKPOINT_FORMAT, **state}
+        _write_atomic(self.dir / CHECKPOINT, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
 
     def write_config(self, config: dict[str, Any]) -> None:
         _write_atomic(self.dir / "config.json", json.dumps(config, indent=2) + "\n")

@@ -73,8 +73,15 @@ def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show
     return correct / size, loss / size
 
 
+def resume_config(out: str, budget: int | None = None) -> TuneConfig:
+    """The configuration of the run stored in `out`, with a new budget if given."""
+    stored = RunLog.read_checkpoint(out)["config"]
+    return TuneConfig(**{**stored, "out": out, **({"budget": budget} if budget is not None else {})})
+
+
 def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", show_progress: bool = True,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Runs (or with `resume`, continues) the tuning run that `config` describes."""
     started = time.perf_counter()
     task = get_task(config.task)
     info = client.get_info()
@@ -85,7 +92,13 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
         config.optimizer, dim=config.dim, popsize=config.popsize, seed=config.seed, sigma0=config.sigma,
         bounds=(-config.bound, config.bound) if config.bound else None,
     )
-    run = RunLog(config.out, overwrite=overwrite)
+    # Checked before the run folder is touched: a refused resume loses nothing.
+    checkpoint = RunLog.read_checkpoint(config.out) if resume else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint, config, info.model_name)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        started -= checkpoint["elapsed_s"]
+    run = RunLog(config.out, overwrite=overwrite, resume=resume)
     run.write_config({**dataclasses.asdict(config), "template": template, "model": info.model_name,
                       "architecture": info.architecture})
     # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
@@ -94,17 +107,25 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
                       projection_scale=config.alpha / config.sigma)
     session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
     try:
-        zero = np.zeros(config.dim, dtype=np.float32)
-        zero_shot_test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
-        best_dev_acc, best_dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
-        best_z, best_generation = zero, 0
-        if show_progress:
-            tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
+        if checkpoint is None:
+            zero = np.zeros(config.dim, dtype=np.float32)
+            zero_shot_test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
+            best_dev_acc, best_dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+            best_z, best_generation = zero, 0
+            api_calls = generation = 0
+            if show_progress:
+                tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
+        else:
+            zero_shot_test_acc = checkpoint["zero_shot_test_acc"]
+            best_dev_acc, best_dev_loss = checkpoint["best_dev_acc"], checkpoint["best_dev_loss"]
+            best_z, best_generation = checkpoint["best_z"], checkpoint["best_generation"]
+            api_calls, generation = checkpoint["api_calls"], checkpoint["generation"]
+            if show_progress:
+                tqdm.write(f"resuming {config.out} after generation {generation} ({api_calls} API calls)")
 
         objective = Objective(session, "train", config.loss)
-        api_calls = generation = 0
         calls_per_generation = config.popsize * optimizer.calls_per_candidate
-        with tqdm(total=config.budget, desc=f"{config.task} {config.optimizer}", unit="call",
+        with tqdm(total=config.budget, initial=api_calls, desc=f"{config.task} {config.optimizer}", unit="call",
                   disable=not show_progress) as bar:
             while api_calls + calls_per_generation <= config.budget and not optimizer.stop():
                 tick = time.perf_counter()
@@ -134,6 +155,13 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
                               generation_ms=(time.perf_counter() - tick) * 1e3,
                               elapsed_s=time.perf_counter() - started)
                 run.log_generation(record)
+                run.write_checkpoint({
+                    "config": dataclasses.asdict(config), "model": info.model_name,
+                    "optimizer": optimizer.state_dict(), "generation": generation, "api_calls": api_calls,
+                    "best_z": best_z, "best_dev_acc": best_dev_acc, "best_dev_loss": best_dev_loss,
+                    "best_generation": best_generation, "zero_shot_test_acc": zero_shot_test_acc,
+                    "elapsed_s": time.perf_counter() - started,
+                })
                 bar.update(calls_per_generation)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{best_dev_acc:.3f}")
 
@@ -179,3 +207,17 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
                title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
     result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
     return result
+
+
+# Settings a resumed run may change: the budget may grow, the folder may have moved.
+RESUMABLE_CHANGES = ("budget", "out", "data_dir")
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: TuneConfig, model: str) -> None:
+    stored, now = checkpoint["config"], dataclasses.asdict(config)
+    changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
+               if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]
+    if checkpoint["model"] != model:
+        changed.append(f"model: {checkpoint['model']!r} -> {model!r}")
+    if changed:
+        raise ValueError(f"cannot resume {config.out} with other settings ({'; '.join(changed)})")

@@ -38,3 +38,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, arguments, message):
     assert main(TINY_RUN + ["--out", str(tmp_path / "run")] + arguments) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)]) == 0
+    assert main(["tune", "--model", "tiny-llama", "--device", "cpu", "--quiet", "--out", str(out),
+                 "--resume", "--budget", "16"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["task"] == "rte" and result["api_calls"] == 16 and result["generations"] == 4
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4
+    assert main(["tune", "--quiet", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
