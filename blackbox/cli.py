@@ -36,6 +36,10 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--bound", type=float, help="box bound on every coordinate of z")
     search.add_argument("--loss", choices=("ce", "hinge"), default="ce")
     search.add_argument("--dev-every", type=int, default=1, help="check the generation's best on dev every N generations")
+    search.add_argument("--patience", type=int, default=0,
+                        help="stop after N generations without a better dev accuracy (0: off)")
+    search.add_argument("--max-wall-s", type=float, default=0.0,
+                        help="start no generation after this many seconds of the run (0: no limit)")
     search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
     backend = parser.add_argument_group("backbone")
     backend.add_argument("--server", help="HOST:PORT of a running backbone; without it an embedded one starts")
@@ -62,7 +66,8 @@ def _tune(args: argparse.Namespace) -> int:
         budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, placement=args.placement,
         projection=args.projection, optimizer=args.optimizer, sigma=args.sigma, alpha=args.alpha,
-        bound=args.bound, loss=args.loss, dev_every=args.dev_every, truncate=args.truncate, out=args.out,
+        bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
+        max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,
     )
     if args.resume and args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
@@ -81,7 +86,7 @@ def _tune(args: argparse.Namespace) -> int:
         f"{result['task']} seed {result['seed']} on {result['model']}: zero-shot test acc "
         f"{result['zero_shot_test_acc']:.4f} -> tuned {result['test_acc']:.4f} "
         f"(best dev {result['best_dev_acc']:.4f}; {result['api_calls']} API calls, "
-        f"{result['generations']} generations, {result['wall_s']:.0f} s)"
+        f"{result['generations']} generations, {result['wall_s']:.0f} s; stopped by {result['stop_reason']})"
     )
     print(f"results: {result['files']['result']}  log: {result['files']['log']}  plot: {result['files']['curve']}")
     return 0

@@ -45,6 +45,10 @@ class TuneConfig:
     bound: float | None = None
     loss: str = "ce"
     dev_every: int = 1
+    # Stop when the best dev accuracy has not improved for this many generations (0: never).
+    patience: int = 0
+    # Stop starting generations after this many seconds of the run (0: no limit).
+    max_wall_s: float = 0.0
     truncate: bool = False
     out: str = "runs/tune"
 
@@ -56,6 +60,8 @@ class TuneConfig:
             raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {self.popsize})")
         if not self.sigma > 0 or not self.alpha > 0:
             raise ValueError("sigma and alpha must be > 0")
+        if self.patience < 0 or self.max_wall_s < 0:
+            raise ValueError("patience and max-wall-s must be >= 0 (0 turns them off)")
         if self.bound is not None and not self.bound > 0:
             raise ValueError("bound must be > 0")
 
@@ -127,7 +133,8 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
         calls_per_generation = config.popsize * optimizer.calls_per_candidate
         with tqdm(total=config.budget, initial=api_calls, desc=f"{config.task} {config.optimizer}", unit="call",
                   disable=not show_progress) as bar:
-            while api_calls + calls_per_generation <= config.budget and not optimizer.stop():
+            while (stop_reason := _stop_reason(config, optimizer, api_calls + calls_per_generation, generation,
+                                               best_generation, time.perf_counter() - started)) is None:
                 tick = time.perf_counter()
                 candidates = optimizer.ask()
                 losses, scores = objective(candidates)
@@ -200,6 +207,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
         "zero_shot_test_acc": zero_shot_test_acc,
         "test_examples": session.split_sizes["test"],
         "test_note": task.test_note,
+        "stop_reason": stop_reason,
         "wall_s": time.perf_counter() - started,
     }
     result_path = run.write_result(result, best_z)
@@ -209,8 +217,23 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
     return result
 
 
+def _stop_reason(config: TuneConfig, optimizer, calls_after_next: int, generation: int, best_generation: int,
+                 elapsed_s: float) -> str | None:
+    """Why the loop must not start another generation, or None. Derived from the run's
+    state alone, so a resumed run stops exactly where the uninterrupted one would."""
+    if calls_after_next > config.budget:
+        return "budget"
+    if optimizer.stop():
+        return "optimizer"
+    if config.patience and generation - best_generation >= config.patience:
+        return "patience"
+    if config.max_wall_s and elapsed_s >= config.max_wall_s:
+        return "wall_clock"
+    return None
+
+
 # Settings a resumed run may change: the budget may grow, the folder may have moved.
-RESUMABLE_CHANGES = ("budget", "out", "data_dir")
+RESUMABLE_CHANGES = ("budget", "out", "data_dir", "max_wall_s")
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TuneConfig, model: str) -> None:

@@ -89,3 +89,19 @@ def test_resume_refuses_what_it_cannot_continue(client, tmp_path, one_go):
     with pytest.raises(ValueError, match="popsize: 4 -> 8"):
         run_tune(changed, client, show_progress=False, resume=True)
     assert {path.name: path.read_bytes() for path in reference_dir.iterdir()} == files
+
+
+def test_patience_and_wall_clock_stop_the_run(client, tmp_path):
+    patient = config(tmp_path / "patience", 400)
+    patient.patience = 2
+    result = run_tune(patient, client, show_progress=False)
+    assert result["stop_reason"] == "patience"
+    assert result["generations"] - result["best_generation"] == 2 and result["api_calls"] < 400
+
+    hurried = config(tmp_path / "wall", 400)
+    hurried.max_wall_s = 1e-3
+    result = run_tune(hurried, client, show_progress=False)
+    assert result["stop_reason"] == "wall_clock" and result["generations"] == 0
+    assert result["test_acc"] == result["zero_shot_test_acc"]  # z = 0 stays the best
+
+    assert run_tune(config(tmp_path / "budget", 8), client, show_progress=False)["stop_reason"] == "budget"
