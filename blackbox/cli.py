@@ -15,7 +15,7 @@ from blackbox.runlog import RunDirError
 from blackbox.tasks import TaskError, list_tasks
 
 
-def _tune_arguments(parser: argparse.ArgumentParser) -> None:
+def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) -> None:
     task = parser.add_argument_group("task")
     task.add_argument("--task", default="sst2", help=f"one of: {', '.join(list_tasks())}")
     task.add_argument("--seed", type=int, default=13, help="k-shot split seed (13, 21, 42); also seeds the search")
@@ -30,7 +30,11 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--placement", choices=("before", "after"), default="before",
                         help="prompt before the text (BBT) or after it (lets a causal backbone reuse the text)")
     search.add_argument("--projection", default="normal", help="normal (BBT scaling) or uniform")
-    search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo")
+    if comparing:
+        search.add_argument("--optimizers", default="cma,sep-cma,ng:TwoPointsDE,mezo",
+                            help="comma-separated optimizers, each run with the same task, delta and budget")
+    else:
+        search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo")
     search.add_argument("--sigma", type=float, default=1.0, help="initial step size")
     search.add_argument("--alpha", type=float, default=1.0, help="BBT's projection scale")
     search.add_argument("--bound", type=float, help="box bound on every coordinate of z")
@@ -51,37 +55,50 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="runs/tune", help="run folder for log.jsonl, result.json, curve.png")
     output.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    output.add_argument("--resume", action="store_true",
-                        help="continue the run stored in --out with its own settings and the --budget given now")
+    if not comparing:
+        output.add_argument("--resume", action="store_true",
+                            help="continue the run stored in --out with its own settings and the --budget given now")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _tune(args: argparse.Namespace) -> int:
-    from blackbox.tuner import TuneConfig, resume_config, run_tune
+def _config_from_args(args: argparse.Namespace, optimizer: str):
+    from blackbox.tuner import TuneConfig
 
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    config = resume_config(args.out, args.budget) if args.resume else TuneConfig(
+    return TuneConfig(
         task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
         budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, placement=args.placement,
-        projection=args.projection, optimizer=args.optimizer, sigma=args.sigma, alpha=args.alpha,
+        projection=args.projection, optimizer=optimizer, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
         max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,
     )
+
+
+def _connect(args: argparse.Namespace, stack: ExitStack) -> BackboneClient:
+    """A ready client: to --server, or to an embedded server that `stack` stops."""
+    address = args.server
+    if address is None:
+        from blackbox.embedded import embedded_server
+
+        print(f"starting an embedded backbone server with {args.model} ...", file=sys.stderr, flush=True)
+        address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens))
+    client = stack.enter_context(BackboneClient(address))
+    client.wait_ready()
+    return client
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from blackbox.tuner import resume_config, run_tune
+
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    config = resume_config(args.out, args.budget) if args.resume else _config_from_args(args, args.optimizer)
     if args.resume and args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     with ExitStack() as stack:
-        address = args.server
-        if address is None:
-            from blackbox.embedded import embedded_server
-
-            print(f"starting an embedded backbone server with {args.model} ...", file=sys.stderr, flush=True)
-            address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens))
-        client = stack.enter_context(BackboneClient(address))
-        client.wait_ready()
-        result = run_tune(config, client, model_label=args.model if args.server is None else "",
-                          show_progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
+        client = _connect(args, stack)
+        result = run_tune(config, client, show_progress=not args.quiet, overwrite=args.overwrite,
+                          resume=args.resume)
     print(
         f"{result['task']} seed {result['seed']} on {result['model']}: zero-shot test acc "
         f"{result['zero_shot_test_acc']:.4f} -> tuned {result['test_acc']:.4f} "
@@ -89,6 +106,19 @@ def _tune(args: argparse.Namespace) -> int:
         f"{result['generations']} generations, {result['wall_s']:.0f} s; stopped by {result['stop_reason']})"
     )
     print(f"results: {result['files']['result']}  log: {result['files']['log']}  plot: {result['files']['curve']}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from blackbox.compare import compare, markdown_table
+
+    optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    config = _config_from_args(args, optimizers[0] if optimizers else "cma")
+    with ExitStack() as stack:
+        client = _connect(args, stack)
+        rows = compare(config, optimizers, client, show_progress=not args.quiet, overwrite=args.overwrite)
+    print(markdown_table(rows), end="")
+    print(f"table: {args.out}/compare.csv  {args.out}/compare.md  plot: {args.out}/compare.png")
     return 0
 
 
@@ -124,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", help="tune a delta on a task through a backbone server")
     _tune_arguments(tune)
     tune.set_defaults(run=_tune)
+    compare = commands.add_parser("compare", help="run several optimizers on the same task, delta and budget")
+    _tune_arguments(compare, comparing=True)
+    compare.set_defaults(run=_compare, out="runs/compare")
     serve = commands.add_parser("serve", help="host a frozen backbone over gRPC")
     add_server_arguments(serve)
     serve.set_defaults(run=_serve)

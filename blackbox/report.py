@@ -8,12 +8,17 @@ from pathlib import Path
 from blackbox.runlog import read_log
 
 
-def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
+    plt = _pyplot()
     records = read_log(log_path)
     calls = [r["api_calls"] for r in records]
     figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -30,6 +35,30 @@ def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, title: s
     acc_axis.set_xlabel("API calls")
     acc_axis.set_ylabel("dev accuracy")
     acc_axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out = Path(out_png)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
+
+
+def plot_comparison(logs: dict[str, Path], out_png: str | os.PathLike, title: str = "") -> Path:
+    """One line per run: best train loss per generation and best dev accuracy so far."""
+    plt = _pyplot()
+    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, log_path in logs.items():
+        records = read_log(log_path)
+        calls = [r["api_calls"] for r in records]
+        loss_axis.plot(calls, [r["train_loss"] for r in records], label=name)
+        acc_axis.step(calls, [r["best_dev_acc"] for r in records], where="post", label=name)
+    loss_axis.set_xlabel("API calls")
+    loss_axis.set_ylabel("train loss (generation best)")
+    acc_axis.set_xlabel("API calls")
+    acc_axis.set_ylabel("best dev accuracy so far")
+    for axis in (loss_axis, acc_axis):
+        axis.legend()
     if title:
         figure.suptitle(title)
     figure.tight_layout()

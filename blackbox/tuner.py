@@ -85,9 +85,14 @@ def resume_config(out: str, budget: int | None = None) -> TuneConfig:
     return TuneConfig(**{**stored, "out": out, **({"budget": budget} if budget is not None else {})})
 
 
-def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", show_progress: bool = True,
-             overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Runs (or with `resume`, continues) the tuning run that `config` describes."""
+def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = True,
+             overwrite: bool = False, resume: bool = False,
+             zero_shot: dict[str, float] | None = None) -> dict[str, Any]:
+    """Runs (or with `resume`, continues) the tuning run that `config` describes.
+
+    `zero_shot` ({"test_acc", "dev_acc", "dev_loss"} of z = 0, as returned in the result
+    under that key) skips re-scoring the starting point when a caller already did.
+    """
     started = time.perf_counter()
     task = get_task(config.task)
     info = client.get_info()
@@ -115,14 +120,20 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
     try:
         if checkpoint is None:
             zero = np.zeros(config.dim, dtype=np.float32)
-            zero_shot_test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
-            best_dev_acc, best_dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+            if zero_shot is None:
+                zero_shot_test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
+                best_dev_acc, best_dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+            else:
+                zero_shot_test_acc = zero_shot["test_acc"]
+                best_dev_acc, best_dev_loss = zero_shot["dev_acc"], zero_shot["dev_loss"]
+            zero_shot = {"test_acc": zero_shot_test_acc, "dev_acc": best_dev_acc, "dev_loss": best_dev_loss}
             best_z, best_generation = zero, 0
             api_calls = generation = 0
             if show_progress:
                 tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
         else:
             zero_shot_test_acc = checkpoint["zero_shot_test_acc"]
+            zero_shot = None
             best_dev_acc, best_dev_loss = checkpoint["best_dev_acc"], checkpoint["best_dev_loss"]
             best_z, best_generation = checkpoint["best_z"], checkpoint["best_generation"]
             api_calls, generation = checkpoint["api_calls"], checkpoint["generation"]
@@ -182,7 +193,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
     result = {
         "task": task.name,
         "seed": config.seed,
-        "model": model_label or info.model_name,
+        "model": info.model_name,
         "architecture": info.architecture,
         "device": info.device,
         "dtype": info.dtype,
@@ -213,6 +224,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, model_label: str = "", 
     result_path = run.write_result(result, best_z)
     plot_curve(run.log_path, run.dir / "curve.png",
                title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
+    result["zero_shot"] = zero_shot
     result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
     return result
 

@@ -1,0 +1,60 @@
+"""Several optimizers on the same task, delta and budget: one run each, then a table
+(compare.csv, compare.md) and a plot (compare.png)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from blackbox.client import BackboneClient
+from blackbox.optim import make_optimizer
+from blackbox.report import plot_comparison
+from blackbox.tuner import TuneConfig, run_tune
+
+COLUMNS = ("optimizer", "best_dev_acc", "test_acc", "zero_shot_test_acc", "api_calls", "generations",
+           "best_generation", "stop_reason", "wall_s")
+
+
+def run_folder_name(optimizer: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", optimizer)
+
+
+def compare(base: TuneConfig, optimizers: list[str], client: BackboneClient, show_progress: bool = True,
+            overwrite: bool = False) -> list[dict[str, Any]]:
+    """Runs `base` once per optimizer under base.out/<optimizer>/ and writes the summary."""
+    if not optimizers or len(set(optimizers)) != len(optimizers):
+        raise ValueError(f"give distinct optimizers, got {optimizers}")
+    for name in optimizers:  # every name is checked before any run spends its budget
+        make_optimizer(name, dim=base.dim, popsize=base.popsize, seed=base.seed, sigma0=base.sigma)
+    out = Path(base.out)
+    summary = out / "compare.csv"
+    if summary.exists() and not overwrite:
+        raise ValueError(f"{out} already holds a comparison; choose another --out or pass --overwrite")
+    results, zero_shot = [], None
+    for name in optimizers:
+        config = dataclasses.replace(base, optimizer=name, out=str(out / run_folder_name(name)))
+        result = run_tune(config, client, show_progress=show_progress, overwrite=overwrite, zero_shot=zero_shot)
+        zero_shot = result["zero_shot"]  # the same starting point for every optimizer: score it once
+        results.append(result)
+
+    rows = [{column: result[column] for column in COLUMNS} for result in results]
+    with summary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "compare.md").write_text(markdown_table(rows))
+    plot_comparison({r["optimizer"]: Path(r["files"]["log"]) for r in results}, out / "compare.png",
+                    title=f"{base.task} seed {base.seed}: d={base.dim}, popsize {base.popsize}, budget {base.budget}")
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) and not isinstance(value, bool) else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
