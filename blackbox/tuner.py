@@ -118,22 +118,21 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                       projection_scale=config.alpha / config.sigma)
     session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
     try:
-        if checkpoint is None:
+        if checkpoint is not None:
+            zero_shot = checkpoint["zero_shot"]
+        elif zero_shot is None:
             zero = np.zeros(config.dim, dtype=np.float32)
-            if zero_shot is None:
-                zero_shot_test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
-                best_dev_acc, best_dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
-            else:
-                zero_shot_test_acc = zero_shot["test_acc"]
-                best_dev_acc, best_dev_loss = zero_shot["dev_acc"], zero_shot["dev_loss"]
-            zero_shot = {"test_acc": zero_shot_test_acc, "dev_acc": best_dev_acc, "dev_loss": best_dev_loss}
-            best_z, best_generation = zero, 0
+            test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
+            dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+            zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
+        zero_shot_test_acc = zero_shot["test_acc"]
+        if checkpoint is None:
+            best_dev_acc, best_dev_loss = zero_shot["dev_acc"], zero_shot["dev_loss"]
+            best_z, best_generation = np.zeros(config.dim, dtype=np.float32), 0
             api_calls = generation = 0
             if show_progress:
                 tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
         else:
-            zero_shot_test_acc = checkpoint["zero_shot_test_acc"]
-            zero_shot = None
             best_dev_acc, best_dev_loss = checkpoint["best_dev_acc"], checkpoint["best_dev_loss"]
             best_z, best_generation = checkpoint["best_z"], checkpoint["best_generation"]
             api_calls, generation = checkpoint["api_calls"], checkpoint["generation"]
@@ -177,7 +176,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                     "config": dataclasses.asdict(config), "model": info.model_name,
                     "optimizer": optimizer.state_dict(), "generation": generation, "api_calls": api_calls,
                     "best_z": best_z, "best_dev_acc": best_dev_acc, "best_dev_loss": best_dev_loss,
-                    "best_generation": best_generation, "zero_shot_test_acc": zero_shot_test_acc,
+                    "best_generation": best_generation, "zero_shot": zero_shot,
                     "elapsed_s": time.perf_counter() - started,
                 })
                 bar.update(calls_per_generation)

@@ -14,7 +14,7 @@ from blackbox.runlog import RunDirError
 from blackbox.tuner import TuneConfig, resume_config, run_tune
 
 TIMING_KEYS = ("server_ms", "generation_ms", "elapsed_s")
-RESULT_TIMING_KEYS = ("wall_s", "files", "zero_shot")  # the last two are not saved
+RESULT_TIMING_KEYS = ("wall_s", "files")
 
 
 @pytest.fixture(scope="module")
