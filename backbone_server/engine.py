@@ -108,10 +108,7 @@ class Engine:
         if not splits:
             raise InvalidArgument("a session needs at least one split")
         with self._sessions_lock:
-            if len(self.sessions) >= self.max_sessions:
-                raise ResourceExhausted(
-                    f"the server holds {self.max_sessions} sessions already; close one first"
-                )
+            self._check_capacity()  # early, before tokenising; again when registering
         encoder = TemplateEncoder(self.backbone.tokenizer, template, self.backbone.architecture,
                                   delta_config.prompt_length, self.backbone.max_length)
         verbalizer_ids = encoder.verbalizer_ids(list(verbalizer))
@@ -119,8 +116,6 @@ class Engine:
         for name, examples in splits.items():
             if not name:
                 raise InvalidArgument("every split needs a name")
-            if name in encoded:
-                raise InvalidArgument(f"split {name!r} is given twice")
             if not examples:
                 raise InvalidArgument(f"split {name!r} is empty")
             encoded[name] = []
@@ -142,10 +137,13 @@ class Engine:
             truncated_examples=sum(e.truncated for examples in encoded.values() for e in examples),
         )
         with self._sessions_lock:
-            if len(self.sessions) >= self.max_sessions:
-                raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first")
+            self._check_capacity()
             self.sessions[session.id] = session
         return session
+
+    def _check_capacity(self) -> None:
+        if len(self.sessions) >= self.max_sessions:
+            raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first")
 
     def get_session(self, session_id: str) -> Session:
         with self._sessions_lock:

@@ -28,18 +28,17 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
 
 
 class RunLog:
-    """Opens a run folder: a new run (refusing to clobber one unless `overwrite`), or with
-    `resume` the run stored there, whose checkpoint `checkpoint` then holds."""
+    """Opens a run folder: a new run (refusing to clobber one unless `overwrite`), or,
+    given the `resume_from` checkpoint read from it, the run stored there."""
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False, resume: bool = False):
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False,
+                 resume_from: dict[str, Any] | None = None):
         self.dir = Path(out)
         self.log_path = self.dir / "log.jsonl"
-        self.checkpoint: dict[str, Any] | None = None
-        if resume:
-            self.checkpoint = self._load_checkpoint()
+        if resume_from is not None:
             # Lines logged after the checkpoint (a kill between the two writes) are
             # written again by the resumed run.
-            kept = [r for r in read_log(self.log_path) if r["generation"] <= self.checkpoint["generation"]]
+            kept = [r for r in read_log(self.log_path) if r["generation"] <= resume_from["generation"]]
             _write_atomic(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
             for name in ("result.json", "best_z.npy", "curve.png"):
                 (self.dir / name).unlink(missing_ok=True)
@@ -54,9 +53,6 @@ class RunLog:
             for name in existing:
                 (self.dir / name).unlink()
         self._log = self.log_path.open("a")
-
-    def _load_checkpoint(self) -> dict[str, Any]:
-        return self.read_checkpoint(self.dir)
 
     @staticmethod
     def read_checkpoint(out: str | os.PathLike) -> dict[str, Any]:

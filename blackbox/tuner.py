@@ -109,7 +109,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         _check_resumable(checkpoint, config, info.model_name)
         optimizer.load_state_dict(checkpoint["optimizer"])
         started -= checkpoint["elapsed_s"]
-    run = RunLog(config.out, overwrite=overwrite, resume=resume)
+    run = RunLog(config.out, overwrite=overwrite, resume_from=checkpoint)
     run.write_config({**dataclasses.asdict(config), "template": template, "model": info.model_name,
                       "architecture": info.architecture})
     # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).

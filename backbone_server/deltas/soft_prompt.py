@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -14,6 +15,17 @@ from backbone_server.projection import DenseProjection
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
 
 
+@functools.lru_cache(maxsize=8)
+def _word_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Ids of the tokens that decode to a word, once per tokenizer (decoding a 49k
+    vocabulary takes ~0.4 s, which every session would otherwise pay again)."""
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
+    return torch.tensor([
+        i for i, text in enumerate(texts) if i not in special and WORD_TOKEN.match(text)
+    ] or [i for i in range(vocab_size) if i not in special])
+
+
 def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int) -> list[int]:
     """p0's tokens: `length` word tokens of the vocabulary drawn with `seed` (BBT's init).
 
@@ -21,11 +33,7 @@ def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int)
     and byte fragments, which as a prompt cost the bundled SmolLM2 up to 25 points of
     zero-shot SST-2 accuracy.
     """
-    special = set(tokenizer.all_special_ids)
-    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)])
-    candidates = torch.tensor([
-        i for i, text in enumerate(texts) if i not in special and WORD_TOKEN.match(text)
-    ] or [i for i in range(vocab_size) if i not in special])
+    candidates = _word_token_ids(tokenizer, vocab_size)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     picks = torch.randint(len(candidates), (length,), generator=generator)
     return candidates[picks].tolist()
