@@ -9,7 +9,7 @@ import torch
 
 from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import DenseProjection
+from backbone_server.projection import make_projection
 
 
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
@@ -54,7 +54,7 @@ class SoftPrompt(Delta):
         # p0 in fp32: the sum A z + p0 is formed before casting to the model's dtype.
         self.initial_prompt = embeddings[ids].detach().float()
         std = config.projection_scale * embeddings.float().std().item() / config.intrinsic_dim ** 0.5
-        self.projection = DenseProjection(
+        self.projection = make_projection(
             config.projection,
             in_dim=config.intrinsic_dim,
             out_dim=config.prompt_length * backbone.hidden_size,
