@@ -1,0 +1,215 @@
+"""Several backbone servers as one: `--server A,B,...`.
+
+A `ReplicaPool` looks like a `BackboneClient` to the tuner. Every session exists on every
+replica; each call splits the population's rows into contiguous near-equal shares, one per
+live replica, scores the shares concurrently and concatenates the answers in order. Rows
+are scored independently, so the merged answer is the one a single server gives.
+
+A replica whose call fails as if it were gone (unreachable, crashed, restarted and lost
+the session) is marked dead for good and its share is scored by the others; a caller's
+error (INVALID_ARGUMENT and the like) is raised as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from blackbox.client import BackboneClient, BackboneError, DeltaSpec, ModelInfo, Session
+
+log = logging.getLogger(__name__)
+
+# Fields every replica must agree on: the same model, loaded the same way.
+SAME_MODEL_FIELDS = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "dtype")
+
+# Statuses that mean the replica is gone or broken, not that the request was wrong.
+GONE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+def _replica_gone(error: BackboneError) -> bool:
+    # NOT_FOUND of the session (not of a split) means the server restarted and lost it.
+    return error.code in GONE_CODES or (error.code == grpc.StatusCode.NOT_FOUND and "no session" in error.details)
+
+
+def _shares(first: int, end: int, parts: int) -> list[tuple[int, int]]:
+    """Rows first..end-1 as at most `parts` contiguous near-equal (first, end) ranges."""
+    bounds = np.linspace(first, end, min(parts, max(end - first, 1)) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _merge(parts: list[Any], rows: list[int]) -> Any:
+    """One result from the shares' results (dataclasses), in row order: per-row arrays are
+    concatenated, server_ms is the slowest share's, anything else is taken from the first."""
+    merged = {}
+    for field in dataclasses.fields(parts[0]):
+        values = [getattr(part, field.name) for part in parts]
+        if field.name == "server_ms":
+            merged[field.name] = max(values)
+        elif all(isinstance(v, np.ndarray) and v.ndim and len(v) == n for v, n in zip(values, rows)):
+            merged[field.name] = np.concatenate(values, axis=0)
+        else:
+            merged[field.name] = values[0]
+    return type(parts[0])(**merged)
+
+
+class ReplicaPool:
+    """Backbone servers hosting the same model, used through the `BackboneClient` interface."""
+
+    def __init__(self, addresses: Sequence[str]):
+        addresses = list(addresses)
+        if not addresses:
+            raise ValueError("a replica pool needs at least one server address")
+        if len(set(addresses)) < len(addresses):
+            raise ValueError(f"a server is listed twice in {','.join(addresses)}")
+        self.address = ",".join(addresses)
+        self.clients = [BackboneClient(address) for address in addresses]
+        self.errors: dict[int, BackboneError] = {}  # replica -> the error that killed it
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
+        self._executor = ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="replica")
+
+    def live(self) -> list[int]:
+        with self._lock:
+            return [i for i in range(len(self.clients)) if i not in self.errors]
+
+    def next_turn(self) -> int:
+        with self._lock:
+            return next(self._turn)
+
+    def mark_dead(self, replica: int, error: BackboneError) -> None:
+        with self._lock:
+            if replica in self.errors:
+                return
+            self.errors[replica] = error
+            left = len(self.clients) - len(self.errors)
+        log.warning("backbone replica %s dropped (%s: %s); %d left", self.clients[replica].address,
+                    error.code.name, error.details, left)
+
+    def all_failed(self, method: str) -> BackboneError:
+        with self._lock:
+            errors = dict(self.errors)
+        causes = "; ".join(f"{self.clients[i].address}: {e.code.name}: {e.details}" for i, e in errors.items())
+        return BackboneError(list(errors.values())[-1].code, f"all replicas failed ({causes})", self.address, method)
+
+    def each_live(self, call: Callable[[BackboneClient], Any], method: str) -> dict[int, Any]:
+        """call(client) on every live replica at once -> {replica: result}; gone ones are dropped."""
+        replicas = self.live()
+        results, _ = self.gather([(i, lambda c=self.clients[i]: call(c)) for i in replicas])
+        if not results:
+            raise self.all_failed(method)
+        return {replicas[k]: result for k, result in results.items()}
+
+    def gather(self, calls: list[tuple[int, Callable[[], Any]]]) -> tuple[dict[int, Any], list[int]]:
+        """Runs the calls at once, each (replica, call). Returns {position: result} and the
+        positions whose replica turned out gone (marked dead); raises a caller's error once
+        every call has answered."""
+        futures = [self._executor.submit(call) for _, call in calls]
+        results, failed, caller_error = {}, [], None
+        for position, ((replica, _), future) in enumerate(zip(calls, futures)):
+            try:
+                results[position] = future.result()
+            except BackboneError as error:
+                if not _replica_gone(error):
+                    caller_error = caller_error or error
+                    continue
+                self.mark_dead(replica, error)
+                failed.append(position)
+        if caller_error is not None:
+            raise caller_error
+        return results, failed
+
+    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> None:
+        """Waits until every replica serves, then checks they all host the same model."""
+        list(self._executor.map(lambda client: client.wait_ready(timeout, poll), self.clients))
+        self.get_info()
+
+    def get_info(self) -> ModelInfo:
+        infos = self.each_live(lambda client: client.get_info(), "GetInfo")
+        first, reference = next(iter(infos.items()))
+        for replica, info in infos.items():
+            for field in SAME_MODEL_FIELDS:
+                if getattr(info, field) != getattr(reference, field):
+                    raise ValueError(
+                        f"backbone replicas differ: {self.clients[replica].address} has {field} "
+                        f"{getattr(info, field)!r}, {self.clients[first].address} has {getattr(reference, field)!r}")
+        # Gradient calls may land on any replica: the pool answers them only if all do.
+        return dataclasses.replace(reference, gradients_enabled=all(i.gradients_enabled for i in infos.values()))
+
+    def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
+                       delta: DeltaSpec, truncate: bool = False) -> "ReplicatedSession":
+        sessions = self.each_live(
+            lambda client: client.create_session(splits, template, verbalizer, delta, truncate), "CreateSession")
+        return ReplicatedSession(self, sessions)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+        for client in self.clients:
+            client.close()
+
+    def __enter__(self) -> "ReplicaPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ReplicatedSession:
+    """One session per live replica, used through the `Session` interface."""
+
+    def __init__(self, pool: ReplicaPool, sessions: dict[int, Session]):
+        self.pool = pool
+        self.sessions = sessions
+        first = next(iter(sessions.values()))
+        self.id = ",".join(session.id for session in sessions.values())
+        self.delta = first.delta
+        self.split_sizes = first.split_sizes
+        self.verbalizer_token_ids = first.verbalizer_token_ids
+        self.prompt_position = first.prompt_position
+        self.prefix_reuse = first.prefix_reuse
+        self.truncated_examples = first.truncated_examples
+
+    def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0, return_logits: bool = False):
+        return self._spread("evaluate", split, z, start=start, count=count, return_logits=return_logits)
+
+    def gradient(self, split: str, z: np.ndarray, start: int = 0, count: int = 0, loss: str = "ce"):
+        """Per-row gradients, where the client's `Session` has `gradient`."""
+        return self._spread("gradient", split, z, start=start, count=count, loss=loss)
+
+    def _spread(self, method: str, split: str, z: np.ndarray, **kwargs):
+        """Session.`method` on the rows of z, spread over the live replicas, retried on
+        the survivors when a replica is gone."""
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        done: dict[tuple[int, int], Any] = {}
+        pending = [(0, len(z))]
+        while pending:
+            live = [i for i in self.pool.live() if i in self.sessions]
+            if not live:
+                raise self.pool.all_failed(method.capitalize())
+            turn = self.pool.next_turn()
+            shares = [share for first, end in pending for share in _shares(first, end, len(live))]
+            owners = [live[(turn + k) % len(live)] for k in range(len(shares))]
+            calls = [(owner, lambda call=getattr(self.sessions[owner], method), rows=share:
+                      call(split, z[rows[0]:rows[1]], **kwargs))
+                     for owner, share in zip(owners, shares)]
+            results, failed = self.pool.gather(calls)
+            done.update({shares[k]: result for k, result in results.items()})
+            pending = [shares[k] for k in failed]
+        order = sorted(done)
+        return _merge([done[share] for share in order], [end - first for first, end in order])
+
+    def close(self) -> None:
+        """Closes the session on the live replicas, best effort."""
+        for replica in self.pool.live():
+            if replica in self.sessions:
+                try:
+                    self.sessions[replica].close()
+                except BackboneError as error:
+                    log.debug("closing on %s: %s", self.pool.clients[replica].address, error)
