@@ -6,21 +6,24 @@
         opt.tell(z, losses_of(z))     # one batched backbone call per generation
     z_best, loss_best = opt.best
 
-Names: "cma", "sep-cma", "mezo" and "ng:<NAME>" for any nevergrad optimizer; see
-``available_optimizers()``. pycma and nevergrad are imported only when used.
+Names: "cma", "sep-cma", "mezo" and "ng:<NAME>" for any nevergrad optimizer, plus the
+white-box "gradient" (needs a server that allows gradients: ``tell(z, losses, grads)``);
+see ``available_optimizers()``. pycma and nevergrad are imported only when used.
 """
 
-from . import cma_es, mezo, nevergrad_opt  # noqa: F401  (importing registers them)
+from . import cma_es, gradient, mezo, nevergrad_opt  # noqa: F401  (importing registers them)
 from .base import (
     BaseOptimizer,
     GlobalRNGSandbox,
     Optimizer,
     available_optimizers,
     make_optimizer,
+    optimizer_class,
     pinned_blas,
     register_optimizer,
 )
 from .cma_es import CMAES, SepCMAES
+from .gradient import GradientDescent
 from .mezo import MeZO
 from .nevergrad_opt import NevergradOptimizer, nevergrad_optimizer_names
 
@@ -28,6 +31,7 @@ __all__ = [
     "BaseOptimizer",
     "CMAES",
     "GlobalRNGSandbox",
+    "GradientDescent",
     "MeZO",
     "NevergradOptimizer",
     "Optimizer",
@@ -35,6 +39,7 @@ __all__ = [
     "available_optimizers",
     "make_optimizer",
     "nevergrad_optimizer_names",
+    "optimizer_class",
     "pinned_blas",
     "register_optimizer",
 ]

@@ -9,6 +9,8 @@ one batched call, so the contract is strictly ask -> tell -> ask -> ...:
 * ``tell()`` must get exactly the asked candidates (same rows, same order) and finite
   losses; anything else raises ``ValueError`` and leaves the optimizer untouched, so the
   caller can fix the input and tell again.
+* Optimizers with ``uses_gradients`` (the white-box ``gradient``) also need d loss / d z
+  for every candidate: ``tell(candidates, losses, gradients)``. The others refuse them.
 * ``state_dict()`` pickles everything (including a pending ask), so a resumed optimizer
   produces bit-identical future asks. Only load states from a trusted source.
 
@@ -34,6 +36,7 @@ __all__ = [
     "available_optimizers",
     "check_option_keys",
     "make_optimizer",
+    "optimizer_class",
     "pinned_blas",
     "register_optimizer",
 ]
@@ -44,10 +47,11 @@ class Optimizer(Protocol):
     dim: int
     popsize: int
     calls_per_candidate: int
+    uses_gradients: bool
 
     def ask(self) -> np.ndarray: ...
 
-    def tell(self, candidates: np.ndarray, losses: np.ndarray) -> None: ...
+    def tell(self, candidates: np.ndarray, losses: np.ndarray, gradients: np.ndarray | None = None) -> None: ...
 
     def stop(self) -> bool: ...
 
@@ -158,6 +162,20 @@ def available_optimizers() -> list[str]:
     return sorted(_REGISTRY) + [f"{prefix}<NAME>" for prefix in sorted(_FAMILIES)]
 
 
+def optimizer_class(name: str) -> type[BaseOptimizer]:
+    """The class serving `name`, without building it; ValueError for unknown names."""
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str):
+        cls = next((c for prefix, c in _FAMILIES.items() if name.startswith(prefix)), None)
+    if cls is None:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY) + list(_FAMILIES), n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown optimizer {name!r}; known optimizers: {', '.join(available_optimizers())}.{hint}"
+        )
+    return cls
+
+
 def make_optimizer(
     name: str,
     dim: int,
@@ -168,16 +186,7 @@ def make_optimizer(
     options: Mapping[str, Any] | None = None,
 ) -> BaseOptimizer:
     """Build a registered optimizer. The same arguments always give the same asks."""
-    cls = _REGISTRY.get(name) if isinstance(name, str) else None
-    if cls is None and isinstance(name, str):
-        cls = next((c for prefix, c in _FAMILIES.items() if name.startswith(prefix)), None)
-    if cls is None:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY) + list(_FAMILIES), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"unknown optimizer {name!r}; known optimizers: {', '.join(available_optimizers())}.{hint}"
-        )
-    return cls(name, dim, popsize, seed, sigma0=sigma0, bounds=bounds, options=options)
+    return optimizer_class(name)(name, dim, popsize, seed, sigma0=sigma0, bounds=bounds, options=options)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -263,6 +272,9 @@ class BaseOptimizer(ABC):
     """
 
     calls_per_candidate: int = 1
+    uses_gradients: ClassVar[bool] = False
+    # Set when the method has its own generation size (one point per gradient step).
+    fixed_popsize: ClassVar[int | None] = None
     option_defaults: ClassVar[Mapping[str, Any]] = {}
     min_popsize: ClassVar[int] = 1
     isolate_global_rng: ClassVar[bool] = False
@@ -279,7 +291,7 @@ class BaseOptimizer(ABC):
     ) -> None:
         self.name = name
         self.dim = _check_int("dim", dim, minimum=1)
-        self.popsize = _check_int("popsize", popsize, minimum=self.min_popsize)
+        self.popsize = self.fixed_popsize or _check_int("popsize", popsize, minimum=self.min_popsize)
         # < 2**32 because numpy's legacy RandomState (pycma, nevergrad) takes 32-bit seeds.
         self.seed = _check_int("seed", seed, minimum=0, maximum=2**32 - 1)
         self.sigma0 = _check_positive_float("sigma0", sigma0)
@@ -309,7 +321,8 @@ class BaseOptimizer(ABC):
     def _ask(self) -> np.ndarray: ...
 
     @abstractmethod
-    def _tell(self, candidates: np.ndarray, losses: np.ndarray) -> None: ...
+    def _tell(self, candidates: np.ndarray, losses: np.ndarray, *gradients: np.ndarray) -> None:
+        """Gets `gradients` as a third argument only when the class `uses_gradients`."""
 
     @abstractmethod
     def _stop(self) -> bool: ...
@@ -334,7 +347,7 @@ class BaseOptimizer(ABC):
         # A copy, so a caller scribbling on its array cannot change what tell() checks against.
         return self._pending.copy()
 
-    def tell(self, candidates: np.ndarray, losses: np.ndarray) -> None:
+    def tell(self, candidates: np.ndarray, losses: np.ndarray, gradients: np.ndarray | None = None) -> None:
         if self._pending is None:
             raise ValueError(f"{self.name}: tell() called without a pending ask()")
         candidates = np.asarray(candidates)
@@ -360,15 +373,31 @@ class BaseOptimizer(ABC):
                 f"{self.name}: non-finite losses at positions {bad.tolist()} "
                 f"({losses[bad].tolist()}); score failed candidates with a finite penalty instead"
             )
+        if self.uses_gradients:
+            extra = (self._checked_gradients(gradients),)
+        elif gradients is None:
+            extra = ()
+        else:
+            raise ValueError(f"{self.name}: is gradient-free; tell() takes no gradients")
         candidates = self._pending  # the exact asked array, not the caller's copy
         with self._compute_context():
-            self._tell(candidates, losses)
+            self._tell(candidates, losses, *extra)
         i = int(np.argmin(losses))
         if losses[i] < self._best_loss:
             self._best_loss = float(losses[i])
             self._best_x = candidates[i].copy()
         self._pending = None
         self.generation += 1
+
+    def _checked_gradients(self, gradients: np.ndarray | None) -> np.ndarray:
+        if gradients is None:
+            raise ValueError(f"{self.name}: needs the gradients of the losses: tell(candidates, losses, gradients)")
+        gradients = np.asarray(gradients, dtype=np.float64)
+        if gradients.shape != self._pending.shape:
+            raise ValueError(f"{self.name}: gradients must have shape {self._pending.shape}, got {gradients.shape}")
+        if not np.all(np.isfinite(gradients)):
+            raise ValueError(f"{self.name}: non-finite gradients")
+        return gradients
 
     def stop(self) -> bool:
         with self._compute_context():

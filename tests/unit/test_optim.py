@@ -84,7 +84,7 @@ def test_convergence_thresholds_are_not_trivial():
 
 def test_available_optimizers_lists_everything():
     names = available_optimizers()
-    assert {"cma", "sep-cma", "mezo", "ng:<NAME>"} <= set(names)
+    assert {"cma", "sep-cma", "mezo", "gradient", "ng:<NAME>"} <= set(names)
 
 
 def test_unknown_optimizer_names_the_known_ones():
@@ -427,3 +427,76 @@ def test_package_does_not_import_torch_or_eagerly_load_backends():
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
+
+
+# ------------------------------------------------------------------- white-box gradient
+
+
+def sphere_gradient(z: np.ndarray) -> np.ndarray:
+    return 2.0 * (np.atleast_2d(z) - CENTER)
+
+
+def run_with_gradients(opt: BaseOptimizer, steps: int) -> list[np.ndarray]:
+    asks = []
+    for _ in range(steps):
+        z = opt.ask()
+        asks.append(z)
+        opt.tell(z, sphere(z), sphere_gradient(z))
+    return asks
+
+
+@pytest.mark.parametrize("options,steps,factor", [
+    ({}, 100, 1e-3),  # Adam, lr 0.1 * sigma0
+    ({"method": "sgd", "lr": 0.1}, 30, 1e-3),
+    ({"method": "sgd", "lr": 0.05, "momentum": 0.5, "weight_decay": 1e-4}, 40, 1e-3),
+])
+def test_gradient_descent_reduces_shifted_sphere(options, steps, factor):
+    opt = make_optimizer("gradient", DIM, 20, seed=0, sigma0=0.5, options=options)
+    run_with_gradients(opt, steps)
+    assert opt.best[1] < factor * F0
+
+
+def test_gradient_descent_takes_one_point_per_step_and_needs_gradients():
+    opt = make_optimizer("gradient", DIM, 20, seed=0)
+    assert opt.uses_gradients and opt.popsize == 1 and isinstance(opt, Optimizer)
+    z = opt.ask()
+    assert z.shape == (1, DIM) and not z.any()  # starts at z = 0
+    with pytest.raises(ValueError, match="needs the gradients"):
+        opt.tell(z, sphere(z))
+    with pytest.raises(ValueError, match="shape"):
+        opt.tell(z, sphere(z), np.zeros((1, DIM + 1)))
+    with pytest.raises(ValueError, match="non-finite gradients"):
+        opt.tell(z, sphere(z), np.full((1, DIM), np.nan))
+    assert opt.generation == 0
+    opt.tell(z, sphere(z), sphere_gradient(z))
+    # Adam's first step moves every coordinate by lr against the gradient's sign.
+    np.testing.assert_allclose(opt.ask()[0], 0.1 * np.sign(CENTER))
+    gradient_free = make_optimizer("cma", DIM, 4, seed=0)
+    z = gradient_free.ask()
+    with pytest.raises(ValueError, match="gradient-free"):
+        gradient_free.tell(z, sphere(z), sphere_gradient(z))
+
+
+def test_gradient_descent_respects_bounds_and_resumes_bit_exactly():
+    def make():
+        return make_optimizer("gradient", DIM, 1, seed=3, bounds=(-0.2, 0.2), options={"lr": 0.5})
+
+    uninterrupted = run_with_gradients(make(), 9)
+    assert all(z.min() >= -0.2 and z.max() <= 0.2 for z in uninterrupted)
+    first = make()
+    run_with_gradients(first, 4)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert all(np.array_equal(a, b) for a, b in zip(uninterrupted[4:], run_with_gradients(resumed, 5)))
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"method": "lbfgs"}, "'method' must be one of adam, sgd"),
+    ({"lr": -1.0}, "'lr' must be finite and > 0"),
+    ({"betas": (0.9, 1.0)}, "'betas'"),
+    ({"momentum": 1.0}, "'momentum'"),
+    ({"learning_rate": 0.1}, "unknown option"),
+])
+def test_gradient_descent_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        make_optimizer("gradient", DIM, 1, seed=0, options=options)
