@@ -8,6 +8,7 @@ characters, so any text tokenizes and each verbalizer word is a single token.
 from __future__ import annotations
 
 import string
+import threading
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -20,6 +21,17 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+
+# Weights are drawn from torch's global generator (the model classes offer no other), so
+# two servers loading tiny models at once in one process would interleave their draws.
+_BUILD_LOCK = threading.Lock()
+
+
+def _seeded(build, seed: int):
+    """build() with the global generator seeded, one at a time, and the caller's state kept."""
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 _WORDS = """
 the a an and or but of to in on at for with by from as is was were be been it its this that
@@ -84,8 +96,7 @@ def build_tiny_llama(seed: int = 0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config), tokenizer
+    return _seeded(lambda: LlamaForCausalLM(config), seed), tokenizer
 
 
 def build_tiny_roberta(seed: int = 0):
@@ -103,5 +114,4 @@ def build_tiny_roberta(seed: int = 0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    return RobertaForMaskedLM(config), tokenizer
+    return _seeded(lambda: RobertaForMaskedLM(config), seed), tokenizer
