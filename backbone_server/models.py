@@ -131,7 +131,7 @@ def _architecture_of(config) -> str:
     raise InvalidArgument(f"{type(config).__name__} is neither a masked nor a causal language model")
 
 
-def _load_folder(folder: Path, dtype: torch.dtype):
+def _load_folder(folder: Path, dtype: torch.dtype, device_map: str | dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     if not (folder / "config.json").exists():
@@ -139,7 +139,8 @@ def _load_folder(folder: Path, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(folder)
     architecture = _architecture_of(config)
     auto = AutoModelForMaskedLM if architecture == "masked" else AutoModelForCausalLM
-    model = auto.from_pretrained(folder, dtype=dtype)
+    placement = {} if device_map is None else {"device_map": device_map}
+    model = auto.from_pretrained(folder, dtype=dtype, **placement)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, architecture
 
@@ -185,32 +186,81 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_backbone(name: str, device: str = "auto", dtype: str = "auto") -> Backbone:
-    """Loads `name`: smollm2-135m, tiny-llama, tiny-roberta, or a local model folder."""
+def load_backbone(name: str, device: str = "auto", dtype: str = "auto",
+                  device_map: str | dict | None = None) -> Backbone:
+    """Loads `name`: smollm2-135m, tiny-llama, tiny-roberta, or a local model folder.
+
+    `device_map` (e.g. "auto", through accelerate) places a model folder or the bundled
+    model across the visible devices, for models larger than one GPU; it replaces
+    `device`, and inputs then go to the device of the input embeddings. The tiny models
+    are built in code and ignore it.
+    """
+    if device_map is not None and device != "auto":
+        raise InvalidArgument(f"--device {device} and --device-map {device_map} exclude each other; "
+                              "the device map places the model")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if name in TINY_MODELS:
         from backbone_server.tiny import build_tiny_llama, build_tiny_roberta
 
+        if device_map is not None:
+            log.info("%s is built in code; device map %r ignored", name, device_map)
+            device_map = None
         model, tokenizer = build_tiny_llama() if name == "tiny-llama" else build_tiny_roberta()
         architecture = "causal" if name == "tiny-llama" else "masked"
     elif name == BUNDLED_MODEL:
-        model, tokenizer, architecture = _load_folder(_bundled_model_folder(), torch_dtype)
+        model, tokenizer, architecture = _load_folder(_bundled_model_folder(), torch_dtype, device_map)
     elif Path(name).expanduser().is_dir():
-        model, tokenizer, architecture = _load_folder(Path(name).expanduser(), torch_dtype)
+        model, tokenizer, architecture = _load_folder(Path(name).expanduser(), torch_dtype, device_map)
     else:
         raise NotFound(
             f"unknown model {name!r}: use {BUNDLED_MODEL}, {', '.join(TINY_MODELS)} "
             "or the path of a local Hugging Face model folder"
         )
-    return wrap_backbone(name, model, tokenizer, architecture, torch_device, torch_dtype)
+    return wrap_backbone(name, model, tokenizer, architecture, None if device_map else torch_device, torch_dtype)
 
 
-def wrap_backbone(name: str, model: nn.Module, tokenizer, architecture: str, device: torch.device,
+class _OutputOn(nn.Module):
+    """Runs `module` where its weights are and hands its output back on `device`.
+
+    A model split across devices ends on the last one; the engine indexes, scores and
+    collects on the device of the input embeddings.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        super().__init__()
+        self.module = module
+        self.target = device
+
+    def forward(self, *args, **kwargs):
+        output = self.module(*args, **kwargs)
+        if isinstance(output, torch.Tensor):
+            return output.to(self.target)
+        # Only the hidden states: cached keys and values stay with their layers.
+        output.last_hidden_state = output.last_hidden_state.to(self.target)
+        return output
+
+
+def wrap_backbone(name: str, model: nn.Module, tokenizer, architecture: str, device: torch.device | None,
                   dtype: torch.dtype) -> Backbone:
-    """Freezes `model` on `device` and splits it for the engine (also for benchmark models)."""
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    """Freezes `model` on `device` and splits it for the engine (also for benchmark models).
+
+    `device` None: the model is already placed (loaded with a device map) and stays
+    where it is; the engine's device is then that of the input embeddings.
+    """
+    if device is not None:
+        model = model.to(device=device, dtype=dtype)
+    model = model.eval().requires_grad_(False)
     body, head = _split_body_and_head(model)
+    if device is None:
+        device = model.get_input_embeddings().weight.device
+        if device.type == "meta":
+            raise InvalidArgument("the device map offloaded the input embeddings; they must sit on a device "
+                                  "(give the first device more memory, or use a smaller model)")
+        placed = set((getattr(model, "hf_device_map", None) or {"": device}).values())
+        if len(placed) > 1:
+            log.info("%s is split across %s; inputs go to %s", name, ", ".join(map(str, placed)), device)
+            body, head = _OutputOn(body, device), _OutputOn(head, device)
     return Backbone(
         name=name,
         model=model,
