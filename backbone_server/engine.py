@@ -4,12 +4,16 @@ The hot path is `Engine.evaluate`: every candidate of the population is scored o
 example of the split in as few forwards as the memory bound allows. Examples are sorted
 by length and grouped into buckets (little padding); within a bucket all candidates run
 in one batched forward, split into candidate chunks only when the bucket times the
-population would exceed `max_batch_tokens`.
+population would exceed `max_batch_tokens` (from the memory model in `memory.py` unless
+the operator sets it; a forward that runs out of memory anyway is retried in halves).
 
 Causal models with text before the prompt take the prefix-reuse path: the tokens ahead
 of the prompt do not depend on the candidate, so their keys and values are computed once
 per bucket (and kept for later calls while they fit the session's cache budget) and each
 candidate runs only the prompt and the tokens after it.
+
+`Engine.gradient` (off unless the server allows it) runs the same buckets with autograd
+and returns d loss / d z per candidate, for white-box comparisons.
 """
 
 from __future__ import annotations
@@ -27,19 +31,16 @@ from transformers import DynamicCache
 from backbone_server.deltas import Delta, build_delta
 from backbone_server.deltas.base import DeltaConfig
 from backbone_server.encoding import EncodedExample, TemplateEncoder
-from backbone_server.errors import InvalidArgument, NotFound, ResourceExhausted
+from backbone_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from backbone_server.memory import plan_memory
 from backbone_server.models import Backbone
 
 log = logging.getLogger(__name__)
 
 HINGE_MARGIN = 1.0
 MAX_POPULATION = 4096
-
-
-def default_batch_tokens(device: torch.device) -> int:
-    """Tokens per forward when the operator sets no bound. On a CPU, throughput is flat
-    from ~1k tokens up and larger forwards only cost memory; a GPU needs large batches."""
-    return 65536 if device.type == "cuda" else 8192
+LOSSES = ("ce", "hinge")
+MAX_CACHED_RANGES = 64  # per session: (split, example range, token bound) bucketings kept
 
 
 @dataclass
@@ -53,6 +54,16 @@ class Scores:
 
 
 @dataclass
+class Gradients:
+    """Per-candidate loss, accuracy and d loss / d z, as float32 numpy arrays."""
+
+    loss: np.ndarray  # (P,)
+    accuracy: np.ndarray  # (P,)
+    grad: np.ndarray  # (P, d)
+    num_examples: int
+
+
+@dataclass
 class Session:
     id: str
     encoder: TemplateEncoder
@@ -63,6 +74,9 @@ class Session:
     truncated_examples: int
     prefix_cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     prefix_cache_bytes: int = 0
+    # Padded device tensors of each evaluated range, built once: a generation then starts
+    # its forwards without host work or host-to-device copies.
+    bucket_cache: dict[tuple, list[_Bucket]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class _Bucket:
     """Examples (indices into the evaluated range) scored together."""
 
     indices: list[int]
+    index: torch.Tensor  # the same, on the device
     reuse: bool
     prefix_ids: torch.Tensor | None  # (B, Lp)
     prefix_mask: torch.Tensor | None  # (B, Lp)
@@ -86,14 +101,19 @@ class _Bucket:
 
 class Engine:
     def __init__(self, backbone: Backbone, max_batch_tokens: int = 0, max_sessions: int = 64,
-                 prefix_cache_bytes: int = 512 * 2**20, prefix_reuse: bool = True):
+                 prefix_cache_bytes: int = 512 * 2**20, prefix_reuse: bool = True,
+                 allow_gradients: bool = False):
         if max_batch_tokens < 0:
-            raise ValueError("max_batch_tokens must be positive (or 0 for the device's default)")
+            raise ValueError("max_batch_tokens must be positive (or 0 to derive it from free memory)")
         self.backbone = backbone
-        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(backbone.device)
+        self.memory_plan = plan_memory(backbone, max_batch_tokens)
+        self.max_batch_tokens = self.memory_plan.max_batch_tokens
+        self.gradient_batch_tokens = self.memory_plan.gradient_batch_tokens
+        log.info("memory plan: %s", self.memory_plan.reason)
         self.max_sessions = max_sessions
         self.prefix_cache_limit = prefix_cache_bytes
         self.prefix_reuse = prefix_reuse
+        self.allow_gradients = allow_gradients
         self.sessions: dict[str, Session] = {}
         self._sessions_lock = threading.Lock()
         # One forward at a time: concurrent forwards would only fight over the same cores.
@@ -160,30 +180,97 @@ class Engine:
     # ---- evaluation -----------------------------------------------------------------
 
     def evaluate(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0) -> Scores:
+        session, selected, labels = self._select(session_id, split, start, count)
+        z = self._check_population(z, session.delta.config.intrinsic_dim)
+        with self._compute_lock, torch.inference_mode():
+            prompts = session.delta.prompts(torch.tensor(z, device=self.backbone.device))
+            logits = self._empty_logits(session, len(z), len(selected))
+            for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, self.max_batch_tokens):
+                chunks = self._score_chunks(session, bucket, prompts, prefix, self.max_batch_tokens)
+                logits[:, index] = torch.cat([chunk for _, chunk in chunks])
+            return _scores(logits, labels)
+
+    def gradient(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0,
+                 loss: str = "ce") -> Gradients:
+        """The mean loss over the selected examples and its gradient with respect to each z.
+
+        Candidates are independent, so one backward of the summed losses gives every
+        row's gradient. Each chunk is differentiated as soon as it is scored, into the
+        prompts (a leaf), so activations of only one chunk are alive at a time; the
+        prompts' gradient is then carried back through the projection to z.
+        """
+        if not self.allow_gradients:
+            raise PermissionDenied(
+                "gradients are disabled on this server (it is a black box); "
+                "start it with --allow-gradients for white-box comparisons"
+            )
+        if loss not in LOSSES:
+            raise InvalidArgument(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        session, selected, labels = self._select(session_id, split, start, count)
+        z = self._check_population(z, session.delta.config.intrinsic_dim)
+        with self._compute_lock, torch.enable_grad():
+            population = torch.tensor(z, device=self.backbone.device, requires_grad=True)
+            prompts = session.delta.prompts(population)
+            prompt_leaf = prompts.detach().requires_grad_()
+            logits = self._empty_logits(session, len(z), len(selected))
+            tokens = self.gradient_batch_tokens
+            for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, tokens):
+                for first, chunk in self._score_chunks(session, bucket, prompt_leaf, prefix, tokens):
+                    p, size, classes = chunk.shape
+                    ce, hinge = _example_losses(chunk.reshape(p * size, classes), labels[index].repeat(p))
+                    # Sum over candidates of their mean over all selected examples.
+                    try:
+                        ((ce if loss == "ce" else hinge).sum() / len(selected)).backward()
+                    except Exception as error:
+                        if not _out_of_memory(error):
+                            raise
+                        self.gradient_batch_tokens = max(1, self.gradient_batch_tokens // 2)
+                        raise ResourceExhausted(
+                            "the backward ran out of device memory; the server lowered its gradient batch "
+                            f"to {self.gradient_batch_tokens} tokens, retry the call"
+                        ) from None
+                    logits[first:first + p, index] = chunk.detach()
+            prompts.backward(prompt_leaf.grad)
+        scores = _scores(logits, labels)
+        return Gradients(
+            loss=scores.ce_loss if loss == "ce" else scores.hinge_loss,
+            accuracy=scores.accuracy,
+            grad=population.grad.float().cpu().numpy(),
+            num_examples=len(selected),
+        )
+
+    def _select(self, session_id: str, split: str, start: int, count: int
+                ) -> tuple[Session, list[EncodedExample], torch.Tensor]:
+        """The session, the examples [start, start + count) of the split and their labels."""
         session = self.get_session(session_id)
         if split not in session.splits:
             raise NotFound(f"session has no split {split!r}; it has {', '.join(session.splits)}")
         examples = session.splits[split]
-        z = self._check_population(z, session.delta.config.intrinsic_dim)
         if start < 0 or count < 0 or start >= len(examples):
             raise InvalidArgument(
                 f"example range start={start} count={count} is outside split {split!r} of {len(examples)}"
             )
         stop = len(examples) if count == 0 else min(len(examples), start + count)
         selected = examples[start:stop]
-        labels = torch.tensor([e.label for e in selected], device=self.backbone.device)
+        return session, selected, torch.tensor([e.label for e in selected], device=self.backbone.device)
 
-        with self._compute_lock, torch.inference_mode():
-            population = torch.tensor(z, device=self.backbone.device)
-            prompts = session.delta.prompts(population)
-            logits = torch.empty(len(population), len(selected), len(session.verbalizer_ids),
-                                 device=self.backbone.device, dtype=torch.float32)
-            for bucket in self._buckets(session, selected):
-                cache_key = (split, start, stop, bucket.indices[0], len(bucket.indices))
-                prefix = self._prefix_states(session, bucket, cache_key) if bucket.reuse else None
-                index = torch.tensor(bucket.indices, device=self.backbone.device)
-                logits[:, index] = self._score_bucket(session, bucket, prompts, prefix)
-            return _scores(logits, labels)
+    def _empty_logits(self, session: Session, population: int, examples: int) -> torch.Tensor:
+        return torch.empty(population, examples, len(session.verbalizer_ids),
+                           device=self.backbone.device, dtype=torch.float32)
+
+    def _bucket_inputs(self, session: Session, split: str, start: int, selected: list[EncodedExample],
+                       tokens: int):
+        """Each bucket with its examples' positions in `selected` and its prefix states."""
+        key = (split, start, start + len(selected), tokens)
+        buckets = session.bucket_cache.get(key)
+        if buckets is None:
+            buckets = self._buckets(session, selected, tokens)
+            if len(session.bucket_cache) < MAX_CACHED_RANGES:
+                session.bucket_cache[key] = buckets
+        for bucket in buckets:
+            cache_key = (split, start, start + len(selected), bucket.indices[0], len(bucket.indices))
+            prefix = self._prefix_states(session, bucket, cache_key) if bucket.reuse else None
+            yield bucket, bucket.index, prefix
 
     @staticmethod
     def _check_population(z: np.ndarray, dim: int) -> np.ndarray:
@@ -196,13 +283,13 @@ class Engine:
             raise InvalidArgument(f"z holds a non-finite value (first at candidate {bad[0]}, coordinate {bad[1]})")
         return np.ascontiguousarray(z, dtype=np.float32)
 
-    def _buckets(self, session: Session, examples: list[EncodedExample]) -> list[_Bucket]:
-        """Length-sorted groups of examples, each at most max_batch_tokens for one candidate."""
+    def _buckets(self, session: Session, examples: list[EncodedExample], tokens: int) -> list[_Bucket]:
+        """Length-sorted groups of examples, each at most `tokens` for one candidate."""
         n = session.delta.prompt_length
         order = sorted(range(len(examples)), key=lambda i: examples[i].length(n))
         groups: list[list[int]] = []
         for i in order:
-            if groups and (len(groups[-1]) + 1) * examples[i].length(n) <= self.max_batch_tokens:
+            if groups and (len(groups[-1]) + 1) * examples[i].length(n) <= tokens:
                 groups[-1].append(i)
             else:
                 groups.append([i])
@@ -227,6 +314,7 @@ class Engine:
         row_ids, row_mask = self._pad(rows)
         return _Bucket(
             indices=indices,
+            index=torch.tensor(indices, device=device),
             reuse=reuse,
             prefix_ids=prefix_ids,
             prefix_mask=prefix_mask,
@@ -251,7 +339,10 @@ class Engine:
         cached = session.prefix_cache.get(key)
         if cached is not None:
             return cached
-        output = self.backbone.body(input_ids=bucket.prefix_ids, attention_mask=bucket.prefix_mask, use_cache=True)
+        # Constants even on the gradient path: nothing before the prompt depends on z.
+        with torch.no_grad():
+            output = self.backbone.body(input_ids=bucket.prefix_ids, attention_mask=bucket.prefix_mask,
+                                        use_cache=True)
         states = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in states)
         if session.prefix_cache_bytes + size <= self.prefix_cache_limit:
@@ -259,37 +350,69 @@ class Engine:
             session.prefix_cache_bytes += size
         return states
 
-    def _score_bucket(self, session: Session, bucket: _Bucket, prompts: torch.Tensor,
-                      prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
-        """(P, n, h) prompts -> (P, B, C) float32 verbalizer logits for this bucket."""
+    def _score_chunks(self, session: Session, bucket: _Bucket, prompts: torch.Tensor,
+                      prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, tokens: int):
+        """(P, n, h) prompts -> (first candidate, (p, B, C) float32 verbalizer logits) for
+        each chunk of candidates that fits `tokens`, in order. A chunk that runs out of
+        memory is retried in halves, and later calls start from the smaller bound."""
+        chunk = max(1, tokens // bucket.tokens_per_candidate)
+        first = 0
+        while first < len(prompts):
+            group = prompts[first:first + chunk]
+            try:
+                logits = self._forward_chunk(session, bucket, group, prefix)
+            except Exception as error:
+                if not _out_of_memory(error):
+                    raise
+                if chunk == 1:
+                    raise ResourceExhausted(
+                        f"one candidate on {len(bucket.indices)} examples does not fit in device memory; "
+                        "evaluate fewer examples per call (count) or start the server with a smaller "
+                        "--max-batch-tokens"
+                    ) from None
+                chunk //= 2
+                bound = chunk * bucket.tokens_per_candidate
+                log.warning("out of memory at %d candidates x %d tokens; retrying with %d candidates",
+                            len(group), bucket.tokens_per_candidate, chunk)
+                self._release_cached_memory()
+                if prompts.requires_grad:
+                    self.gradient_batch_tokens = min(self.gradient_batch_tokens, bound)
+                else:
+                    self.max_batch_tokens = min(self.max_batch_tokens, bound)
+                continue
+            yield first, logits
+            first += len(group)
+
+    def _release_cached_memory(self) -> None:
+        if self.backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _forward_chunk(self, session: Session, bucket: _Bucket, group: torch.Tensor,
+                       prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+        """(p, n, h) prompts of some candidates -> (p, B, C) verbalizer logits on the bucket."""
         backbone = self.backbone
         size, width = bucket.row_ids.shape
         slot = bucket.row_ids < 0
         token_embeddings = backbone.embeddings(bucket.row_ids.clamp(min=0))
         slot_index = (-bucket.row_ids - 1).clamp(min=0)
-        chunk = max(1, self.max_batch_tokens // bucket.tokens_per_candidate)
-        results = []
-        for first in range(0, len(prompts), chunk):
-            group = prompts[first:first + chunk]
-            p = len(group)
-            # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
-            rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
-            rows = rows.reshape(p * size, width, -1)
-            mask = bucket.row_mask.repeat(p, 1)
-            kwargs = {}
-            if prefix is not None:
-                mask = torch.cat([bucket.prefix_mask.repeat(p, 1), mask], dim=1)
-                positions = bucket.prefix_lengths[:, None] + torch.arange(width, device=rows.device)
-                kwargs["position_ids"] = positions.repeat(p, 1)
-                kwargs["past_key_values"] = DynamicCache(
-                    ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
-                    config=backbone.model.config,
-                )
-            hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
-            read = bucket.read.repeat(p)
-            picked = hidden[torch.arange(p * size, device=hidden.device), read]
-            results.append(self._verbalizer_logits(session, picked).view(p, size, -1))
-        return torch.cat(results, dim=0)
+        p = len(group)
+        # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
+        rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
+        rows = rows.reshape(p * size, width, -1)
+        mask = bucket.row_mask.repeat(p, 1)
+        kwargs = {}
+        if prefix is not None:
+            mask = torch.cat([bucket.prefix_mask.repeat(p, 1), mask], dim=1)
+            positions = bucket.prefix_lengths[:, None] + torch.arange(width, device=rows.device)
+            kwargs["position_ids"] = positions.repeat(p, 1)
+            kwargs["past_key_values"] = DynamicCache(
+                ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
+                config=backbone.model.config,
+            )
+        hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+        read = bucket.read.repeat(p)
+        picked = hidden[torch.arange(p * size, device=hidden.device), read]
+        return self._verbalizer_logits(session, picked).view(p, size, -1)
 
     def _verbalizer_logits(self, session: Session, hidden: torch.Tensor) -> torch.Tensor:
         head = self.backbone.head
@@ -301,18 +424,30 @@ class Engine:
         return head(hidden)[:, session.verbalizer_ids].float()
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """A device (CUDA) or host allocator running out of memory."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+def _example_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, C) logits and (R,) targets -> each row's cross-entropy and multi-class hinge loss."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    true = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    return ce, (HINGE_MARGIN + others - true).clamp(min=0)
+
+
 def _scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
     population, count, classes = logits.shape
     targets = labels.repeat(population)
     flat = logits.reshape(population * count, classes)
-    ce = F.cross_entropy(flat, targets, reduction="none").view(population, count).mean(dim=1)
-    true = flat.gather(1, targets[:, None]).squeeze(1)
-    others = flat.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
-    hinge = (HINGE_MARGIN + others - true).clamp(min=0).view(population, count).mean(dim=1)
+    ce, hinge = _example_losses(flat, targets)
     accuracy = (flat.argmax(dim=1) == targets).float().view(population, count).mean(dim=1)
     return Scores(
-        ce_loss=ce.cpu().numpy(),
-        hinge_loss=hinge.cpu().numpy(),
+        ce_loss=ce.view(population, count).mean(dim=1).cpu().numpy(),
+        hinge_loss=hinge.view(population, count).mean(dim=1).cpu().numpy(),
         accuracy=accuracy.cpu().numpy(),
         logits=logits.cpu().numpy(),
     )

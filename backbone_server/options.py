@@ -12,9 +12,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=50051, help="port to bind (0 picks a free one)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--device-map", default=None,
+                        help="place a model folder or the bundled model across all visible devices with "
+                             "accelerate (auto, balanced, sequential), for models larger than one GPU; "
+                             "replaces --device (default: none, the whole model on --device)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     parser.add_argument("--max-batch-tokens", type=int, default=0,
                         help="memory bound: (candidate, example) rows x tokens in one forward "
-                             "(0: 8192 on CPU, 65536 on GPU)")
+                             "(0: derived from free device memory, at most 8192 on a CPU; GetInfo reports the plan)")
     parser.add_argument("--no-prefix-reuse", action="store_true",
                         help="recompute the tokens before the prompt for every candidate (for comparison)")
+    parser.add_argument("--allow-gradients", action="store_true",
+                        help="answer Gradient calls (white-box comparisons); off, the server is a pure black box")

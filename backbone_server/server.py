@@ -82,8 +82,15 @@ class RunningServer:
 
 
 def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto", dtype: str = "auto",
-                  max_batch_tokens: int = 0, max_workers: int = 8, prefix_reuse: bool = True) -> RunningServer:
-    """Starts a server on `address` (port 0 picks a free port) and loads `model` behind it."""
+                  max_batch_tokens: int = 0, max_workers: int = 8, prefix_reuse: bool = True,
+                  allow_gradients: bool = False, device_map: str | None = None,
+                  backbone=None) -> RunningServer:
+    """Starts a server on `address` (port 0 picks a free port) and loads `model` behind it.
+
+    `device_map` ("auto": through accelerate, across all visible devices) replaces
+    `device` for models larger than one GPU. `backbone`: an already loaded `Backbone` to
+    serve instead of loading `model` (benchmarks, tests); `model` then only names it.
+    """
     servicer = BackboneServicer()
     health_servicer = health.HealthServicer()
     server = grpc.server(
@@ -109,11 +116,13 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
         from backbone_server.models import load_backbone
 
         try:
-            backbone = load_backbone(model, device=device, dtype=dtype)
-            servicer.engine = Engine(backbone, max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse)
+            loaded = backbone if backbone is not None else load_backbone(
+                model, device=device, dtype=dtype, device_map=device_map)
+            servicer.engine = Engine(loaded, max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse,
+                                     allow_gradients=allow_gradients)
             for name in ("", SERVICE_NAME):
                 health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("serving %s on %s (%s, %s)", model, port, backbone.device, backbone.dtype)
+            log.info("serving %s on %s (%s, %s)", model, port, loaded.device, loaded.dtype)
         except Exception as error:  # reported through wait_ready and the log
             log.exception("loading %s failed", model)
             load_error.append(error)
@@ -127,7 +136,8 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
 def serve(args: argparse.Namespace) -> int:
     """Runs until SIGINT/SIGTERM, then stops gracefully."""
     running = create_server(args.model, f"{args.host}:{args.port}", args.device, args.dtype,
-                            args.max_batch_tokens, prefix_reuse=not args.no_prefix_reuse)
+                            args.max_batch_tokens, prefix_reuse=not args.no_prefix_reuse,
+                            allow_gradients=args.allow_gradients, device_map=args.device_map)
     print(f"backbone server listening on {args.host}:{running.port}; loading {args.model} ...", flush=True)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from backbone_server.deltas import DELTA_KINDS
 from backbone_server.deltas.base import DeltaConfig
 from backbone_server.engine import Engine
@@ -40,6 +42,8 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             device=str(backbone.device),
             dtype=str(backbone.dtype).removeprefix("torch."),
             max_batch_tokens=engine.max_batch_tokens,
+            gradients_enabled=engine.allow_gradients,
+            memory_plan=engine.memory_plan.reason,
         )
 
     def CreateSession(self, request, context):
@@ -72,10 +76,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
     def Evaluate(self, request, context):
         engine = self._engine()
         started = time.perf_counter()
-        try:
-            z = tensor_to_array(request.z, ndim=2)
-        except WireError as error:
-            raise InvalidArgument(f"z: {error}") from None
+        z = _population(request)
         scores = engine.evaluate(request.session_id, request.split, z, request.start, request.count)
         return pb.EvaluateResponse(
             ce_loss=array_to_tensor(scores.ce_loss),
@@ -86,6 +87,26 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             server_ms=(time.perf_counter() - started) * 1e3,
         )
 
+    def Gradient(self, request, context):
+        engine = self._engine()
+        started = time.perf_counter()
+        gradients = engine.gradient(request.session_id, request.split, _population(request), request.start,
+                                    request.count, loss=request.loss or "ce")
+        return pb.GradientResponse(
+            loss=array_to_tensor(gradients.loss),
+            accuracy=array_to_tensor(gradients.accuracy),
+            grad=array_to_tensor(gradients.grad),
+            num_examples=gradients.num_examples,
+            server_ms=(time.perf_counter() - started) * 1e3,
+        )
+
     def CloseSession(self, request, context):
         self._engine().close_session(request.session_id)
         return pb.CloseSessionResponse()
+
+
+def _population(request) -> np.ndarray:
+    try:
+        return tensor_to_array(request.z, ndim=2)
+    except WireError as error:
+        raise InvalidArgument(f"z: {error}") from None

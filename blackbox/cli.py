@@ -29,12 +29,14 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--prompt-length", type=int, default=50, help="soft prompt tokens")
     search.add_argument("--placement", choices=("before", "after"), default="before",
                         help="prompt before the text (BBT) or after it (lets a causal backbone reuse the text)")
-    search.add_argument("--projection", default="normal", help="normal (BBT scaling) or uniform")
+    search.add_argument("--projection", default="normal",
+                        help="normal (BBT scaling), uniform, sparse, fastfood (large deltas), or identity "
+                             "(z is the whole delta: --dim = prompt length x hidden size)")
     if comparing:
         search.add_argument("--optimizers", default="cma,sep-cma,ng:TwoPointsDE,mezo",
                             help="comma-separated optimizers, each run with the same task, delta and budget")
     else:
-        search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo")
+        search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo, or the white-box gradient")
     search.add_argument("--sigma", type=float, default=1.0, help="initial step size")
     search.add_argument("--alpha", type=float, default=1.0, help="BBT's projection scale")
     search.add_argument("--bound", type=float, help="box bound on every coordinate of z")
@@ -46,10 +48,13 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                         help="start no generation after this many seconds of the run (0: no limit)")
     search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
     backend = parser.add_argument_group("backbone")
-    backend.add_argument("--server", help="HOST:PORT of a running backbone; without it an embedded one starts")
+    backend.add_argument("--server", help="HOST:PORT of a running backbone, or HOST:PORT,HOST:PORT,... of replicas "
+                         "that share each population; without it an embedded one starts")
     backend.add_argument("--model", default="smollm2-135m", help="model of the embedded server")
     backend.add_argument("--device", default="auto", help="device of the embedded server")
     backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
+    backend.add_argument("--device-map", help="'auto' spreads the embedded server's model over all GPUs "
+                                              "(accelerate), for models larger than one; replaces --device")
     backend.add_argument("--max-batch-tokens", type=int, default=0,
                          help="memory bound of the embedded server (0: its device's default)")
     output = parser.add_argument_group("output")
@@ -74,15 +79,26 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
     )
 
 
-def _connect(args: argparse.Namespace, stack: ExitStack) -> BackboneClient:
-    """A ready client: to --server, or to an embedded server that `stack` stops."""
+def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) -> BackboneClient:
+    """A ready client: to --server (a ReplicaPool when it lists several), or to an
+    embedded server that `stack` stops."""
     address = args.server
     if address is None:
         from blackbox.embedded import embedded_server
+        from blackbox.optim import optimizer_class
 
         print(f"starting an embedded backbone server with {args.model} ...", file=sys.stderr, flush=True)
-        address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens))
-    client = stack.enter_context(BackboneClient(address))
+        # The embedded server is the user's own: it answers gradients when a run needs them.
+        allow_gradients = any(optimizer_class(name).uses_gradients for name in optimizers)
+        address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens,
+                                                      allow_gradients=allow_gradients, device_map=args.device_map))
+    addresses = [part.strip() for part in address.split(",") if part.strip()]
+    if len(addresses) > 1:
+        from blackbox.replicas import ReplicaPool
+
+        client = stack.enter_context(ReplicaPool(addresses))
+    else:
+        client = stack.enter_context(BackboneClient(addresses[0] if addresses else address))
     client.wait_ready()
     return client
 
@@ -96,7 +112,7 @@ def _tune(args: argparse.Namespace) -> int:
     if args.resume and args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     with ExitStack() as stack:
-        client = _connect(args, stack)
+        client = _connect(args, stack, [config.optimizer])
         result = run_tune(config, client, show_progress=not args.quiet, overwrite=args.overwrite,
                           resume=args.resume)
     print(
@@ -115,7 +131,7 @@ def _compare(args: argparse.Namespace) -> int:
     optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     config = _config_from_args(args, optimizers[0] if optimizers else "cma")
     with ExitStack() as stack:
-        client = _connect(args, stack)
+        client = _connect(args, stack, optimizers)
         rows = compare(config, optimizers, client, show_progress=not args.quiet, overwrite=args.overwrite)
     print(markdown_table(rows), end="")
     print(f"table: {args.out}/compare.csv  {args.out}/compare.md  plot: {args.out}/compare.png")

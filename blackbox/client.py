@@ -51,6 +51,17 @@ class ModelInfo:
     device: str
     dtype: str
     max_batch_tokens: int
+    gradients_enabled: bool
+    memory_plan: str
+
+
+@dataclass
+class Gradients:
+    loss: np.ndarray  # (P,)
+    accuracy: np.ndarray  # (P,)
+    grad: np.ndarray  # (P, d): d loss / d z
+    num_examples: int
+    server_ms: float
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,8 @@ class BackboneClient:
             device=info.device,
             dtype=info.dtype,
             max_batch_tokens=info.max_batch_tokens,
+            gradients_enabled=info.gradients_enabled,
+            memory_plan=info.memory_plan,
         )
 
     def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
@@ -160,6 +173,20 @@ class Session:
             hinge_loss=tensor_to_array(response.hinge_loss),
             accuracy=tensor_to_array(response.accuracy),
             logits=tensor_to_array(response.logits) if response.HasField("logits") else None,
+            num_examples=response.num_examples,
+            server_ms=response.server_ms,
+        )
+
+    def gradient(self, split: str, z: np.ndarray, start: int = 0, count: int = 0, loss: str = "ce") -> Gradients:
+        """d loss / d z at each row of z; only servers started with --allow-gradients answer."""
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        response = self.client._call("Gradient", pb.GradientRequest(
+            session_id=self.id, split=split, z=array_to_tensor(z), start=start, count=count, loss=loss,
+        ))
+        return Gradients(
+            loss=tensor_to_array(response.loss),
+            accuracy=tensor_to_array(response.accuracy),
+            grad=tensor_to_array(response.grad),
             num_examples=response.num_examples,
             server_ms=response.server_ms,
         )

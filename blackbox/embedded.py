@@ -8,7 +8,8 @@ from typing import Iterator
 
 @contextmanager
 def embedded_server(model: str, device: str = "auto", dtype: str = "auto",
-                    max_batch_tokens: int = 0, prefix_reuse: bool = True) -> Iterator[str]:
+                    max_batch_tokens: int = 0, prefix_reuse: bool = True,
+                    allow_gradients: bool = False, device_map: str | None = None) -> Iterator[str]:
     """Yields the address of a running server with `model` loaded; stops it on exit."""
     try:
         from backbone_server.server import create_server
@@ -18,7 +19,8 @@ def embedded_server(model: str, device: str = "auto", dtype: str = "auto",
             "pip install 'blackbox-tuner[server]', or point --server at a running backbone"
         ) from None
     running = create_server(model, "127.0.0.1:0", device=device, dtype=dtype,
-                            max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse)
+                            max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse,
+                            allow_gradients=allow_gradients, device_map=device_map)
     try:
         try:
             running.wait_ready()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from blackbox.client import Scores, Session
+from blackbox.client import Gradients, Scores, Session
 
 LOSSES = ("ce", "hinge")
 
@@ -23,3 +23,8 @@ class Objective:
         scores = self.session.evaluate(self.split, candidates)
         losses = scores.ce_loss if self.loss == "ce" else scores.hinge_loss
         return losses.astype(np.float64), scores
+
+    def with_gradients(self, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray, Gradients]:
+        """Losses and d loss / d z of each candidate (servers that allow gradients only)."""
+        result = self.session.gradient(self.split, candidates, loss=self.loss)
+        return result.loss.astype(np.float64), result.grad.astype(np.float64), result

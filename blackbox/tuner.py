@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from blackbox.client import BackboneClient, BackboneError, DeltaSpec, Session
 from blackbox.objective import Objective
-from blackbox.optim import make_optimizer
+from blackbox.optim import make_optimizer, optimizer_class
 from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
 from blackbox.tasks import get_task, load_split, place_prompt
@@ -56,8 +56,9 @@ class TuneConfig:
         for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.budget < self.popsize:
-            raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {self.popsize})")
+        generation = optimizer_class(self.optimizer).fixed_popsize or self.popsize
+        if self.budget < generation:
+            raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {generation})")
         if not self.sigma > 0 or not self.alpha > 0:
             raise ValueError("sigma and alpha must be > 0")
         if self.patience < 0 or self.max_wall_s < 0:
@@ -103,6 +104,9 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         config.optimizer, dim=config.dim, popsize=config.popsize, seed=config.seed, sigma0=config.sigma,
         bounds=(-config.bound, config.bound) if config.bound else None,
     )
+    if optimizer.uses_gradients and not info.gradients_enabled:
+        raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
+                         f"{info.model_name} does not allow them (start it with --allow-gradients)")
     # Checked before the run folder is touched: a refused resume loses nothing.
     checkpoint = RunLog.read_checkpoint(config.out) if resume else None
     if checkpoint is not None:
@@ -140,15 +144,20 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                 tqdm.write(f"resuming {config.out} after generation {generation} ({api_calls} API calls)")
 
         objective = Objective(session, "train", config.loss)
-        calls_per_generation = config.popsize * optimizer.calls_per_candidate
+        # A gradient call on the train split counts as one call, like one candidate's forward.
+        calls_per_generation = optimizer.popsize * optimizer.calls_per_candidate
         with tqdm(total=config.budget, initial=api_calls, desc=f"{config.task} {config.optimizer}", unit="call",
                   disable=not show_progress) as bar:
             while (stop_reason := _stop_reason(config, optimizer, api_calls + calls_per_generation, generation,
                                                best_generation, time.perf_counter() - started)) is None:
                 tick = time.perf_counter()
                 candidates = optimizer.ask()
-                losses, scores = objective(candidates)
-                optimizer.tell(candidates, losses)
+                if optimizer.uses_gradients:
+                    losses, gradients, scores = objective.with_gradients(candidates)
+                    optimizer.tell(candidates, losses, gradients)
+                else:
+                    losses, scores = objective(candidates)
+                    optimizer.tell(candidates, losses)
                 generation += 1
                 api_calls += calls_per_generation
                 leader = int(np.argmin(losses))
@@ -205,7 +214,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "optimizer": config.optimizer,
         "loss": config.loss,
         "dim": config.dim,
-        "popsize": config.popsize,
+        "popsize": optimizer.popsize,
         "sigma": config.sigma,
         "budget": config.budget,
         "api_calls": api_calls,

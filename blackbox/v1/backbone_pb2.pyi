@@ -21,7 +21,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens")
+    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,8 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_PLAN_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     hidden_size: int
@@ -44,7 +46,9 @@ class ModelInfo(_message.Message):
     device: str
     dtype: str
     max_batch_tokens: int
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
+    gradients_enabled: bool
+    memory_plan: str
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("text_a", "text_b", "label")
@@ -158,3 +162,33 @@ class CloseSessionRequest(_message.Message):
 class CloseSessionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GradientRequest(_message.Message):
+    __slots__ = ("session_id", "split", "z", "start", "count", "loss")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    split: str
+    z: Tensor
+    start: int
+    count: int
+    loss: str
+    def __init__(self, session_id: _Optional[str] = ..., split: _Optional[str] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., count: _Optional[int] = ..., loss: _Optional[str] = ...) -> None: ...
+
+class GradientResponse(_message.Message):
+    __slots__ = ("loss", "accuracy", "grad", "num_examples", "server_ms")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    GRAD_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MS_FIELD_NUMBER: _ClassVar[int]
+    loss: Tensor
+    accuracy: Tensor
+    grad: Tensor
+    num_examples: int
+    server_ms: float
+    def __init__(self, loss: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Tensor, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., num_examples: _Optional[int] = ..., server_ms: _Optional[float] = ...) -> None: ...

@@ -54,6 +54,11 @@ class BackboneStub:
                 request_serializer=blackbox_dot_v1_dot_backbone__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=blackbox_dot_v1_dot_backbone__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.Gradient = channel.unary_unary(
+                '/blackbox.v1.Backbone/Gradient',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.GradientRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.GradientResponse.FromString,
+                _registered_method=True)
 
 
 class BackboneServicer:
@@ -86,6 +91,15 @@ class BackboneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Gradient(self, request, context):
+        """White-box comparison only: the loss's gradient with respect to each candidate's z.
+        Fails with PERMISSION_DENIED unless the server was started with --allow-gradients,
+        because gradients reveal what a black-box service is meant to hide.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackboneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +122,11 @@ def add_BackboneServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=blackbox_dot_v1_dot_backbone__pb2.CloseSessionRequest.FromString,
                     response_serializer=blackbox_dot_v1_dot_backbone__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Gradient': grpc.unary_unary_rpc_method_handler(
+                    servicer.Gradient,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.GradientRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.GradientResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +237,33 @@ class Backbone:
             '/blackbox.v1.Backbone/CloseSession',
             blackbox_dot_v1_dot_backbone__pb2.CloseSessionRequest.SerializeToString,
             blackbox_dot_v1_dot_backbone__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Gradient(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/Gradient',
+            blackbox_dot_v1_dot_backbone__pb2.GradientRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.GradientResponse.FromString,
             options,
             channel_credentials,
             insecure,

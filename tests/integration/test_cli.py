@@ -56,11 +56,11 @@ def test_compare_writes_a_table_and_a_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
     arguments = ["compare", "--model", "tiny-llama", "--device", "cpu", "--task", "rte", "--budget", "8",
                  "--popsize", "4", "--dim", "6", "--prompt-length", "2", "--placement", "after", "--truncate",
-                 "--quiet", "--optimizers", "cma,mezo,ng:OnePlusOne", "--out", str(out)]
+                 "--quiet", "--optimizers", "cma,mezo,ng:OnePlusOne,gradient", "--out", str(out)]
     assert main(arguments) == 0
     lines = (out / "compare.csv").read_text().splitlines()
     assert lines[0].startswith("optimizer,best_dev_acc,test_acc")
-    assert [line.split(",")[0] for line in lines[1:]] == ["cma", "mezo", "ng:OnePlusOne"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["cma", "mezo", "ng:OnePlusOne", "gradient"]
     zero_shot = {line.split(",")[3] for line in lines[1:]}
     assert len(zero_shot) == 1  # one starting point, scored once
     assert (out / "compare.png").stat().st_size > 1000 and (out / "ng-OnePlusOne" / "result.json").exists()

@@ -48,7 +48,7 @@ def test_get_info_describes_the_model(client):
     assert info.hidden_size == 64 and info.num_layers == 2
     assert "prompt" in info.delta_kinds
     assert info.max_length == 512
-    assert info.max_batch_tokens > 0
+    assert info.max_batch_tokens > 0 and str(info.max_batch_tokens) in info.memory_plan
 
 
 def test_health_and_reflection(server):
@@ -149,3 +149,52 @@ def test_tune_a_few_generations_on_real_data(server, tmp_path):
     assert [json.loads(line)["api_calls"] for line in lines] == [6, 12, 18, 24]
     assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
     assert np.load(tmp_path / "run" / "best_z.npy").shape == (8,)
+
+
+def test_gradients_are_refused_by_a_black_box_server(client, session):
+    assert not client.get_info().gradients_enabled
+    with pytest.raises(BackboneError) as caught:
+        session.gradient("train", np.zeros((1, 4)))
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED and "--allow-gradients" in str(caught.value)
+    assert session.evaluate("train", np.zeros((1, 4))).num_examples == 3  # nothing else changed
+
+
+@pytest.fixture(scope="module")
+def white_box_server():
+    running = create_server("tiny-llama", "127.0.0.1:0", device="cpu", dtype="float32", allow_gradients=True)
+    running.wait_ready(timeout=120)
+    yield running
+    running.stop(grace=0)
+
+
+def test_gradient_round_trip(white_box_server):
+    with BackboneClient(white_box_server.address) as client:
+        assert client.get_info().gradients_enabled
+        session = client.create_session({"train": TRAIN}, TEMPLATE, ["bad", "great"],
+                                        DeltaSpec(prompt_length=3, intrinsic_dim=4))
+        z = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+        result = session.gradient("train", z)
+        assert result.grad.shape == (2, 4) and result.num_examples == 3 and np.abs(result.grad).sum() > 0
+        np.testing.assert_allclose(result.loss, session.evaluate("train", z).ce_loss, atol=1e-6)
+        hinge = session.gradient("train", z, loss="hinge")
+        np.testing.assert_allclose(hinge.loss, session.evaluate("train", z).hinge_loss, atol=1e-6)
+        with pytest.raises(BackboneError, match="unknown loss"):
+            session.gradient("train", z, loss="mse")
+
+
+def test_tune_with_gradients_counts_one_call_per_step(white_box_server, server, tmp_path):
+    from blackbox.tuner import TuneConfig, run_tune
+
+    config = TuneConfig(task="sst2", seed=13, budget=5, popsize=6, dim=8, prompt_length=3,
+                        placement="after", optimizer="gradient", out=str(tmp_path / "run"))
+    with BackboneClient(white_box_server.address) as client:
+        result = run_tune(config, client, show_progress=False)
+    assert result["api_calls"] == 5 and result["generations"] == 5 and result["popsize"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [line["api_calls"] for line in lines] == [1, 2, 3, 4, 5]
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]  # descent on the train loss
+
+    refused = TuneConfig(**{**config.__dict__, "out": str(tmp_path / "refused")})
+    with BackboneClient(server.address) as client, pytest.raises(ValueError, match="--allow-gradients"):
+        run_tune(refused, client, show_progress=False)
+    assert not (tmp_path / "refused").exists()

@@ -81,11 +81,17 @@ def test_batched_population_equals_candidates_one_by_one(tiny_backbone, placemen
 def test_chunking_really_splits_the_work(tiny_llama, monkeypatch):
     engine = Engine(tiny_llama, max_batch_tokens=40)
     session = make_session(engine)
-    calls = []
-    original = engine._score_bucket
-    monkeypatch.setattr(engine, "_score_bucket", lambda *a: calls.append(1) or original(*a))
+    chunks = []
+    original = engine._score_chunks
+
+    def counted(*args):
+        for first, logits in original(*args):
+            chunks.append(logits.shape[0])
+            yield first, logits
+
+    monkeypatch.setattr(engine, "_score_chunks", counted)
     engine.evaluate(session.id, "train", population(7))
-    assert len(calls) > 1  # several buckets: the bound was respected
+    assert len(chunks) > 1 and max(chunks) < 7  # several forwards: the bound was respected
 
 
 def test_prefix_reuse_gives_the_same_scores_as_full_rows(tiny_llama):
