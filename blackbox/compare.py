@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from blackbox.client import BackboneClient
-from blackbox.optim import make_optimizer
 from blackbox.report import plot_comparison
-from blackbox.tuner import TuneConfig, run_tune
+from blackbox.tuner import TuneConfig, build_optimizer, run_tune
 
 COLUMNS = ("optimizer", "best_dev_acc", "test_acc", "zero_shot_test_acc", "api_calls", "generations",
            "best_generation", "stop_reason", "wall_s")
@@ -28,7 +27,7 @@ def compare(base: TuneConfig, optimizers: list[str], client: BackboneClient, sho
     if not optimizers or len(set(optimizers)) != len(optimizers):
         raise ValueError(f"give distinct optimizers, got {optimizers}")
     for name in optimizers:  # every name is checked before any run spends its budget
-        make_optimizer(name, dim=base.dim, popsize=base.popsize, seed=base.seed, sigma0=base.sigma)
+        build_optimizer(dataclasses.replace(base, optimizer=name))
     out = Path(base.out)
     summary = out / "compare.csv"
     if summary.exists() and not overwrite:

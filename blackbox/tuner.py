@@ -80,6 +80,16 @@ def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show
     return correct / size, loss / size
 
 
+def build_optimizer(config: TuneConfig):
+    """The run's optimizer. Methods that plan by their total budget (nevergrad's NGOpt and
+    other meta-optimizers) are told the run's budget in candidate evaluations."""
+    options = {"budget": config.budget} if "budget" in optimizer_class(config.optimizer).option_defaults else None
+    return make_optimizer(
+        config.optimizer, dim=config.dim, popsize=config.popsize, seed=config.seed, sigma0=config.sigma,
+        bounds=(-config.bound, config.bound) if config.bound else None, options=options,
+    )
+
+
 def resume_config(out: str, budget: int | None = None) -> TuneConfig:
     """The configuration of the run stored in `out`, with a new budget if given."""
     stored = RunLog.read_checkpoint(out)["config"]
@@ -100,10 +110,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     template = place_prompt(task.template_for(info.architecture), config.placement)
     splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
               for split in ("train", "dev", "test")}
-    optimizer = make_optimizer(
-        config.optimizer, dim=config.dim, popsize=config.popsize, seed=config.seed, sigma0=config.sigma,
-        bounds=(-config.bound, config.bound) if config.bound else None,
-    )
+    optimizer = build_optimizer(config)
     if optimizer.uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
@@ -260,6 +267,9 @@ def _check_resumable(checkpoint: dict[str, Any], config: TuneConfig, model: str)
     stored, now = checkpoint["config"], dataclasses.asdict(config)
     changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]
+    if stored.get("budget") != config.budget and "budget" in optimizer_class(config.optimizer).option_defaults:
+        changed.append(f"budget: {stored.get('budget')!r} -> {config.budget!r} ({config.optimizer} planned its "
+                       "search for the run's budget; resume it with the same one)")
     if checkpoint["model"] != model:
         changed.append(f"model: {checkpoint['model']!r} -> {model!r}")
     if changed:

@@ -56,14 +56,14 @@ def test_compare_writes_a_table_and_a_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
     arguments = ["compare", "--model", "tiny-llama", "--device", "cpu", "--task", "rte", "--budget", "8",
                  "--popsize", "4", "--dim", "6", "--prompt-length", "2", "--placement", "after", "--truncate",
-                 "--quiet", "--optimizers", "cma,mezo,ng:OnePlusOne,gradient", "--out", str(out)]
+                 "--quiet", "--optimizers", "cma,mezo,ng:NGOpt,gradient", "--out", str(out)]
     assert main(arguments) == 0
     lines = (out / "compare.csv").read_text().splitlines()
     assert lines[0].startswith("optimizer,best_dev_acc,test_acc")
-    assert [line.split(",")[0] for line in lines[1:]] == ["cma", "mezo", "ng:OnePlusOne", "gradient"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["cma", "mezo", "ng:NGOpt", "gradient"]
     zero_shot = {line.split(",")[3] for line in lines[1:]}
     assert len(zero_shot) == 1  # one starting point, scored once
-    assert (out / "compare.png").stat().st_size > 1000 and (out / "ng-OnePlusOne" / "result.json").exists()
+    assert (out / "compare.png").stat().st_size > 1000 and (out / "ng-NGOpt" / "result.json").exists()
     assert "| cma |" in capsys.readouterr().out
     assert main(arguments) == 2  # never clobbers a finished comparison
     assert main(arguments[:-4] + ["--optimizers", "cma,gradient-please", "--out", str(tmp_path / "x")]) == 2

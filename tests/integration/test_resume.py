@@ -105,3 +105,11 @@ def test_patience_and_wall_clock_stop_the_run(client, tmp_path):
     assert result["test_acc"] == result["zero_shot_test_acc"]  # z = 0 stays the best
 
     assert run_tune(config(tmp_path / "budget", 8), client, show_progress=False)["stop_reason"] == "budget"
+
+
+def test_a_budget_planned_search_resumes_only_with_its_budget(client, tmp_path):
+    planned = config(tmp_path, 8)
+    planned.optimizer = "ng:NGOpt"  # picks its algorithm from the budget
+    run_tune(planned, client, show_progress=False)
+    with pytest.raises(ValueError, match="planned its search"):
+        run_tune(resume_config(str(tmp_path), budget=16), client, show_progress=False, resume=True)
