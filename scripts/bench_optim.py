@@ -37,10 +37,12 @@ CASES = [
     ("ng:TwoPointsDE", 500),
     ("ng:OnePlusOne", 500),
     ("mezo", 500),
+    ("gradient", 500),
     ("sep-cma", 5000),
     ("ng:TwoPointsDE", 5000),
     ("ng:OnePlusOne", 5000),
     ("mezo", 5000),
+    ("gradient", 5000),
 ]
 SKIPPED = [("cma", 5000, "full covariance: 200 MB matrix, O(d^3) eigendecomposition; use sep-cma")]
 
@@ -52,6 +54,9 @@ def bench(name: str, dim: int, generations: int, warmup: int) -> dict:
 
     def objective(z: np.ndarray) -> np.ndarray:
         return ((z - center) ** 2) @ weights
+
+    def gradient(z: np.ndarray) -> np.ndarray:
+        return 2.0 * (z - center) * weights
 
     options = {"budget": POPSIZE * (warmup + generations)} if name == "ng:NGOpt" else None
     try:
@@ -65,7 +70,10 @@ def bench(name: str, dim: int, generations: int, warmup: int) -> dict:
         t1 = time.perf_counter()
         losses = objective(z)
         t2 = time.perf_counter()
-        opt.tell(z, losses)
+        if opt.uses_gradients:  # the white-box baseline: one point and its gradient
+            opt.tell(z, losses, gradient(z))
+        else:
+            opt.tell(z, losses)
         t3 = time.perf_counter()
         if gen >= warmup:
             ask_ms.append(1e3 * (t1 - t0))
@@ -74,7 +82,7 @@ def bench(name: str, dim: int, generations: int, warmup: int) -> dict:
     result = {
         "optimizer": name,
         "d": dim,
-        "popsize": POPSIZE,
+        "popsize": opt.popsize,
         "median_ms": round(float(np.median(total)), 3),
         "p90_ms": round(float(np.percentile(total, 90)), 3),
         "ask_median_ms": round(float(np.median(ask_ms)), 3),
