@@ -10,7 +10,14 @@ the operator sets it; a forward that runs out of memory anyway is retried in hal
 Causal models with text before the prompt take the prefix-reuse path: the tokens ahead
 of the prompt do not depend on the candidate, so their keys and values are computed once
 per bucket (and kept for later calls while they fit the session's cache budget) and each
-candidate runs only the prompt and the tokens after it.
+candidate runs only the prompt and the tokens after it. Deltas that change modules
+(`Delta.changes_prefix`) make every token depend on the candidate and turn it off.
+
+Deltas that change weights rather than inputs (LoRA, bias shifts) give their
+per-candidate parameters for the whole population in one computation
+(`Delta.parameters`); each chunk's forward then runs inside `Delta.patched` with that
+chunk's rows, which makes the patched modules apply candidate i to rows
+i * B .. (i + 1) * B - 1 of the candidate-major batch.
 
 `Engine.gradient` (off unless the server allows it) runs the same buckets with autograd
 and returns d loss / d z per candidate, for white-box comparisons.
@@ -153,6 +160,7 @@ class Engine:
             verbalizer_ids=torch.tensor(verbalizer_ids, device=self.backbone.device),
             splits=encoded,
             prefix_reuse=self.prefix_reuse and self.backbone.architecture == "causal"
+            and not delta.changes_prefix
             and any(e.before for examples in encoded.values() for e in examples),
             truncated_examples=sum(e.truncated for examples in encoded.values() for e in examples),
         )
@@ -183,10 +191,12 @@ class Engine:
         session, selected, labels = self._select(session_id, split, start, count)
         z = self._check_population(z, session.delta.config.intrinsic_dim)
         with self._compute_lock, torch.inference_mode():
-            prompts = session.delta.prompts(torch.tensor(z, device=self.backbone.device))
+            population = torch.tensor(z, device=self.backbone.device)
+            prompts = session.delta.prompts(population)
+            params = session.delta.parameters(population)
             logits = self._empty_logits(session, len(z), len(selected))
             for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, self.max_batch_tokens):
-                chunks = self._score_chunks(session, bucket, prompts, prefix, self.max_batch_tokens)
+                chunks = self._score_chunks(session, bucket, prompts, params, prefix, self.max_batch_tokens)
                 logits[:, index] = torch.cat([chunk for _, chunk in chunks])
             return _scores(logits, labels)
 
@@ -196,8 +206,8 @@ class Engine:
 
         Candidates are independent, so one backward of the summed losses gives every
         row's gradient. Each chunk is differentiated as soon as it is scored, into the
-        prompts (a leaf), so activations of only one chunk are alive at a time; the
-        prompts' gradient is then carried back through the projection to z.
+        prompts and module parameters (leaves), so activations of only one chunk are
+        alive at a time; their gradients are then carried back through the projection to z.
         """
         if not self.allow_gradients:
             raise PermissionDenied(
@@ -211,11 +221,13 @@ class Engine:
         with self._compute_lock, torch.enable_grad():
             population = torch.tensor(z, device=self.backbone.device, requires_grad=True)
             prompts = session.delta.prompts(population)
+            params = session.delta.parameters(population)
             prompt_leaf = prompts.detach().requires_grad_()
+            param_leaf = None if params is None else params.detach().requires_grad_()
             logits = self._empty_logits(session, len(z), len(selected))
             tokens = self.gradient_batch_tokens
             for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, tokens):
-                for first, chunk in self._score_chunks(session, bucket, prompt_leaf, prefix, tokens):
+                for first, chunk in self._score_chunks(session, bucket, prompt_leaf, param_leaf, prefix, tokens):
                     p, size, classes = chunk.shape
                     ce, hinge = _example_losses(chunk.reshape(p * size, classes), labels[index].repeat(p))
                     # Sum over candidates of their mean over all selected examples.
@@ -230,7 +242,13 @@ class Engine:
                             f"to {self.gradient_batch_tokens} tokens, retry the call"
                         ) from None
                     logits[first:first + p, index] = chunk.detach()
-            prompts.backward(prompt_leaf.grad)
+            outputs, grads = [], []
+            for output, leaf in ((prompts, prompt_leaf), (params, param_leaf)):
+                if output is not None and output.requires_grad and leaf.grad is not None:
+                    outputs.append(output)
+                    grads.append(leaf.grad)
+            if outputs:
+                torch.autograd.backward(outputs, grads)
         scores = _scores(logits, labels)
         return Gradients(
             loss=scores.ce_loss if loss == "ce" else scores.hinge_loss,
@@ -351,16 +369,19 @@ class Engine:
         return states
 
     def _score_chunks(self, session: Session, bucket: _Bucket, prompts: torch.Tensor,
-                      prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, tokens: int):
-        """(P, n, h) prompts -> (first candidate, (p, B, C) float32 verbalizer logits) for
-        each chunk of candidates that fits `tokens`, in order. A chunk that runs out of
-        memory is retried in halves, and later calls start from the smaller bound."""
+                      params: torch.Tensor | None, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                      tokens: int):
+        """(P, n, h) prompts and (P, D) module parameters (or None) -> (first candidate,
+        (p, B, C) float32 verbalizer logits) for each chunk of candidates that fits
+        `tokens`, in order. A chunk that runs out of memory is retried in halves, and
+        later calls start from the smaller bound."""
         chunk = max(1, tokens // bucket.tokens_per_candidate)
         first = 0
         while first < len(prompts):
             group = prompts[first:first + chunk]
+            group_params = None if params is None else params[first:first + chunk]
             try:
-                logits = self._forward_chunk(session, bucket, group, prefix)
+                logits = self._forward_chunk(session, bucket, group, group_params, prefix)
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
@@ -375,7 +396,7 @@ class Engine:
                 log.warning("out of memory at %d candidates x %d tokens; retrying with %d candidates",
                             len(group), bucket.tokens_per_candidate, chunk)
                 self._release_cached_memory()
-                if prompts.requires_grad:
+                if prompts.requires_grad or (params is not None and params.requires_grad):
                     self.gradient_batch_tokens = min(self.gradient_batch_tokens, bound)
                 else:
                     self.max_batch_tokens = min(self.max_batch_tokens, bound)
@@ -388,16 +409,21 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _forward_chunk(self, session: Session, bucket: _Bucket, group: torch.Tensor,
+                       group_params: torch.Tensor | None,
                        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
-        """(p, n, h) prompts of some candidates -> (p, B, C) verbalizer logits on the bucket."""
+        """(p, n, h) prompts and (p, D) module parameters (or None) of some candidates ->
+        (p, B, C) verbalizer logits on the bucket."""
         backbone = self.backbone
         size, width = bucket.row_ids.shape
         slot = bucket.row_ids < 0
         token_embeddings = backbone.embeddings(bucket.row_ids.clamp(min=0))
         slot_index = (-bucket.row_ids - 1).clamp(min=0)
         p = len(group)
-        # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
-        rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
+        if group.shape[1]:
+            # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
+            rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
+        else:  # no prompt: every candidate reads the same rows
+            rows = token_embeddings[None].expand(p, -1, -1, -1)
         rows = rows.reshape(p * size, width, -1)
         mask = bucket.row_mask.repeat(p, 1)
         kwargs = {}
@@ -409,7 +435,8 @@ class Engine:
                 ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
                 config=backbone.model.config,
             )
-        hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+        with session.delta.patched(group_params):
+            hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         read = bucket.read.repeat(p)
         picked = hidden[torch.arange(p * size, device=hidden.device), read]
         return self._verbalizer_logits(session, picked).view(p, size, -1)

@@ -6,5 +6,7 @@ imports every kind so that the registry is complete.
 
 from backbone_server.deltas.base import DELTA_KINDS, Delta, build_delta, register_delta
 from backbone_server.deltas import soft_prompt  # noqa: F401  (registers "prompt")
+from backbone_server.deltas import lora  # noqa: F401  (registers "lora")
+from backbone_server.deltas import bias  # noqa: F401  (registers "bias")
 
 __all__ = ["DELTA_KINDS", "Delta", "build_delta", "register_delta"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -20,29 +21,68 @@ class DeltaConfig:
     projection: str = "normal"
     seed: int = 0
     projection_scale: float = 1.0
+    rank: int = 0  # kinds with a rank (lora); 0: the kind's default
+    targets: tuple[str, ...] = ()  # module-name suffixes for weight kinds; (): the kind's default
 
     def __post_init__(self):
+        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
+            raise InvalidArgument(f"targets must be a list of module names, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
         if self.intrinsic_dim < 1:
             raise InvalidArgument(f"intrinsic_dim must be >= 1, got {self.intrinsic_dim}")
         if self.prompt_length < 0:
             raise InvalidArgument(f"prompt_length must be >= 0, got {self.prompt_length}")
         if not self.projection_scale > 0:
             raise InvalidArgument(f"projection_scale must be > 0, got {self.projection_scale}")
+        if self.rank < 0:
+            raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
+        if any(not t.strip(".") or t != t.strip() for t in self.targets):
+            raise InvalidArgument(f"targets must be non-empty module names, got {list(self.targets)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise InvalidArgument(f"targets repeat a name: {list(self.targets)}")
 
 
 class Delta:
     """A built delta for one session.
 
-    `prompt_length` input vectors are spliced in where the template says {prompt};
-    `prompts(z)` returns them for a whole population at once.
+    Input side: `prompt_length` input vectors are spliced in where the template says
+    {prompt}; `prompts(z)` returns them for a whole population at once.
+
+    Weight side: `parameters(z)` maps the whole population to its per-candidate
+    parameters (P, D) in one computation (None: the kind changes no module), and
+    `patched(params)` is a context manager that, while entered, makes the model's
+    modules apply the candidates of `params` (p, D) to a forward whose rows are laid
+    out candidate-major (p * B rows). It must restore the modules exactly on exit, also
+    on an exception. The engine computes `parameters` once per call and enters
+    `patched` around each chunk's forward with that chunk's rows of it.
+
+    `changes_prefix`: the candidate changes what the model computes for tokens ahead of
+    the prompt, so their keys and values cannot be shared between candidates (no prefix
+    reuse).
     """
 
     config: DeltaConfig
     prompt_length: int = 0
+    changes_prefix: bool = False
+    hidden_size: int = 0
+    dtype: torch.dtype = torch.float32
 
     def prompts(self, z: torch.Tensor) -> torch.Tensor:
-        """(P, d) -> (P, prompt_length, hidden) input embeddings."""
-        raise NotImplementedError
+        """(P, d) -> (P, prompt_length, hidden) input embeddings (none by default)."""
+        return torch.zeros(z.shape[0], 0, self.hidden_size, device=z.device, dtype=self.dtype)
+
+    def parameters(self, z: torch.Tensor) -> torch.Tensor | None:
+        """(P, d) -> (P, D) per-candidate parameters for `patched`, or None."""
+        return None
+
+    def patched(self, params: torch.Tensor | None) -> ContextManager:
+        """The modules changed for the candidates of `params` (p, D) while entered."""
+        return contextlib.nullcontext()
+
+    @property
+    def num_parameters(self) -> int:
+        """D: the size of the delta generated from z (prompt vectors or module parameters)."""
+        return self.prompt_length * self.hidden_size
 
 
 DeltaFactory = Callable[[DeltaConfig, "object"], Delta]
@@ -66,3 +106,44 @@ def build_delta(config: DeltaConfig, backbone) -> Delta:
             f"unknown delta kind {config.kind!r}; this server supports {', '.join(sorted(DELTA_KINDS))}"
         )
     return factory(config, backbone)
+
+
+# ---- helpers for kinds that change modules ------------------------------------------
+
+
+def check_no_prompt(config: DeltaConfig) -> None:
+    """Weight kinds put no vectors into the input: {prompt} (if any) stays empty."""
+    if config.prompt_length != 0:
+        raise InvalidArgument(f"delta kind {config.kind!r} has no prompt; prompt_length must be 0, "
+                              f"got {config.prompt_length}")
+
+
+def matches(name: str, suffix: str) -> bool:
+    """`name` ends with the dotted module name `suffix` ("v_proj" matches "layers.0.self_attn.v_proj")."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def find_modules(root: torch.nn.Module, suffixes: tuple[str, ...], accept: Callable[[torch.nn.Module], bool],
+                 what: str) -> list[tuple[str, torch.nn.Module]]:
+    """The modules under `root` that `accept` takes and whose names end with one of
+    `suffixes`, in model order; every suffix must match at least one."""
+    candidates = [(name, module) for name, module in root.named_modules() if name and accept(module)]
+    unmatched = [s for s in suffixes if not any(matches(name, s) for name, _ in candidates)]
+    if unmatched:
+        names = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
+        raise InvalidArgument(f"targets {unmatched} match no {what} of this model; its {what} names end "
+                              f"with {', '.join(names) or 'nothing'}")
+    return [(name, module) for name, module in candidates if any(matches(name, s) for s in suffixes)]
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: list[tuple[torch.nn.Module, Callable]]):
+    """Registers each (module, hook) as a forward hook while entered; always removes them."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

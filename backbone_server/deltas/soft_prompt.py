@@ -44,8 +44,11 @@ class SoftPrompt(Delta):
     def __init__(self, config: DeltaConfig, backbone):
         if config.prompt_length < 1:
             raise InvalidArgument("a soft prompt needs prompt_length >= 1")
+        if config.rank or config.targets:
+            raise InvalidArgument("a soft prompt takes no rank or targets (those are for weight kinds)")
         self.config = config
         self.prompt_length = config.prompt_length
+        self.hidden_size = backbone.hidden_size
         embeddings = backbone.embeddings.weight
         self.initial_token_ids = initial_prompt_token_ids(
             backbone.tokenizer, embeddings.shape[0], config.prompt_length, config.seed
