@@ -56,6 +56,8 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             projection=spec.projection or "normal",
             seed=spec.seed,
             projection_scale=spec.projection_scale or 1.0,
+            rank=spec.rank,
+            targets=tuple(spec.targets),
         )
         splits = {
             split.name: [(e.text_a, e.text_b, e.label) for e in split.examples] for split in request.splits

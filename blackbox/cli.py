@@ -26,7 +26,14 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                         help="API calls, one candidate on the train set = one (default 8000; on --resume, the run's own)")
     search.add_argument("--popsize", type=int, default=20)
     search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
-    search.add_argument("--prompt-length", type=int, default=50, help="soft prompt tokens")
+    search.add_argument("--delta", default="prompt",
+                        help="what z generates: prompt (soft prompt), lora, bias (BitFit); `blackbox info` "
+                             "lists what a server supports")
+    search.add_argument("--prompt-length", type=int, default=50, help="soft prompt tokens (--delta prompt)")
+    search.add_argument("--lora-rank", type=int, default=0, help="rank of --delta lora (0: 4)")
+    search.add_argument("--targets", "--lora-targets", default="",
+                        help="comma-separated module-name suffixes a weight delta changes "
+                             "(default: lora q_proj,v_proj or query,value; bias: every bias, or every norm)")
     search.add_argument("--placement", choices=("before", "after"), default="before",
                         help="prompt before the text (BBT) or after it (lets a causal backbone reuse the text)")
     search.add_argument("--projection", default="normal",
@@ -72,7 +79,8 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
     return TuneConfig(
         task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
         budget=args.budget if args.budget is not None else TuneConfig.budget,
-        popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, placement=args.placement,
+        popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, delta=args.delta,
+        rank=args.lora_rank, targets=args.targets, placement=args.placement,
         projection=args.projection, optimizer=optimizer, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
         max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,

@@ -72,6 +72,8 @@ class DeltaSpec:
     projection: str = "normal"
     seed: int = 0
     projection_scale: float = 1.0
+    rank: int = 0
+    targets: tuple[str, ...] = ()
 
 
 class BackboneClient:
@@ -132,7 +134,7 @@ class BackboneClient:
             ],
             template=template,
             verbalizer=list(verbalizer),
-            delta=pb.DeltaSpec(**delta.__dict__),
+            delta=pb.DeltaSpec(**{**delta.__dict__, "targets": list(delta.targets)}),
             truncate=truncate,
         )
         response = self._call("CreateSession", request)

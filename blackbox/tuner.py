@@ -37,6 +37,11 @@ class TuneConfig:
     popsize: int = 20
     dim: int = 500
     prompt_length: int = 50
+    delta: str = "prompt"
+    # Weight kinds: the rank of low-rank ones (0: the kind's default) and the module-name
+    # suffixes they change, comma-separated ("": the kind's default).
+    rank: int = 0
+    targets: str = ""
     placement: str = "before"
     projection: str = "normal"
     optimizer: str = "cma"
@@ -120,14 +125,21 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         _check_resumable(checkpoint, config, info.model_name)
         optimizer.load_state_dict(checkpoint["optimizer"])
         started -= checkpoint["elapsed_s"]
-    run = RunLog(config.out, overwrite=overwrite, resume_from=checkpoint)
+    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
+    delta = DeltaSpec(kind=config.delta, prompt_length=config.prompt_length if config.delta == "prompt" else 0,
+                      intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
+                      projection_scale=config.alpha / config.sigma, rank=config.rank,
+                      targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()))
+    # The server checks the delta before the run folder is touched.
+    session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
+    try:
+        run = RunLog(config.out, overwrite=overwrite, resume_from=checkpoint)
+    except BaseException:
+        with contextlib.suppress(BackboneError):
+            session.close()
+        raise
     run.write_config({**dataclasses.asdict(config), "template": template, "model": info.model_name,
                       "architecture": info.architecture})
-    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
-    delta = DeltaSpec(kind="prompt", prompt_length=config.prompt_length, intrinsic_dim=config.dim,
-                      projection=config.projection, seed=config.seed,
-                      projection_scale=config.alpha / config.sigma)
-    session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
     try:
         if checkpoint is not None:
             zero_shot = checkpoint["zero_shot"]
@@ -212,8 +224,10 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "architecture": info.architecture,
         "device": info.device,
         "dtype": info.dtype,
-        "delta": "prompt",
-        "prompt_length": config.prompt_length,
+        "delta": config.delta,
+        "prompt_length": delta.prompt_length,
+        "rank": config.rank,
+        "targets": config.targets,
         "placement": config.placement,
         "prompt_position": session.prompt_position,
         "prefix_reuse": session.prefix_reuse,
@@ -264,7 +278,9 @@ RESUMABLE_CHANGES = ("budget", "out", "data_dir", "max_wall_s")
 
 
 def _check_resumable(checkpoint: dict[str, Any], config: TuneConfig, model: str) -> None:
-    stored, now = checkpoint["config"], dataclasses.asdict(config)
+    # Settings added since the checkpoint was written hold their defaults there.
+    stored = {**dataclasses.asdict(TuneConfig()), **checkpoint["config"]}
+    now = dataclasses.asdict(config)
     changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]
     if stored.get("budget") != config.budget and "budget" in optimizer_class(config.optimizer).option_defaults:

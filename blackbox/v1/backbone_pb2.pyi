@@ -69,20 +69,24 @@ class Split(_message.Message):
     def __init__(self, name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
 
 class DeltaSpec(_message.Message):
-    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale")
+    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     INTRINSIC_DIM_FIELD_NUMBER: _ClassVar[int]
     PROJECTION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PROJECTION_SCALE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     prompt_length: int
     intrinsic_dim: int
     projection: str
     seed: int
     projection_scale: float
-    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ...) -> None: ...
+    rank: int
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("splits", "template", "verbalizer", "delta", "truncate")

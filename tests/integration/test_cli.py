@@ -33,6 +33,8 @@ def test_tune_with_an_embedded_server(tmp_path, capsys):
     (["--budget", "2"], "smaller than one generation"),
     (["--optimizer", "sgd-please"], "sgd-please"),
     (["--data-dir", "/nonexistent"], "BLACKBOX_DATA_DIR"),
+    (["--delta", "adapterz"], "unknown delta kind 'adapterz'"),
+    (["--delta", "lora", "--targets", "nope"], "match no Linear"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, arguments, message):
     assert main(TINY_RUN + ["--out", str(tmp_path / "run")] + arguments) == 2
@@ -69,3 +71,12 @@ def test_compare_writes_a_table_and_a_plot(tmp_path, capsys):
     assert main(arguments[:-4] + ["--optimizers", "cma,gradient-please", "--out", str(tmp_path / "x")]) == 2
     assert "gradient-please" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("delta", [["--delta", "lora", "--lora-rank", "2"], ["--delta", "bias"]])
+def test_weight_deltas_tune_end_to_end(tmp_path, delta):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)] + delta) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["delta"] == delta[1] and result["prompt_length"] == 0 and result["api_calls"] == 8
+    assert not result["prefix_reuse"]  # the delta changes the text's keys and values too
