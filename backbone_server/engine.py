@@ -17,7 +17,9 @@ Deltas that change weights rather than inputs (LoRA, bias shifts) give their
 per-candidate parameters for the whole population in one computation
 (`Delta.parameters`); each chunk's forward then runs inside `Delta.patched` with that
 chunk's rows, which makes the patched modules apply candidate i to rows
-i * B .. (i + 1) * B - 1 of the candidate-major batch.
+i * B .. (i + 1) * B - 1 of the candidate-major batch. `patched` also gets the prompt
+slot of each position of the bucket's rows (deep prompts act at those positions inside
+the model; they leave the tokens ahead of the prompt alone and keep prefix reuse).
 
 `Engine.gradient` (off unless the server allows it) runs the same buckets with autograd
 and returns d loss / d z per candidate, for white-box comparisons.
@@ -435,7 +437,8 @@ class Engine:
                 ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
                 config=backbone.model.config,
             )
-        with session.delta.patched(group_params):
+        slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
+        with session.delta.patched(group_params, slots):
             hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         read = bucket.read.repeat(p)
         picked = hidden[torch.arange(p * size, device=hidden.device), read]

@@ -50,11 +50,14 @@ class Delta:
 
     Weight side: `parameters(z)` maps the whole population to its per-candidate
     parameters (P, D) in one computation (None: the kind changes no module), and
-    `patched(params)` is a context manager that, while entered, makes the model's
+    `patched(params, slots)` is a context manager that, while entered, makes the model's
     modules apply the candidates of `params` (p, D) to a forward whose rows are laid
-    out candidate-major (p * B rows). It must restore the modules exactly on exit, also
-    on an exception. The engine computes `parameters` once per call and enters
-    `patched` around each chunk's forward with that chunk's rows of it.
+    out candidate-major (p * B rows). `slots` (B, L) long gives, for each position of the
+    chunk's B rows (shared by every candidate), the prompt slot it holds (0 .. n - 1) or
+    -1 (kinds acting at the prompt positions inside the model use it; others ignore it;
+    None outside the engine). It must restore the modules exactly on exit, also on an
+    exception. The engine computes `parameters` once per call and enters `patched`
+    around each chunk's forward with that chunk's rows of it.
 
     `changes_prefix`: the candidate changes what the model computes for tokens ahead of
     the prompt, so their keys and values cannot be shared between candidates (no prefix
@@ -75,7 +78,7 @@ class Delta:
         """(P, d) -> (P, D) per-candidate parameters for `patched`, or None."""
         return None
 
-    def patched(self, params: torch.Tensor | None) -> ContextManager:
+    def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None) -> ContextManager:
         """The modules changed for the candidates of `params` (p, D) while entered."""
         return contextlib.nullcontext()
 

@@ -112,7 +112,7 @@ class BiasShift(Delta):
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         return self.projection(z) * self.scales
 
-    def patched(self, params: torch.Tensor):
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]
         hooks = []
         for module, offset, width in self.layout:

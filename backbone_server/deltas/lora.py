@@ -105,7 +105,7 @@ class LoRA(Delta):
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         return self.projection(z) * self.scales + self.start
 
-    def patched(self, params: torch.Tensor):
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]
         r = self.rank
         hooks = []

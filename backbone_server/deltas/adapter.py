@@ -1,0 +1,152 @@
+"""Bottleneck adapters (Houlsby et al. 2019) from the intrinsic subspace: every candidate
+gets its own small residual MLP on the output of chosen sublayers, generated from z.
+
+For each adapted sublayer with output y (width h) and bottleneck size m, a candidate's
+parameters hold W_down (m x h) and W_up (h x m), and the sublayer's output becomes
+
+    y + W_up gelu(W_down y)
+
+(Houlsby's adapter with its own skip connection, before the model's residual and norm).
+W_down = W_d0 + (its block of P z) and W_up = (its block of P z), with ONE projection P
+of size D = sum over adapted sublayers of 2 m h and W_d0 a fixed matrix drawn from the
+session's seed (like LoRA's A0). So z = 0 is exactly the base model and the update is
+linear in z near 0 (a gradient at z = 0 is not zero). The nonlinearity is GELU (smooth,
+so finite differences and the gradient path agree).
+
+The bottleneck size m travels in DeltaConfig.rank (0: DEFAULT_SIZE = 8).
+
+Where (module-name suffixes, `targets`; each built delta's `description` says it):
+
+* Llama-like models: the outputs of each layer's `self_attn` and `mlp` modules, i.e. the
+  attention and feed-forward outputs before they are added to the residual stream. The
+  attention module returns a tuple; its first element (the hidden states) is adapted.
+* BERT/RoBERTa-like models: the outputs of each layer's `attention.output.dense` and
+  `output.dense` Linear modules, i.e. the attention and feed-forward projections before
+  dropout, the residual addition and the LayerNorm: exactly Houlsby's placement.
+  (Hooking the `attention.output` / `output` modules themselves would put the adapter
+  after the LayerNorm.)
+
+`targets` picks other modules instead; a Linear's adapter has the Linear's output width,
+any other module's the model's hidden size.
+
+While the engine runs a chunk of p candidates (rows laid out candidate-major, p * B
+rows), a forward hook computes every candidate's adapter in two batched matmuls:
+y.view(p, B * L, h) @ W_down^T -> gelu -> @ W_up^T.
+
+Scale: the projection has unit spread. W_d0 has entries of standard deviation
+1 / sqrt(h), so W_d0 y keeps the spread of y, and the W_down block perturbs W_d0 by
+projection_scale / sqrt(h) per entry (relative size projection_scale, as LoRA's A). For
+z ~ N(0, I) the W_up block's entries have standard deviation projection_scale / sqrt(m),
+so W_up gelu(W_down y) has a spread of about projection_scale * rms(gelu(W_d0 y)), which
+is roughly projection_scale / 2 times the sublayer output's own spread (gelu keeps about
+half of a small Gaussian's spread, a bit more for large ones). The adapter is thus scaled
+relative to the activations it reads, with no statistics to measure.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbone_server.deltas.base import (
+    Delta,
+    DeltaConfig,
+    check_no_prompt,
+    find_modules,
+    forward_hooks,
+    matches,
+    register_delta,
+)
+from backbone_server.errors import InvalidArgument
+from backbone_server.projection import make_projection
+
+DEFAULT_SIZE = 8
+DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"))
+
+
+def _any_module(module: nn.Module) -> bool:
+    return True
+
+
+@register_delta("adapter")
+class Adapter(Delta):
+    changes_prefix = True
+
+    def __init__(self, config: DeltaConfig, backbone):
+        check_no_prompt(config)
+        self.config = config
+        self.size_m = config.rank or DEFAULT_SIZE
+        self.hidden_size = backbone.hidden_size
+        self.dtype = backbone.dtype
+        body = backbone.body
+        targets = config.targets or self._default_targets(body)
+        self.modules = find_modules(body, targets, _any_module, "modules")
+        self.description = (f"bottleneck adapter (size {self.size_m}, gelu) on the output of each of "
+                            f"{len(self.modules)} modules ({', '.join(targets)})")
+        self.layout: list[tuple[nn.Module, int, int]] = []  # (module, offset, width)
+        scales, starts = [], []
+        generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
+        m = self.size_m
+        offset = 0
+        for _, module in self.modules:
+            width = module.out_features if isinstance(module, nn.Linear) else self.hidden_size
+            self.layout.append((module, offset, width))
+            scales += [torch.full((m * width,), config.projection_scale / width ** 0.5),
+                       torch.full((width * m,), config.projection_scale / m ** 0.5)]
+            starts += [torch.randn(m * width, generator=generator) / width ** 0.5, torch.zeros(width * m)]
+            offset += 2 * m * width
+        self.size = offset
+        device = backbone.device
+        self.scales = torch.cat(scales).to(device)
+        self.start = torch.cat(starts).to(device)  # W_d0 in every down block, zero in every up block
+        self.projection = make_projection(
+            config.projection,
+            in_dim=config.intrinsic_dim,
+            out_dim=self.size,
+            seed=config.seed,
+            std=1.0 / config.intrinsic_dim ** 0.5,
+            device=device,
+        )
+
+    @staticmethod
+    def _default_targets(body: nn.Module) -> tuple[str, ...]:
+        names = [name for name, _ in body.named_modules()]
+        for pair in DEFAULT_TARGETS:
+            if all(any(matches(name, suffix) for name in names) for suffix in pair):
+                return pair
+        raise InvalidArgument("this model has no self_attn/mlp or attention.output.dense/output.dense modules; "
+                              "name the adapter targets explicitly")
+
+    @property
+    def num_parameters(self) -> int:
+        return self.size
+
+    def parameters(self, z: torch.Tensor) -> torch.Tensor:
+        return self.projection(z) * self.scales + self.start
+
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
+        p = params.shape[0]
+        m = self.size_m
+        hooks = []
+        for module, offset, width in self.layout:
+            down = params[:, offset:offset + m * width].reshape(p, m, width)
+            up = params[:, offset + m * width:offset + 2 * m * width].reshape(p, width, m)
+            # (p, width, m) and (p, m, width), in the model's dtype.
+            down_t = down.transpose(1, 2).to(dtype=self.dtype)
+            up_t = up.transpose(1, 2).to(dtype=self.dtype)
+            hooks.append((module, _adapter_hook(down_t, up_t)))
+        return forward_hooks(hooks)
+
+
+def _adapter_hook(down_t: torch.Tensor, up_t: torch.Tensor):
+    p = down_t.shape[0]
+
+    def hook(module, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        d, u = down_t.to(y.device), up_t.to(y.device)
+        update = torch.bmm(F.gelu(torch.bmm(y.reshape(p, -1, y.shape[-1]), d)), u)
+        y = y + update.view_as(y)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return hook
