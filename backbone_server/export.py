@@ -1,0 +1,335 @@
+"""Materialising a tuned delta (one z) as weights, in PEFT's adapter layout where PEFT has the kind.
+
+Pure torch and safetensors (PEFT is needed only to load the result, not to write it).
+
+* `materialise(backbone, config, z)` builds the delta of `config` on `backbone` and returns
+  its tensors for the single vector z, keyed as they are stored:
+  - "lora": per target Linear `base_model.model.<path>.lora_A.weight` (r x in) and
+    `...lora_B.weight` (out x r), PEFT's names, from `delta.parameters(z)`; the update is
+    x A^T B^T, PEFT's with lora_alpha = r (scaling 1);
+  - "prompt": `prompt_embeddings` (n x h), the soft prompt from `delta.prompts(z)`,
+    optionally preceded by the embeddings of the template's constant tokens ahead of it
+    (`fold_prefix`, see `prompt_placement`);
+  - "bias": per shifted module `base_model.model.<path>.bias_shift` (width,), the vector
+    added to that module's output (no PEFT kind; `apply_bias_shift` applies it).
+  `<path>` is the module's name in `backbone.model` (e.g. model.layers.0.self_attn.q_proj).
+* `export_delta(...)` writes a folder: adapter_config.json, adapter_model.safetensors
+  (float32) and blackbox_export.json (the run's settings, z's norm, the files, how to load).
+* `export_run(run_dir, out, ...)` does it for a finished `blackbox tune` run folder
+  (config.json, result.json, best_z.npy), building the DeltaConfig as the tuner does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from backbone_server.deltas import build_delta
+from backbone_server.deltas.base import DeltaConfig
+from backbone_server.encoding import TemplateEncoder
+from backbone_server.errors import InvalidArgument, NotFound
+from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, Backbone
+
+EXPORT_FORMAT = 1
+EXPORTABLE_KINDS = ("lora", "prompt", "bias")
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "blackbox_export.json"
+BASE_FOLDER = "base"
+OUR_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST)
+
+
+@dataclass
+class Materialised:
+    """One z's delta as named float32 CPU tensors, with what describes it."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    modules: list[str] = field(default_factory=list)  # full module paths in backbone.model (weight kinds)
+    description: str = ""
+    rank: int = 0
+    num_virtual_tokens: int = 0
+    folded_prefix: list[int] = field(default_factory=list)  # token ids whose embeddings lead the prompt
+
+
+def _module_paths(backbone: Backbone, modules) -> list[str]:
+    """The names in `backbone.model` of the (name, module) pairs a delta found under the body."""
+    paths = {id(module): name for name, module in backbone.model.named_modules()}
+    missing = [name for name, module in modules if id(module) not in paths]
+    if missing:
+        raise InvalidArgument(f"modules {missing} are not part of the model")
+    return [paths[id(module)] for _, module in modules]
+
+
+def _store(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def prompt_placement(backbone: Backbone, template: str, prompt_length: int) -> dict:
+    """Where the run's template puts the soft prompt: its position relative to the texts,
+    the tokens ahead of it when those do not depend on the example (the tokenizer's BOS,
+    literal text), and whether it is the very first thing of the model's input (the only
+    placement PEFT's prompt tuning, which prepends the virtual tokens, reproduces as is)."""
+    encoder = TemplateEncoder(backbone.tokenizer, template, backbone.architecture, prompt_length,
+                              backbone.max_length)
+    before = list(encoder.encode("x", "x", 0, True, 0).before)
+    start = encoder.prompt_position == "start"
+    return {
+        "prompt_position": encoder.prompt_position,
+        "tokens_before_prompt": before if start else None,  # None: they depend on the example
+        "prompt_first": start and not before,
+    }
+
+
+def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.Tensor,
+                fold_prefix: list[int] | None = None) -> Materialised:
+    """The delta of `config` on `backbone` for one z (d,), as stored tensors.
+
+    `fold_prefix` (prompt kind only): token ids whose input embeddings are put ahead of
+    the prompt vectors, so that PEFT's prompt (prepended to the whole input) equals the
+    tokens ahead of {prompt} followed by the prompt.
+    """
+    if config.kind not in EXPORTABLE_KINDS:
+        raise InvalidArgument(f"delta kind {config.kind!r} cannot be exported; exportable kinds: "
+                              f"{', '.join(EXPORTABLE_KINDS)}")
+    if fold_prefix and config.kind != "prompt":
+        raise InvalidArgument("only a soft prompt can fold the tokens ahead of it")
+    z = torch.as_tensor(np.asarray(z, dtype=np.float32))
+    if z.shape != (config.intrinsic_dim,) or not torch.isfinite(z).all():
+        raise InvalidArgument(f"z must be {config.intrinsic_dim} finite numbers, got shape {tuple(z.shape)}")
+    delta = build_delta(config, backbone)
+    z = z[None].to(backbone.device)
+    with torch.no_grad():
+        if config.kind == "prompt":
+            prompt = delta.prompts(z)[0]  # (n, h) in the model's dtype, as the engine splices it
+            if fold_prefix:
+                ids = torch.tensor(list(fold_prefix), device=backbone.embeddings.weight.device)
+                prompt = torch.cat([backbone.embeddings(ids).to(prompt), prompt])
+            return Materialised("prompt", {"prompt_embeddings": _store(prompt)},
+                                description=f"soft prompt of {config.prompt_length} vectors",
+                                num_virtual_tokens=prompt.shape[0], folded_prefix=list(fold_prefix or []))
+        params = delta.parameters(z)[0]
+        paths = _module_paths(backbone, delta.modules)
+        tensors = {}
+        if config.kind == "lora":
+            r = delta.rank
+            for path, (_, offset, fan_in, fan_out) in zip(paths, delta.layout):
+                a = params[offset:offset + r * fan_in].reshape(r, fan_in)
+                b = params[offset + r * fan_in:offset + r * (fan_in + fan_out)].reshape(fan_out, r)
+                tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = _store(a)
+                tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = _store(b)
+            return Materialised("lora", tensors, paths, delta.description, rank=r)
+        for path, (_, offset, width) in zip(paths, delta.layout):
+            tensors[f"{PEFT_PREFIX}{path}.bias_shift"] = _store(params[offset:offset + width])
+        return Materialised("bias", tensors, paths, delta.description)
+
+
+def _adapter_config(backbone: Backbone, item: Materialised, base_model: str | None) -> dict:
+    causal = backbone.architecture == "causal"
+    if item.kind == "lora":
+        # task_type None (a plain PeftModel) for masked LMs: PEFT has no masked-LM task.
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM" if causal else None,
+            "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
+            "r": item.rank, "lora_alpha": item.rank, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+            "target_modules": item.modules, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        }
+    if item.kind == "prompt":
+        config = backbone.model.config
+        # Masked LMs: FEATURE_EXTRACTION prepends the prompt and returns the base model's output.
+        return {
+            "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM" if causal else "FEATURE_EXTRACTION",
+            "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
+            "num_virtual_tokens": item.num_virtual_tokens, "token_dim": backbone.hidden_size,
+            "num_transformer_submodules": 1, "num_attention_heads": config.num_attention_heads,
+            "num_layers": config.num_hidden_layers, "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "modules_to_save": None,
+        }
+    return {
+        "peft_type": "BLACKBOX_BIAS", "task_type": None, "base_model_name_or_path": base_model,
+        "description": f"{item.description}: adapter_model.safetensors holds, per module, "
+                      "'base_model.model.<module path>.bias_shift', a vector added to the module's output "
+                      "(for a Linear with a bias, exactly a change of that bias). Not a PEFT type: apply it "
+                      "with backbone_server.export.apply_bias_shift(model, folder).",
+        "target_modules": item.modules,
+    }
+
+
+def _how_to_load(backbone: Backbone, item: Materialised, placement: dict | None) -> str:
+    auto = "AutoModelForCausalLM" if backbone.architecture == "causal" else "AutoModelForMaskedLM"
+    if item.kind == "bias":
+        return (f"model = transformers.{auto}.from_pretrained(BASE); "
+                "backbone_server.export.apply_bias_shift(model, THIS_FOLDER)")
+    load = f"peft.PeftModel.from_pretrained(transformers.{auto}.from_pretrained(BASE), THIS_FOLDER)"
+    if item.kind == "lora":
+        return load
+    if item.folded_prefix:
+        return (f"{load}; the first {len(item.folded_prefix)} virtual tokens are the embeddings of the "
+                f"template's tokens ahead of the prompt ({item.folded_prefix}): feed the rest of the "
+                "template's tokens without them (add_special_tokens=False for a BOS)")
+    if placement and not placement["prompt_first"]:
+        return (f"{load}; PEFT puts the virtual tokens before the whole input, while the run's template had "
+                f"{'tokens ' + str(placement['tokens_before_prompt']) if placement['tokens_before_prompt'] else 'text'}"
+                " ahead of the prompt, so the PEFT model does not reproduce the tuned scores exactly "
+                "(export with --fold-prefix where the prompt precedes the texts)")
+    return load
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InvalidArgument(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InvalidArgument(f"{out} is not empty; choose another folder or pass --overwrite")
+        for name in OUR_FILES:
+            (out / name).unlink(missing_ok=True)
+        if (out / BASE_FOLDER / "config.json").exists():
+            shutil.rmtree(out / BASE_FOLDER)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: str | Path, *,
+                 template: str | None = None, run_config: dict | None = None, base_model: str | None = None,
+                 fold_prefix: bool = False, overwrite: bool = False) -> dict:
+    """Writes the delta of `config` for z as an adapter folder; returns the manifest.
+
+    `template` (the run's) is needed for a soft prompt's placement and for `fold_prefix`;
+    `base_model` is recorded as base_model_name_or_path.
+    """
+    from safetensors.torch import save_file
+
+    z = np.asarray(z, dtype=np.float32)
+    placement = prompt_placement(backbone, template, config.prompt_length) \
+        if config.kind == "prompt" and template else None
+    folded = None
+    if fold_prefix:
+        if placement is None:
+            raise InvalidArgument("folding the tokens ahead of the prompt needs a soft prompt and its template")
+        if placement["tokens_before_prompt"] is None:
+            raise InvalidArgument("the run's template puts text ahead of the prompt; only the constant tokens "
+                                  "of a prompt that precedes the texts can be folded into it")
+        folded = placement["tokens_before_prompt"]
+    item = materialise(backbone, config, z, fold_prefix=folded)
+    out = Path(out)
+    _prepare_folder(out, overwrite)
+    save_file(item.tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "blackbox_kind": item.kind})
+    adapter = _adapter_config(backbone, item, base_model)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
+    if item.kind == "prompt":
+        exact = bool(placement and (placement["prompt_first"] or folded is not None))
+    else:
+        exact = True
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "kind": item.kind,
+        "peft_type": adapter["peft_type"],
+        "description": item.description,
+        "model": backbone.name,
+        "architecture": backbone.architecture,
+        "dtype": str(backbone.dtype).removeprefix("torch."),
+        "base_model": base_model,
+        "delta_config": dataclasses.asdict(config),
+        "run_config": run_config,
+        "z_dim": int(z.shape[0]),
+        "z_norm": float(np.linalg.norm(z)),
+        "tensors": {name: list(tensor.shape) for name, tensor in item.tensors.items()},
+        "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST],
+        "prompt": None if item.kind != "prompt" else {**(placement or {}), "folded_prefix": item.folded_prefix},
+        "reproduces_engine": exact,
+        "how_to_load": _how_to_load(backbone, item, placement),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def apply_bias_shift(model: torch.nn.Module, folder: str | Path) -> list:
+    """Adds the shifts of a BLACKBOX_BIAS export to `model`'s module outputs (forward
+    hooks); returns the hook handles (`handle.remove()` undoes it)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if adapter.get("peft_type") != "BLACKBOX_BIAS":
+        raise InvalidArgument(f"{folder} holds a {adapter.get('peft_type')} adapter, not BLACKBOX_BIAS")
+    handles = []
+    for key, shift in load_file(str(folder / ADAPTER_WEIGHTS)).items():
+        path = key.removeprefix(PEFT_PREFIX).removesuffix(".bias_shift")
+        module = model.get_submodule(path)
+
+        def hook(module, args, output, shift=shift):
+            return output + shift.to(device=output.device, dtype=output.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def delta_config_from_run(config: dict) -> DeltaConfig:
+    """The DeltaConfig a `blackbox tune` run's config.json describes (as the tuner's DeltaSpec)."""
+    try:
+        kind = config["delta"]
+        return DeltaConfig(
+            kind=kind,
+            prompt_length=config["prompt_length"] if kind == "prompt" else 0,
+            intrinsic_dim=config["dim"],
+            projection=config.get("projection", "normal"),
+            seed=config["seed"],
+            projection_scale=config.get("alpha", 1.0) / config.get("sigma", 1.0),
+            rank=config.get("rank", 0),
+            targets=tuple(t.strip() for t in (config.get("targets") or "").split(",") if t.strip()),
+        )
+    except KeyError as error:
+        raise InvalidArgument(f"the run's config.json lacks {error.args[0]!r}") from None
+
+
+def save_base(backbone: Backbone, folder: str | Path) -> None:
+    """The base model and tokenizer as a Hugging Face folder (for models built in code)."""
+    backbone.model.save_pretrained(folder)
+    backbone.tokenizer.save_pretrained(folder)
+
+
+def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, device: str = "cpu",
+               dtype: str | None = None, fold_prefix: bool = False, overwrite: bool = False) -> dict:
+    """Exports the best z of a finished run folder; returns the manifest.
+
+    The model is the run's (or `model`), loaded in the run's dtype unless `dtype` says
+    otherwise (the delta's scales are taken from the weights as loaded). A model built in
+    code (tiny-llama, tiny-roberta) is saved in `out/base` so the export loads on its own.
+    """
+    from backbone_server.models import _bundled_model_folder, load_backbone
+
+    run_dir, out = Path(run_dir), Path(out)
+    try:
+        run_config = json.loads((run_dir / "config.json").read_text())
+        z = np.load(run_dir / "best_z.npy")
+    except FileNotFoundError as error:
+        raise NotFound(f"{run_dir} holds no finished run ({Path(error.filename).name} is missing)") from None
+    result_file = run_dir / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    config = delta_config_from_run(run_config)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # early, before loading the model
+        raise InvalidArgument(f"{out} is not empty; choose another folder or pass --overwrite")
+    name = model or run_config.get("model") or BUNDLED_MODEL
+    backbone = load_backbone(name, device=device, dtype=dtype or result.get("dtype") or "float32")
+    if name in TINY_MODELS:
+        base_model = str((out / BASE_FOLDER).resolve())
+    elif name == BUNDLED_MODEL:
+        base_model = str(_bundled_model_folder())
+    else:
+        base_model = str(Path(name).expanduser().resolve())
+    manifest = export_delta(backbone, config, z, out, template=run_config.get("template"), run_config=run_config,
+                            base_model=base_model, fold_prefix=fold_prefix, overwrite=overwrite)
+    manifest.update(run=str(run_dir.resolve()), run_model=run_config.get("model"))
+    if name in TINY_MODELS:
+        save_base(backbone, out / BASE_FOLDER)
+        manifest["files"].append(BASE_FOLDER + "/")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

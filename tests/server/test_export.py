@@ -1,0 +1,205 @@
+"""Exporting a tuned z as adapter weights: PEFT loads the LoRA and soft-prompt exports and
+reproduces the engine's verbalizer logits; the bias export reproduces them through
+`apply_bias_shift`; `blackbox export` turns a run folder into a loadable adapter."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backbone_server.deltas.base import DeltaConfig
+from backbone_server.engine import Engine
+from backbone_server.export import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    apply_bias_shift,
+    delta_config_from_run,
+    export_delta,
+    materialise,
+    prompt_placement,
+)
+from backbone_server.errors import InvalidArgument
+from backbone_server.tiny import build_tiny_llama, build_tiny_roberta
+from tests.server.test_engine import EXAMPLES, VERBALIZER, template_for
+
+peft = pytest.importorskip("peft")
+
+DIM = 6
+
+
+def fresh_model(backbone):
+    """A new copy of the tiny backbone's base model (same seed, same weights)."""
+    build = build_tiny_llama if backbone.architecture == "causal" else build_tiny_roberta
+    return build()[0].eval()
+
+
+def random_z(seed=1, scale=2.0):
+    return (np.random.default_rng(seed).normal(size=DIM) * scale).astype(np.float32)
+
+
+def engine_logits(backbone, config, z, template=None):
+    engine = Engine(backbone)
+    session = engine.create_session({"train": EXAMPLES}, template or template_for(backbone), VERBALIZER, config)
+    scores = engine.evaluate(session.id, "train", z[None])
+    return session, scores.logits[0]
+
+
+def model_logits(model, session, ids_of, offset=0):
+    """Verbalizer logits of an ordinary forward of `ids_of(example)` for each example,
+    read at the engine's position plus `offset`."""
+    rows = []
+    for example in session.splits["train"]:
+        ids = torch.tensor([ids_of(example)])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, example.read + offset]
+        rows.append(logits[session.verbalizer_ids])
+    return torch.stack(rows).numpy()
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_lora_export_loads_in_peft_and_reproduces_the_engine(tiny_backbone, tmp_path, rank):
+    config = DeltaConfig("lora", prompt_length=0, intrinsic_dim=DIM, seed=3, projection_scale=2.0, rank=rank)
+    z = random_z()
+    session, expected = engine_logits(tiny_backbone, config, z)
+    manifest = export_delta(tiny_backbone, config, z, tmp_path / "adapter", base_model="tiny")
+    assert manifest["kind"] == "lora" and manifest["reproduces_engine"]
+    assert manifest["z_norm"] == pytest.approx(float(np.linalg.norm(z)))
+    adapter = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == adapter["lora_alpha"] == (rank or 4)
+
+    model = peft.PeftModel.from_pretrained(fresh_model(tiny_backbone), tmp_path / "adapter").eval()
+    lora_layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(lora_layers) == 2 * tiny_backbone.num_layers
+    tuned = model_logits(model, session, lambda e: list(e.before) + list(e.after))
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+    # ... and the adapter does change the model.
+    plain = model_logits(fresh_model(tiny_backbone), session, lambda e: list(e.before) + list(e.after))
+    assert np.abs(plain - expected).max() > 1e-3
+
+
+def test_lora_tensors_follow_the_layout(tiny_llama):
+    config = DeltaConfig("lora", prompt_length=0, intrinsic_dim=DIM, rank=2, targets=("o_proj",))
+    item = materialise(tiny_llama, config, random_z())
+    assert item.modules == [f"model.layers.{i}.self_attn.o_proj" for i in range(tiny_llama.num_layers)]
+    assert item.tensors["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape == (2, 64)
+    assert item.tensors["base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight"].shape == (64, 2)
+    assert all(t.dtype == torch.float32 for t in item.tensors.values())
+
+
+def test_prompt_placement(tiny_llama, tiny_roberta):
+    # The tiny tokenizers put a BOS (<s>) ahead of {prompt}: PEFT's prompt would precede it.
+    bos = tiny_llama.tokenizer.bos_token_id
+    start = prompt_placement(tiny_llama, template_for(tiny_llama), 4)
+    assert start == {"prompt_position": "start", "tokens_before_prompt": [bos], "prompt_first": False}
+    after = prompt_placement(tiny_llama, template_for(tiny_llama, "after"), 4)
+    assert after["prompt_position"] == "end" and after["tokens_before_prompt"] is None
+    assert prompt_placement(tiny_roberta, template_for(tiny_roberta), 4)["tokens_before_prompt"] == [bos]
+
+
+def test_prompt_export_with_the_prefix_folded_reproduces_the_engine(tiny_backbone, tmp_path):
+    """PEFT prepends the virtual tokens to the whole input. With the constant tokens ahead
+    of {prompt} (the BOS) folded into the virtual tokens and the rest fed as input ids,
+    PEFT's input is exactly the engine's."""
+    config = DeltaConfig("prompt", prompt_length=4, intrinsic_dim=DIM, seed=3)
+    z = random_z()
+    template = template_for(tiny_backbone)
+    session, expected = engine_logits(tiny_backbone, config, z, template)
+    manifest = export_delta(tiny_backbone, config, z, tmp_path / "folded", template=template, fold_prefix=True)
+    assert manifest["reproduces_engine"] and manifest["prompt"]["folded_prefix"] == [tiny_backbone.tokenizer.bos_token_id]
+    adapter = json.loads((tmp_path / "folded" / ADAPTER_CONFIG).read_text())
+    assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 5
+
+    model = peft.PeftModel.from_pretrained(fresh_model(tiny_backbone), tmp_path / "folded").eval()
+    # Positions: the engine's read position counts the BOS and the prompt, as PEFT's output does.
+    tuned = model_logits(model, session, lambda e: list(e.after))
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+
+    # Unfolded: the prompt as tuned (n vectors), flagged as not reproducing the engine.
+    plain = export_delta(tiny_backbone, config, z, tmp_path / "plain", template=template)
+    assert not plain["reproduces_engine"] and not plain["prompt"]["prompt_first"]
+    assert "does not reproduce" in plain["how_to_load"]
+    folded_tensor = materialise(tiny_backbone, config, z, fold_prefix=[tiny_backbone.tokenizer.bos_token_id])
+    unfolded_tensor = materialise(tiny_backbone, config, z)
+    torch.testing.assert_close(folded_tensor.tensors["prompt_embeddings"][1:],
+                               unfolded_tensor.tensors["prompt_embeddings"], rtol=0, atol=0)
+    peft.PeftModel.from_pretrained(fresh_model(tiny_backbone), tmp_path / "plain")  # loads
+
+
+def test_fold_prefix_is_refused_when_text_precedes_the_prompt(tiny_llama, tmp_path):
+    config = DeltaConfig("prompt", prompt_length=2, intrinsic_dim=DIM)
+    with pytest.raises(InvalidArgument, match="text ahead of the prompt"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "x", template=template_for(tiny_llama, "after"),
+                     fold_prefix=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bias_export_reproduces_the_engine(tiny_backbone, tmp_path):
+    config = DeltaConfig("bias", prompt_length=0, intrinsic_dim=DIM, seed=3)
+    z = random_z()
+    session, expected = engine_logits(tiny_backbone, config, z)
+    manifest = export_delta(tiny_backbone, config, z, tmp_path / "bias")
+    assert manifest["peft_type"] == "BLACKBOX_BIAS"
+    adapter = json.loads((tmp_path / "bias" / ADAPTER_CONFIG).read_text())
+    assert adapter["target_modules"] and "bias_shift" in adapter["description"]
+    model = fresh_model(tiny_backbone)
+    handles = apply_bias_shift(model, tmp_path / "bias")
+    assert len(handles) == len(adapter["target_modules"])
+    tuned = model_logits(model, session, lambda e: list(e.before) + list(e.after))
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+
+
+def test_refusals(tiny_llama, tmp_path):
+    config = DeltaConfig("lora", prompt_length=0, intrinsic_dim=DIM)
+    with pytest.raises(InvalidArgument, match="6 finite numbers"):
+        materialise(tiny_llama, config, np.zeros(5, np.float32))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(InvalidArgument, match="not empty"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "full")
+    export_delta(tiny_llama, config, random_z(), tmp_path / "full", overwrite=True)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # only our own files are replaced
+    assert {p.name for p in (tmp_path / "full").iterdir()} == {"keep.txt", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST}
+
+
+def test_delta_config_from_run_matches_the_tuner():
+    run = {"delta": "lora", "prompt_length": 50, "dim": 8, "projection": "sparse", "seed": 21, "alpha": 2.0,
+           "sigma": 0.5, "rank": 2, "targets": "q_proj, o_proj"}
+    assert delta_config_from_run(run) == DeltaConfig("lora", prompt_length=0, intrinsic_dim=8, projection="sparse",
+                                                     seed=21, projection_scale=4.0, rank=2,
+                                                     targets=("q_proj", "o_proj"))
+    assert delta_config_from_run({**run, "delta": "prompt", "rank": 0, "targets": ""}).prompt_length == 50
+    with pytest.raises(InvalidArgument, match="lacks 'dim'"):
+        delta_config_from_run({"delta": "lora", "seed": 1})
+
+
+def test_cli_exports_a_tuned_run(tmp_path, capsys):
+    from blackbox.cli import main
+    from tests.integration.test_cli import TINY_RUN
+
+    run = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(run), "--delta", "lora", "--lora-rank", "2"]) == 0
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--out", str(out), "--model", "tiny-llama"]) == 0
+    assert "exported the lora delta" in capsys.readouterr().out
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, "base/config.json"):
+        assert (out / name).exists(), name
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["run_config"]["delta"] == "lora" and manifest["delta_config"]["rank"] == 2
+    assert manifest["z_norm"] == pytest.approx(float(np.linalg.norm(np.load(run / "best_z.npy"))))
+
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    model = peft.PeftModel.from_pretrained(base, out)
+    assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules()) == 4
+
+    # An export is never overwritten by accident; a run folder without a run is a clear error.
+    assert main(["export", "--run", str(run), "--out", str(out), "--model", "tiny-llama"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(out), "--model", "tiny-llama", "--overwrite"]) == 0
+    assert main(["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "e2")]) == 2
+    assert "holds no finished run" in capsys.readouterr().err
