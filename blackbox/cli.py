@@ -1,4 +1,4 @@
-"""`blackbox` command line: tune, serve, info, tasks."""
+"""`blackbox` command line: tune, compare, serve, info, tasks, export."""
 
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--popsize", type=int, default=20)
     search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
     search.add_argument("--delta", default="prompt",
-                        help="what z generates: prompt (soft prompt), lora, bias (BitFit); `blackbox info` "
-                             "lists what a server supports")
-    search.add_argument("--prompt-length", type=int, default=50, help="soft prompt tokens (--delta prompt)")
-    search.add_argument("--lora-rank", type=int, default=0, help="rank of --delta lora (0: 4)")
+                        help="what z generates: prompt (soft prompt), deep-prompt (BBTv2: every layer), lora, "
+                             "adapter, bias (BitFit); `blackbox info` lists what a server supports")
+    search.add_argument("--prompt-length", type=int, default=50, help="prompt tokens (prompt, deep-prompt)")
+    search.add_argument("--lora-rank", "--adapter-size", dest="rank", type=int, default=0,
+                        help="rank of lora, bottleneck size of adapter (0: the kind's default, 4 and 8)")
     search.add_argument("--targets", "--lora-targets", default="",
                         help="comma-separated module-name suffixes a weight delta changes "
                              "(default: lora q_proj,v_proj or query,value; bias: every bias, or every norm)")
@@ -80,7 +81,7 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
         task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
         budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, delta=args.delta,
-        rank=args.lora_rank, targets=args.targets, placement=args.placement,
+        rank=args.rank, targets=args.targets, placement=args.placement,
         projection=args.projection, optimizer=optimizer, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
         max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,
@@ -172,6 +173,24 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from backbone_server.errors import BackboneError as ServerError
+        from backbone_server.export import export_run
+    except ImportError as error:
+        raise RuntimeError(f"export needs the server extra ({error.name} is missing): "
+                           "pip install 'blackbox-tuner[server]'") from None
+    try:
+        manifest = export_run(args.run_dir, args.out, model=args.model, device=args.device, dtype=args.dtype,
+                              fold_prefix=args.fold_prefix, overwrite=args.overwrite)
+    except ServerError as error:
+        raise ValueError(str(error)) from None
+    print(f"exported the {manifest['kind']} delta of {args.run_dir} ({manifest['peft_type']}, |z| = "
+          f"{manifest['z_norm']:.4g}) to {args.out}: {', '.join(manifest['files'])}")
+    print(f"load: {manifest['how_to_load']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blackbox", description="Gradient-free black-box tuning of language models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
     tasks = commands.add_parser("tasks", help="list the built-in tasks")
     tasks.set_defaults(run=_tasks)
+    export = commands.add_parser("export", help="write a run's tuned delta (best_z.npy) as adapter weights (PEFT layout)")
+    export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the run folder of `blackbox tune`")
+    export.add_argument("--out", required=True, help="folder for the adapter (must be empty or new)")
+    export.add_argument("--model", help="the model to build the delta on (default: the run's)")
+    export.add_argument("--device", default="cpu", help="device to materialise on")
+    export.add_argument("--dtype", help="dtype to load the model in (default: the run's)")
+    export.add_argument("--fold-prefix", action="store_true",
+                        help="soft prompt: put the template's tokens ahead of the prompt (e.g. BOS) into the "
+                             "exported virtual tokens, so PEFT's prepended prompt reproduces the run exactly")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
+    export.set_defaults(run=_export)
     return parser
 
 

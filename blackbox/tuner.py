@@ -23,6 +23,9 @@ from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
 from blackbox.tasks import get_task, load_split, place_prompt
 
+# Delta kinds that put vectors at {prompt}; the others change modules and take no prompt.
+PROMPT_KINDS = ("prompt", "deep-prompt")
+
 # Test splits are scored in slices so that long evaluations show progress.
 EVAL_SLICE = 256
 
@@ -126,7 +129,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         optimizer.load_state_dict(checkpoint["optimizer"])
         started -= checkpoint["elapsed_s"]
     # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
-    delta = DeltaSpec(kind=config.delta, prompt_length=config.prompt_length if config.delta == "prompt" else 0,
+    delta = DeltaSpec(kind=config.delta, prompt_length=config.prompt_length if config.delta in PROMPT_KINDS else 0,
                       intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
                       projection_scale=config.alpha / config.sigma, rank=config.rank,
                       targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()))

@@ -73,10 +73,18 @@ def test_compare_writes_a_table_and_a_plot(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("delta", [["--delta", "lora", "--lora-rank", "2"], ["--delta", "bias"]])
+@pytest.mark.parametrize("delta", [["--delta", "lora", "--lora-rank", "2"], ["--delta", "bias"],
+                                   ["--delta", "adapter", "--adapter-size", "4"]])
 def test_weight_deltas_tune_end_to_end(tmp_path, delta):
     out = tmp_path / "run"
     assert main(TINY_RUN + ["--out", str(out)] + delta) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["delta"] == delta[1] and result["prompt_length"] == 0 and result["api_calls"] == 8
     assert not result["prefix_reuse"]  # the delta changes the text's keys and values too
+
+
+def test_deep_prompt_tunes_end_to_end_with_prefix_reuse(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--delta", "deep-prompt"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["delta"] == "deep-prompt" and result["prompt_length"] == 2 and result["prefix_reuse"]
