@@ -20,6 +20,8 @@ chunk's rows, which makes the patched modules apply candidate i to rows
 i * B .. (i + 1) * B - 1 of the candidate-major batch. `patched` also gets the prompt
 slot of each position of the bucket's rows (deep prompts act at those positions inside
 the model; they leave the tokens ahead of the prompt alone and keep prefix reuse).
+Deltas with `routed = True` (AdaMix) also get a `Routing`: the split's name and the
+chunk's example indices within it.
 
 `Engine.gradient` (off unless the server allows it) runs the same buckets with autograd
 and returns d loss / d z per candidate, for white-box comparisons.
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from backbone_server.deltas import Delta, build_delta
-from backbone_server.deltas.base import DeltaConfig
+from backbone_server.deltas.base import DeltaConfig, Routing
 from backbone_server.encoding import EncodedExample, TemplateEncoder
 from backbone_server.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from backbone_server.memory import plan_memory
@@ -198,7 +200,8 @@ class Engine:
             params = session.delta.parameters(population)
             logits = self._empty_logits(session, len(z), len(selected))
             for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, self.max_batch_tokens):
-                chunks = self._score_chunks(session, bucket, prompts, params, prefix, self.max_batch_tokens)
+                chunks = self._score_chunks(session, bucket, prompts, params, prefix, self.max_batch_tokens,
+                                            _routing(session, split, start, bucket))
                 logits[:, index] = torch.cat([chunk for _, chunk in chunks])
             return _scores(logits, labels)
 
@@ -229,7 +232,9 @@ class Engine:
             logits = self._empty_logits(session, len(z), len(selected))
             tokens = self.gradient_batch_tokens
             for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, tokens):
-                for first, chunk in self._score_chunks(session, bucket, prompt_leaf, param_leaf, prefix, tokens):
+                routing = _routing(session, split, start, bucket)
+                for first, chunk in self._score_chunks(session, bucket, prompt_leaf, param_leaf, prefix, tokens,
+                                                       routing):
                     p, size, classes = chunk.shape
                     ce, hinge = _example_losses(chunk.reshape(p * size, classes), labels[index].repeat(p))
                     # Sum over candidates of their mean over all selected examples.
@@ -372,7 +377,7 @@ class Engine:
 
     def _score_chunks(self, session: Session, bucket: _Bucket, prompts: torch.Tensor,
                       params: torch.Tensor | None, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
-                      tokens: int):
+                      tokens: int, routing: Routing | None = None):
         """(P, n, h) prompts and (P, D) module parameters (or None) -> (first candidate,
         (p, B, C) float32 verbalizer logits) for each chunk of candidates that fits
         `tokens`, in order. A chunk that runs out of memory is retried in halves, and
@@ -383,7 +388,7 @@ class Engine:
             group = prompts[first:first + chunk]
             group_params = None if params is None else params[first:first + chunk]
             try:
-                logits = self._forward_chunk(session, bucket, group, group_params, prefix)
+                logits = self._forward_chunk(session, bucket, group, group_params, prefix, routing)
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
@@ -412,7 +417,8 @@ class Engine:
 
     def _forward_chunk(self, session: Session, bucket: _Bucket, group: torch.Tensor,
                        group_params: torch.Tensor | None,
-                       prefix: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+                       prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                       routing: Routing | None = None) -> torch.Tensor:
         """(p, n, h) prompts and (p, D) module parameters (or None) of some candidates ->
         (p, B, C) verbalizer logits on the bucket."""
         backbone = self.backbone
@@ -438,7 +444,9 @@ class Engine:
                 config=backbone.model.config,
             )
         slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
-        with session.delta.patched(group_params, slots):
+        patched = (session.delta.patched(group_params, slots, routing) if session.delta.routed
+                   else session.delta.patched(group_params, slots))
+        with patched:
             hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         read = bucket.read.repeat(p)
         picked = hidden[torch.arange(p * size, device=hidden.device), read]
@@ -452,6 +460,13 @@ class Engine:
             bias = head.bias[session.verbalizer_ids] if head.bias is not None else None
             return F.linear(hidden, weight, bias).float()
         return head(hidden)[:, session.verbalizer_ids].float()
+
+
+def _routing(session: Session, split: str, start: int, bucket: _Bucket) -> Routing | None:
+    """The split and the bucket's example indices within it, for deltas that route examples."""
+    if not session.delta.routed:
+        return None
+    return Routing(split, tuple(start + i for i in bucket.indices))
 
 
 def _out_of_memory(error: Exception) -> bool:

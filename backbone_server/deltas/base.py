@@ -42,6 +42,16 @@ class DeltaConfig:
             raise InvalidArgument(f"targets repeat a name: {list(self.targets)}")
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Which examples a chunk's rows hold: the split's name and each row's example index
+    within that split (B,). The engine passes it to `patched` of deltas with
+    `routed = True` only (AdaMix routes examples of the search split to copies)."""
+
+    split: str
+    indices: tuple[int, ...]
+
+
 class Delta:
     """A built delta for one session.
 
@@ -62,9 +72,13 @@ class Delta:
     `changes_prefix`: the candidate changes what the model computes for tokens ahead of
     the prompt, so their keys and values cannot be shared between candidates (no prefix
     reuse).
+
+    `routed`: `patched` also takes `routing` (a Routing: the chunk's split and example
+    indices) as a third argument; the engine passes it only to such deltas.
     """
 
     config: DeltaConfig
+    routed: bool = False
     prompt_length: int = 0
     changes_prefix: bool = False
     hidden_size: int = 0
@@ -103,6 +117,10 @@ def register_delta(name: str) -> Callable[[DeltaFactory], DeltaFactory]:
 
 
 def build_delta(config: DeltaConfig, backbone) -> Delta:
+    if "+" in config.kind or ":" in config.kind:  # combinations and mixes (deltas/combined.py)
+        from backbone_server.deltas.combined import build_composite
+
+        return build_composite(config, backbone)
     factory = DELTA_KINDS.get(config.kind)
     if factory is None:
         raise InvalidArgument(
