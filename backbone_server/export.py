@@ -273,21 +273,21 @@ def apply_bias_shift(model: torch.nn.Module, folder: str | Path) -> list:
 
 
 def delta_config_from_run(config: dict) -> DeltaConfig:
-    """The DeltaConfig a `blackbox tune` run's config.json describes (as the tuner's DeltaSpec)."""
+    """The DeltaConfig a `blackbox tune` run's config.json describes: the tuner's own
+    DeltaSpec, rebuilt from the stored settings."""
+    import dataclasses
+
+    from blackbox.tuner import TuneConfig, delta_spec
+
+    fields = {f.name for f in dataclasses.fields(TuneConfig)}
+    for key in ("delta", "dim", "seed"):
+        if key not in config:
+            raise InvalidArgument(f"the run's config.json lacks {key!r}")
     try:
-        kind = config["delta"]
-        return DeltaConfig(
-            kind=kind,
-            prompt_length=config["prompt_length"] if kind == "prompt" else 0,
-            intrinsic_dim=config["dim"],
-            projection=config.get("projection", "normal"),
-            seed=config["seed"],
-            projection_scale=config.get("alpha", 1.0) / config.get("sigma", 1.0),
-            rank=config.get("rank", 0),
-            targets=tuple(t.strip() for t in (config.get("targets") or "").split(",") if t.strip()),
-        )
-    except KeyError as error:
-        raise InvalidArgument(f"the run's config.json lacks {error.args[0]!r}") from None
+        spec = delta_spec(TuneConfig(**{k: v for k, v in config.items() if k in fields}))
+    except (TypeError, ValueError) as error:
+        raise InvalidArgument(f"the run's config.json does not describe a run: {error}") from None
+    return DeltaConfig(**spec.__dict__)
 
 
 def save_base(backbone: Backbone, folder: str | Path) -> None:

@@ -28,7 +28,13 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
     search.add_argument("--delta", default="prompt",
                         help="what z generates: prompt (soft prompt), deep-prompt (BBTv2: every layer), lora, "
-                             "adapter, bias (BitFit); `blackbox info` lists what a server supports")
+                             "adapter, bias (BitFit), or several joined by + (z is split among them); "
+                             "`blackbox info` lists what a server supports")
+    search.add_argument("--mix", choices=("unipelt", "adamix"),
+                        help="unipelt: per-layer gates (from extra coordinates of z) on every part of a KIND+KIND "
+                             "delta; adamix: copies of one weight kind, routed per example while searching and "
+                             "averaged for dev and test")
+    search.add_argument("--adamix-copies", type=int, default=4, help="copies for --mix adamix")
     search.add_argument("--prompt-length", type=int, default=50, help="prompt tokens (prompt, deep-prompt)")
     search.add_argument("--lora-rank", "--adapter-size", dest="rank", type=int, default=0,
                         help="rank of lora, bottleneck size of adapter (0: the kind's default, 4 and 8)")
@@ -81,7 +87,7 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
         task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
         budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, delta=args.delta,
-        rank=args.rank, targets=args.targets, placement=args.placement,
+        rank=args.rank, targets=args.targets, mix=args.mix or "", adamix_copies=args.adamix_copies, placement=args.placement,
         projection=args.projection, optimizer=optimizer, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
         max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,

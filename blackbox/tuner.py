@@ -25,6 +25,7 @@ from blackbox.tasks import get_task, load_split, place_prompt
 
 # Delta kinds that put vectors at {prompt}; the others change modules and take no prompt.
 PROMPT_KINDS = ("prompt", "deep-prompt")
+MIXES = ("", "unipelt", "adamix")
 
 # Test splits are scored in slices so that long evaluations show progress.
 EVAL_SLICE = 256
@@ -45,6 +46,10 @@ class TuneConfig:
     # suffixes they change, comma-separated ("": the kind's default).
     rank: int = 0
     targets: str = ""
+    # "unipelt" (per-layer gates on every part of `delta`) or "adamix" (copies of one
+    # weight kind, routed per example in search and averaged for dev and test); "": none.
+    mix: str = ""
+    adamix_copies: int = 4
     placement: str = "before"
     projection: str = "normal"
     optimizer: str = "cma"
@@ -73,6 +78,15 @@ class TuneConfig:
             raise ValueError("patience and max-wall-s must be >= 0 (0 turns them off)")
         if self.bound is not None and not self.bound > 0:
             raise ValueError("bound must be > 0")
+        if self.mix not in MIXES:
+            raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(m for m in MIXES if m)}")
+
+    @property
+    def delta_kind(self) -> str:
+        """The server's name for the delta: "lora", "prompt+lora", "unipelt:lora+adapter", "adamix4:adapter"."""
+        if self.mix == "adamix":
+            return f"adamix{self.adamix_copies}:{self.delta}"
+        return f"{self.mix}:{self.delta}" if self.mix else self.delta
 
 
 def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show: bool) -> tuple[float, float]:
@@ -86,6 +100,16 @@ def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show
             loss += float(scores.ce_loss[0]) * scores.num_examples
             bar.update(scores.num_examples)
     return correct / size, loss / size
+
+
+def delta_spec(config: TuneConfig) -> DeltaSpec:
+    """What the run asks the server to generate from z (also what `blackbox export` rebuilds)."""
+    has_prompt = any(part in PROMPT_KINDS for part in config.delta.split("+"))
+    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
+    return DeltaSpec(kind=config.delta_kind, prompt_length=config.prompt_length if has_prompt else 0,
+                     intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
+                     projection_scale=config.alpha / config.sigma, rank=config.rank,
+                     targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()))
 
 
 def build_optimizer(config: TuneConfig):
@@ -128,11 +152,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         _check_resumable(checkpoint, config, info.model_name)
         optimizer.load_state_dict(checkpoint["optimizer"])
         started -= checkpoint["elapsed_s"]
-    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
-    delta = DeltaSpec(kind=config.delta, prompt_length=config.prompt_length if config.delta in PROMPT_KINDS else 0,
-                      intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
-                      projection_scale=config.alpha / config.sigma, rank=config.rank,
-                      targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()))
+    delta = delta_spec(config)
     # The server checks the delta before the run folder is touched.
     session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
     try:
@@ -227,7 +247,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "architecture": info.architecture,
         "device": info.device,
         "dtype": info.dtype,
-        "delta": config.delta,
+        "delta": config.delta_kind,
         "prompt_length": delta.prompt_length,
         "rank": config.rank,
         "targets": config.targets,

@@ -88,3 +88,20 @@ def test_deep_prompt_tunes_end_to_end_with_prefix_reuse(tmp_path):
     assert main(TINY_RUN + ["--out", str(out), "--delta", "deep-prompt"]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["delta"] == "deep-prompt" and result["prompt_length"] == 2 and result["prefix_reuse"]
+
+
+@pytest.mark.parametrize("arguments, kind, prompt_length", [
+    (["--delta", "prompt+lora"], "prompt+lora", 2),
+    (["--delta", "lora+adapter", "--mix", "unipelt", "--dim", "12"], "unipelt:lora+adapter", 0),
+    (["--delta", "adapter", "--mix", "adamix", "--adamix-copies", "2"], "adamix2:adapter", 0),
+])
+def test_combined_and_mixed_deltas_tune_end_to_end(tmp_path, arguments, kind, prompt_length):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out)] + arguments) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["delta"] == kind and result["prompt_length"] == prompt_length
+
+
+def test_a_mix_of_unknown_parts_is_a_clear_error(tmp_path, capsys):
+    assert main(TINY_RUN + ["--out", str(tmp_path / "run"), "--delta", "lora+nope", "--mix", "unipelt"]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "run").exists()
