@@ -11,8 +11,16 @@ Pure torch and safetensors (PEFT is needed only to load the result, not to write
     optionally preceded by the embeddings of the template's constant tokens ahead of it
     (`fold_prefix`, see `prompt_placement`);
   - "bias": per shifted module `base_model.model.<path>.bias_shift` (width,), the vector
-    added to that module's output (no PEFT kind; `apply_bias_shift` applies it).
+    added to that module's output (no PEFT kind; `apply_bias_shift` applies it);
+  - "adapter": per adapted module `base_model.model.<path>.adapter_down.weight` (m x h) and
+    `...adapter_up.weight` (h x m): the module's output y becomes
+    y + adapter_up(gelu(adapter_down(y))) (no PEFT kind; `apply_adapters` applies it);
+  - "deep-prompt": `prompt_embeddings` (n x h), the input prompt (as the soft prompt's),
+    and `layers.<l>.prompt_offset` (n x h) for every layer l >= 1, added to the hidden
+    states at the prompt positions entering layer l (no PEFT kind: `splice_prompt` puts
+    the prompt into inputs_embeds, `apply_deep_prompt` adds the offsets).
   `<path>` is the module's name in `backbone.model` (e.g. model.layers.0.self_attn.q_proj).
+  Combined and mixed kinds ("+", "unipelt:", "adamix...:") are refused.
 * `export_delta(...)` writes a folder: adapter_config.json, adapter_model.safetensors
   (float32) and blackbox_export.json (the run's settings, z's norm, the files, how to load).
 * `export_run(run_dir, out, ...)` does it for a finished `blackbox tune` run folder
@@ -29,15 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from backbone_server.deltas import build_delta
 from backbone_server.deltas.base import DeltaConfig
+from backbone_server.deltas.deep_prompt import _hidden_of, _with_hidden, find_layers
 from backbone_server.encoding import TemplateEncoder
 from backbone_server.errors import InvalidArgument, NotFound
 from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, Backbone
 
 EXPORT_FORMAT = 1
-EXPORTABLE_KINDS = ("lora", "prompt", "bias")
+EXPORTABLE_KINDS = ("lora", "prompt", "bias", "adapter", "deep-prompt")
+PROMPT_KINDS = ("prompt", "deep-prompt")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,7 +63,8 @@ class Materialised:
 
     kind: str
     tensors: dict[str, torch.Tensor]
-    modules: list[str] = field(default_factory=list)  # full module paths in backbone.model (weight kinds)
+    modules: list[str] = field(default_factory=list)  # full module paths in backbone.model (weight kinds;
+    # deep-prompt: the layers 0 .. num_layers - 1)
     description: str = ""
     rank: int = 0
     num_virtual_tokens: int = 0
@@ -96,6 +108,10 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
     the prompt vectors, so that PEFT's prompt (prepended to the whole input) equals the
     tokens ahead of {prompt} followed by the prompt.
     """
+    if "+" in config.kind or ":" in config.kind:
+        raise InvalidArgument(f"delta kind {config.kind!r} combines or mixes kinds ('+', 'unipelt:', 'adamix:'), "
+                              f"which cannot be exported; exportable kinds: {', '.join(EXPORTABLE_KINDS)} "
+                              "(one kind each)")
     if config.kind not in EXPORTABLE_KINDS:
         raise InvalidArgument(f"delta kind {config.kind!r} cannot be exported; exportable kinds: "
                               f"{', '.join(EXPORTABLE_KINDS)}")
@@ -115,6 +131,15 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
             return Materialised("prompt", {"prompt_embeddings": _store(prompt)},
                                 description=f"soft prompt of {config.prompt_length} vectors",
                                 num_virtual_tokens=prompt.shape[0], folded_prefix=list(fold_prefix or []))
+        if config.kind == "deep-prompt":
+            n, h = config.prompt_length, backbone.hidden_size
+            layers = find_layers(backbone.body, backbone.num_layers)
+            paths = _module_paths(backbone, [(str(i), layer) for i, layer in enumerate(layers)])
+            tensors = {"prompt_embeddings": _store(delta.prompts(z)[0])}
+            params = delta.parameters(z)[0]
+            for l in range(1, len(layers)):
+                tensors[f"layers.{l}.prompt_offset"] = _store(params[(l - 1) * n * h:l * n * h].reshape(n, h))
+            return Materialised("deep-prompt", tensors, paths, delta.description, num_virtual_tokens=n)
         params = delta.parameters(z)[0]
         paths = _module_paths(backbone, delta.modules)
         tensors = {}
@@ -126,6 +151,14 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
                 tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = _store(a)
                 tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = _store(b)
             return Materialised("lora", tensors, paths, delta.description, rank=r)
+        if config.kind == "adapter":
+            m = delta.size_m
+            for path, (_, offset, width) in zip(paths, delta.layout):
+                down = params[offset:offset + m * width].reshape(m, width)
+                up = params[offset + m * width:offset + 2 * m * width].reshape(width, m)
+                tensors[f"{PEFT_PREFIX}{path}.adapter_down.weight"] = _store(down)
+                tensors[f"{PEFT_PREFIX}{path}.adapter_up.weight"] = _store(up)
+            return Materialised("adapter", tensors, paths, delta.description, rank=m)
         for path, (_, offset, width) in zip(paths, delta.layout):
             tensors[f"{PEFT_PREFIX}{path}.bias_shift"] = _store(params[offset:offset + width])
         return Materialised("bias", tensors, paths, delta.description)
@@ -154,6 +187,31 @@ def _adapter_config(backbone: Backbone, item: Materialised, base_model: str | No
             "num_layers": config.num_hidden_layers, "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "modules_to_save": None,
         }
+    if item.kind == "adapter":
+        return {
+            "peft_type": "BLACKBOX_ADAPTER", "task_type": None, "base_model_name_or_path": base_model,
+            "bottleneck_size": item.rank, "activation": "gelu", "activation_approximate": "none",
+            "target_modules": item.modules,
+            "placement": "on the output of each target module (a module returning a tuple: its first element): "
+                         "y -> y + adapter_up(gelu(adapter_down(y))), before the model's residual addition "
+                         "and norm",
+            "description": f"{item.description}: adapter_model.safetensors holds, per module, "
+                           "'base_model.model.<module path>.adapter_down.weight' (m x h) and "
+                           "'.adapter_up.weight' (h x m), bias-free Linear weights; gelu is the exact (erf) "
+                           "GELU. Not a PEFT type: apply it with backbone_server.export.apply_adapters(model, folder).",
+        }
+    if item.kind == "deep-prompt":
+        return {
+            "peft_type": "BLACKBOX_DEEP_PROMPT", "task_type": None, "base_model_name_or_path": base_model,
+            "num_virtual_tokens": item.num_virtual_tokens, "token_dim": backbone.hidden_size,
+            "num_layers": len(item.modules), "layer_modules": item.modules,
+            "description": f"{item.description}: adapter_model.safetensors holds 'prompt_embeddings' (n x h), the "
+                           "input vectors that take the n prompt positions of inputs_embeds (where the template "
+                           "says {prompt}), and 'layers.<l>.prompt_offset' (n x h) for l >= 1, added to the "
+                           "hidden states at those positions entering layer l (layer_modules[l]). Not a PEFT "
+                           "type: build inputs_embeds with backbone_server.export.splice_prompt and add the "
+                           "offsets with backbone_server.export.apply_deep_prompt(model, folder, positions).",
+        }
     return {
         "peft_type": "BLACKBOX_BIAS", "task_type": None, "base_model_name_or_path": base_model,
         "description": f"{item.description}: adapter_model.safetensors holds, per module, "
@@ -169,6 +227,15 @@ def _how_to_load(backbone: Backbone, item: Materialised, placement: dict | None)
     if item.kind == "bias":
         return (f"model = transformers.{auto}.from_pretrained(BASE); "
                 "backbone_server.export.apply_bias_shift(model, THIS_FOLDER)")
+    if item.kind == "adapter":
+        return (f"model = transformers.{auto}.from_pretrained(BASE); "
+                "backbone_server.export.apply_adapters(model, THIS_FOLDER)")
+    if item.kind == "deep-prompt":
+        return (f"model = transformers.{auto}.from_pretrained(BASE); encode each row as the template says with "
+                f"{item.num_virtual_tokens} placeholder ids (any valid id) where {{prompt}} is, at positions P; "
+                "with backbone_server.export.apply_deep_prompt(model, THIS_FOLDER, P): "
+                "model(inputs_embeds=backbone_server.export.splice_prompt(model, ids, "
+                "backbone_server.export.load_prompt(THIS_FOLDER), P), attention_mask=...)")
     load = f"peft.PeftModel.from_pretrained(transformers.{auto}.from_pretrained(BASE), THIS_FOLDER)"
     if item.kind == "lora":
         return load
@@ -209,10 +276,10 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
 
     z = np.asarray(z, dtype=np.float32)
     placement = prompt_placement(backbone, template, config.prompt_length) \
-        if config.kind == "prompt" and template else None
+        if config.kind in PROMPT_KINDS and template else None
     folded = None
     if fold_prefix:
-        if placement is None:
+        if placement is None or config.kind != "prompt":
             raise InvalidArgument("folding the tokens ahead of the prompt needs a soft prompt and its template")
         if placement["tokens_before_prompt"] is None:
             raise InvalidArgument("the run's template puts text ahead of the prompt; only the constant tokens "
@@ -243,7 +310,7 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
         "z_norm": float(np.linalg.norm(z)),
         "tensors": {name: list(tensor.shape) for name, tensor in item.tensors.items()},
         "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST],
-        "prompt": None if item.kind != "prompt" else {**(placement or {}), "folded_prefix": item.folded_prefix},
+        "prompt": _prompt_manifest(item, placement, template),
         "reproduces_engine": exact,
         "how_to_load": _how_to_load(backbone, item, placement),
     }
@@ -251,25 +318,175 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
     return manifest
 
 
-def apply_bias_shift(model: torch.nn.Module, folder: str | Path) -> list:
-    """Adds the shifts of a BLACKBOX_BIAS export to `model`'s module outputs (forward
-    hooks); returns the hook handles (`handle.remove()` undoes it)."""
+def _prompt_manifest(item: Materialised, placement: dict | None, template: str | None) -> dict | None:
+    if item.kind == "prompt":
+        return {**(placement or {}), "folded_prefix": item.folded_prefix}
+    if item.kind == "deep-prompt":
+        return {**(placement or {}), "template": template, "prompt_length": item.num_virtual_tokens,
+                "prompt_positions": "in each encoded row, the n positions len(tokens ahead of {prompt}) .. "
+                                    "len(tokens ahead of {prompt}) + n - 1"}
+    return None
+
+
+class Hooks:
+    """The hooks an `apply_*` function installed: iterable handles; `remove()` (or leaving
+    a `with` block) takes them all off the model again."""
+
+    def __init__(self, handles: list | None = None):
+        self.handles = list(handles or [])
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def __iter__(self):
+        return iter(self.handles)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _read_export(folder: str | Path, peft_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if adapter.get("peft_type") != "BLACKBOX_BIAS":
-        raise InvalidArgument(f"{folder} holds a {adapter.get('peft_type')} adapter, not BLACKBOX_BIAS")
-    handles = []
-    for key, shift in load_file(str(folder / ADAPTER_WEIGHTS)).items():
+    if adapter.get("peft_type") != peft_type:
+        raise InvalidArgument(f"{folder} holds a {adapter.get('peft_type')} adapter, not {peft_type}")
+    return adapter, load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def apply_bias_shift(model: torch.nn.Module, folder: str | Path) -> Hooks:
+    """Adds the shifts of a BLACKBOX_BIAS export to `model`'s module outputs (forward
+    hooks); returns the hooks (`remove()` or a `with` block undoes it)."""
+    _, tensors = _read_export(folder, "BLACKBOX_BIAS")
+    hooks = Hooks()
+    for key, shift in tensors.items():
         path = key.removeprefix(PEFT_PREFIX).removesuffix(".bias_shift")
         module = model.get_submodule(path)
 
         def hook(module, args, output, shift=shift):
             return output + shift.to(device=output.device, dtype=output.dtype)
 
-        handles.append(module.register_forward_hook(hook))
-    return handles
+        hooks.handles.append(module.register_forward_hook(hook))
+    return hooks
+
+
+def apply_adapters(model: torch.nn.Module, folder: str | Path) -> Hooks:
+    """Installs the bottleneck adapters of a BLACKBOX_ADAPTER export on `model` (a forward
+    hook per target module: y -> y + W_up gelu(W_down y), on the first element of a
+    module's tuple output); returns the hooks (`remove()` or a `with` block undoes it)."""
+    adapter, tensors = _read_export(folder, "BLACKBOX_ADAPTER")
+    if adapter.get("activation") != "gelu":
+        raise InvalidArgument(f"unknown adapter activation {adapter.get('activation')!r}")
+    hooks = Hooks()
+    try:
+        for path in adapter["target_modules"]:
+            down = tensors[f"{PEFT_PREFIX}{path}.adapter_down.weight"]
+            up = tensors[f"{PEFT_PREFIX}{path}.adapter_up.weight"]
+            hooks.handles.append(model.get_submodule(path).register_forward_hook(_adapter_hook(down, up)))
+    except Exception:
+        hooks.remove()
+        raise
+    return hooks
+
+
+def _adapter_hook(down: torch.Tensor, up: torch.Tensor):
+    def hook(module, args, output):
+        y = output[0] if isinstance(output, tuple) else output
+        d, u = down.to(device=y.device, dtype=y.dtype), up.to(device=y.device, dtype=y.dtype)
+        y = y + F.gelu(y @ d.T) @ u.T
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return hook
+
+
+def load_prompt(folder: str | Path) -> torch.Tensor:
+    """The input prompt vectors (n x h, float32) of a BLACKBOX_DEEP_PROMPT export."""
+    return _read_export(folder, "BLACKBOX_DEEP_PROMPT")[1]["prompt_embeddings"]
+
+
+def _prompt_positions(positions, rows: int, n: int, device) -> torch.Tensor:
+    """`positions` ((n,) for every row, or (rows, n)) as a (rows, n) long tensor."""
+    if not isinstance(positions, torch.Tensor):
+        positions = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+    positions = positions.to(device=device, dtype=torch.long)
+    if positions.dim() == 1:
+        positions = positions[None].expand(rows, -1)
+    if positions.shape != (rows, n):
+        raise InvalidArgument(f"prompt positions must be {n} per row (shape ({n},) or ({rows}, {n})), "
+                              f"got shape {tuple(positions.shape)}")
+    return positions
+
+
+def splice_prompt(model: torch.nn.Module, input_ids, prompt: torch.Tensor, positions) -> torch.Tensor:
+    """inputs_embeds for `model`: the input embeddings of `input_ids` ((L,) or (B, L); the
+    ids at the prompt positions are placeholders, any valid id) with the prompt vectors
+    (n x h) in place of those at `positions` ((n,) for every row or (B, n))."""
+    embeddings = model.get_input_embeddings()
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=embeddings.weight.device)
+    if ids.dim() == 1:
+        ids = ids[None]
+    embeds = embeddings(ids)
+    n = prompt.shape[0]
+    where = _prompt_positions(positions, ids.shape[0], n, embeds.device)
+    rows = torch.arange(ids.shape[0], device=embeds.device)[:, None]
+    values = prompt.to(device=embeds.device, dtype=embeds.dtype)[None].expand(ids.shape[0], -1, -1)
+    return embeds.index_put((rows, where), values)
+
+
+class DeepPromptHooks(Hooks):
+    """The pre-hooks of `apply_deep_prompt`; `positions` (settable) says where the prompt
+    sits in the rows of the next forward."""
+
+    def __init__(self, positions, prompt_length: int):
+        super().__init__()
+        self.prompt_length = prompt_length
+        self.positions = positions
+
+
+def apply_deep_prompt(model: torch.nn.Module, folder: str | Path, prompt_positions) -> DeepPromptHooks:
+    """Adds the per-layer offsets of a BLACKBOX_DEEP_PROMPT export to the hidden states
+    entering each layer l >= 1 (forward pre-hooks) at `prompt_positions`: (n,) positions
+    for every row, or (B, n) per row; `hooks.positions = ...` changes them between
+    forwards. The input prompt is the caller's: build inputs_embeds with `splice_prompt`
+    at the same positions. A forward whose hidden states do not reach the last position
+    (a decoding step with a KV cache, where the prompt is in the cache) is left alone.
+    Returns the hooks (`remove()` or a `with` block undoes it)."""
+    adapter, tensors = _read_export(folder, "BLACKBOX_DEEP_PROMPT")
+    n = int(adapter["num_virtual_tokens"])
+    hooks = DeepPromptHooks(prompt_positions, n)
+    try:
+        for l, path in enumerate(adapter["layer_modules"]):
+            if l == 0:
+                continue
+            offset = tensors[f"layers.{l}.prompt_offset"]
+            hooks.handles.append(model.get_submodule(path).register_forward_pre_hook(
+                _deep_prompt_hook(offset, hooks), with_kwargs=True))
+    except Exception:
+        hooks.remove()
+        raise
+    return hooks
+
+
+def _deep_prompt_hook(offset: torch.Tensor, hooks: DeepPromptHooks):
+    def hook(module, args, kwargs):
+        hidden = _hidden_of(args, kwargs)
+        where = _prompt_positions(hooks.positions, hidden.shape[0], hooks.prompt_length, hidden.device)
+        if where.numel() == 0 or int(where.max()) >= hidden.shape[1]:
+            return None
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        values = offset.to(device=hidden.device, dtype=hidden.dtype)[None].expand(hidden.shape[0], -1, -1)
+        return _with_hidden(args, kwargs, hidden.index_put((rows, where), values, accumulate=True))
+
+    return hook
 
 
 def delta_config_from_run(config: dict) -> DeltaConfig:

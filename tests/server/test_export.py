@@ -1,6 +1,7 @@
 """Exporting a tuned z as adapter weights: PEFT loads the LoRA and soft-prompt exports and
-reproduces the engine's verbalizer logits; the bias export reproduces them through
-`apply_bias_shift`; `blackbox export` turns a run folder into a loadable adapter."""
+reproduces the engine's verbalizer logits; the bias, adapter and deep-prompt exports
+reproduce them through `apply_bias_shift`, `apply_adapters` and `apply_deep_prompt`;
+`blackbox export` turns a run folder into a loadable adapter."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from backbone_server.export import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
+    apply_adapters,
     apply_bias_shift,
+    apply_deep_prompt,
+    load_prompt,
+    splice_prompt,
     delta_config_from_run,
     export_delta,
     materialise,
@@ -150,6 +155,124 @@ def test_bias_export_reproduces_the_engine(tiny_backbone, tmp_path):
     assert len(handles) == len(adapter["target_modules"])
     tuned = model_logits(model, session, lambda e: list(e.before) + list(e.after))
     np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+
+
+def test_adapter_export_reproduces_the_engine(tiny_backbone, tmp_path):
+    config = DeltaConfig("adapter", prompt_length=0, intrinsic_dim=DIM, seed=3, projection_scale=2.0, rank=4)
+    z = random_z()
+    session, expected = engine_logits(tiny_backbone, config, z)
+    manifest = export_delta(tiny_backbone, config, z, tmp_path / "adapter")
+    assert manifest["kind"] == "adapter" and manifest["peft_type"] == "BLACKBOX_ADAPTER"
+    assert manifest["reproduces_engine"] and "apply_adapters" in manifest["how_to_load"]
+    assert json.loads((tmp_path / "adapter" / MANIFEST).read_text())["peft_type"] == "BLACKBOX_ADAPTER"
+    adapter = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    assert adapter["peft_type"] == "BLACKBOX_ADAPTER" and adapter["activation"] == "gelu"
+    assert adapter["bottleneck_size"] == 4 and len(adapter["target_modules"]) == 2 * tiny_backbone.num_layers
+    first = adapter["target_modules"][0]
+    h = tiny_backbone.hidden_size
+    assert manifest["tensors"][f"base_model.model.{first}.adapter_down.weight"] == [4, h]
+    assert manifest["tensors"][f"base_model.model.{first}.adapter_up.weight"] == [h, 4]
+
+    model = fresh_model(tiny_backbone)
+    ids_of = lambda e: list(e.before) + list(e.after)  # noqa: E731
+    with apply_adapters(model, tmp_path / "adapter") as hooks:
+        assert len(hooks) == len(adapter["target_modules"])
+        tuned = model_logits(model, session, ids_of)
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+    # The adapter changes the model, and leaving the block takes it off again.
+    plain = model_logits(model, session, ids_of)
+    np.testing.assert_allclose(plain, model_logits(fresh_model(tiny_backbone), session, ids_of), rtol=0, atol=0)
+    assert np.abs(plain - expected).max() > 1e-3
+
+
+def deep_prompt_logits(model, session, folder, n, batched=False):
+    """Verbalizer logits of plain forwards of the encoded rows, with n placeholder ids
+    where {prompt} is, the exported prompt spliced into inputs_embeds there and the
+    layers' offsets added at the same positions."""
+    prompt = load_prompt(folder)
+    examples = session.splits["train"]
+    rows = [list(e.before) + [0] * n + list(e.after) for e in examples]
+    positions = [list(range(len(e.before), len(e.before) + n)) for e in examples]
+    with torch.no_grad(), apply_deep_prompt(model, folder, positions[0]) as hooks:
+        if batched:  # one right-padded batch, positions per row
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            hooks.positions = positions
+            logits = model(inputs_embeds=splice_prompt(model, ids, prompt, positions), attention_mask=mask).logits
+            out = [logits[i, e.read] for i, e in enumerate(examples)]
+        else:
+            out = []
+            for row, where, example in zip(rows, positions, examples):
+                hooks.positions = where
+                embeds = splice_prompt(model, row, prompt, where)
+                logits = model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+                out.append(logits.logits[0, example.read])
+    return torch.stack(out)[:, session.verbalizer_ids].numpy()
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_deep_prompt_export_reproduces_the_engine(tiny_backbone, tmp_path, placement):
+    if placement == "after" and tiny_backbone.architecture != "causal":
+        pytest.skip("the masked-LM test template has no 'after' placement")
+    n = 4
+    config = DeltaConfig("deep-prompt", prompt_length=n, intrinsic_dim=DIM, seed=3)
+    z = random_z()
+    template = template_for(tiny_backbone, placement)
+    session, expected = engine_logits(tiny_backbone, config, z, template)
+    folder = tmp_path / "deep"
+    manifest = export_delta(tiny_backbone, config, z, folder, template=template)
+    assert manifest["peft_type"] == "BLACKBOX_DEEP_PROMPT" and manifest["reproduces_engine"]
+    assert json.loads((folder / MANIFEST).read_text())["kind"] == "deep-prompt"
+    assert manifest["prompt"]["template"] == template and manifest["prompt"]["prompt_length"] == n
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    layers = tiny_backbone.num_layers
+    assert adapter["peft_type"] == "BLACKBOX_DEEP_PROMPT" and adapter["num_virtual_tokens"] == n
+    assert len(adapter["layer_modules"]) == layers
+    h = tiny_backbone.hidden_size
+    assert manifest["tensors"] == {"prompt_embeddings": [n, h],
+                                   **{f"layers.{l}.prompt_offset": [n, h] for l in range(1, layers)}}
+    # The input prompt is the soft prompt's with the same settings.
+    soft = materialise(tiny_backbone, DeltaConfig("prompt", prompt_length=n, intrinsic_dim=DIM, seed=3), z)
+    torch.testing.assert_close(load_prompt(folder), soft.tensors["prompt_embeddings"], rtol=0, atol=0)
+
+    model = fresh_model(tiny_backbone)
+    tuned = deep_prompt_logits(model, session, folder, n)
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+    if tiny_backbone.architecture == "causal":
+        np.testing.assert_allclose(deep_prompt_logits(model, session, folder, n, batched=True), expected,
+                                   rtol=0, atol=1e-5)
+    # The layer offsets matter: the input prompt alone scores differently.
+    _, soft_expected = engine_logits(tiny_backbone, DeltaConfig("prompt", prompt_length=n, intrinsic_dim=DIM, seed=3),
+                                     z, template)
+    assert np.abs(soft_expected - expected).max() > 1e-3
+    with pytest.raises(InvalidArgument, match="prompt positions"):
+        deep_prompt_logits(model, session, folder, n - 1)
+
+
+@pytest.mark.parametrize("kind", ["lora+prompt", "unipelt:lora+adapter", "adamix:lora", "adamix2:adapter"])
+def test_combined_kinds_are_refused(tiny_llama, tmp_path, kind):
+    config = DeltaConfig(kind, prompt_length=0, intrinsic_dim=DIM)
+    with pytest.raises(InvalidArgument, match="combines or mixes kinds.*exportable kinds: lora, prompt, bias, "
+                                              "adapter, deep-prompt"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_deep_prompt_hooks_leave_decoding_steps_alone(tiny_llama, tmp_path):
+    """With a KV cache, a later step's hidden states do not reach the prompt positions
+    (the prompt is in the cache): the hooks leave them as they are."""
+    n = 2
+    config = DeltaConfig("deep-prompt", prompt_length=n, intrinsic_dim=DIM, seed=3)
+    export_delta(tiny_llama, config, random_z(), tmp_path / "deep")
+    model = fresh_model(tiny_llama)
+    prompt = load_prompt(tmp_path / "deep")
+    ids = [tiny_llama.tokenizer.bos_token_id, 0, 0, 5, 6, 7]
+    with torch.no_grad(), apply_deep_prompt(model, tmp_path / "deep", [1, 2]):
+        full = model(inputs_embeds=splice_prompt(model, ids, prompt, [1, 2])).logits[0, -1]
+        first = model(inputs_embeds=splice_prompt(model, ids[:-1], prompt, [1, 2]), use_cache=True)
+        step = model(input_ids=torch.tensor([ids[-1:]]), past_key_values=first.past_key_values).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
 def test_refusals(tiny_llama, tmp_path):
