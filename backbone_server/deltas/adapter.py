@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone_server.deltas.base import (
-    Delta,
+    ProjectedWeights,
     DeltaConfig,
     check_no_prompt,
     find_modules,
@@ -59,7 +59,6 @@ from backbone_server.deltas.base import (
     register_delta,
 )
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import make_projection
 
 DEFAULT_SIZE = 8
 DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"))
@@ -70,8 +69,7 @@ def _any_module(module: nn.Module) -> bool:
 
 
 @register_delta("adapter")
-class Adapter(Delta):
-    changes_prefix = True
+class Adapter(ProjectedWeights):
 
     def __init__(self, config: DeltaConfig, backbone):
         check_no_prompt(config)
@@ -96,18 +94,7 @@ class Adapter(Delta):
                        torch.full((width * m,), config.projection_scale / m ** 0.5)]
             starts += [torch.randn(m * width, generator=generator) / width ** 0.5, torch.zeros(width * m)]
             offset += 2 * m * width
-        self.size = offset
-        device = backbone.device
-        self.scales = torch.cat(scales).to(device)
-        self.start = torch.cat(starts).to(device)  # W_d0 in every down block, zero in every up block
-        self.projection = make_projection(
-            config.projection,
-            in_dim=config.intrinsic_dim,
-            out_dim=self.size,
-            seed=config.seed,
-            std=1.0 / config.intrinsic_dim ** 0.5,
-            device=device,
-        )
+        self._build_projection(config, backbone.device, scales, starts)  # W_d0 in every down block, zero in every up block
 
     @staticmethod
     def _default_targets(body: nn.Module) -> tuple[str, ...]:
@@ -117,13 +104,6 @@ class Adapter(Delta):
                 return pair
         raise InvalidArgument("this model has no self_attn/mlp or attention.output.dense/output.dense modules; "
                               "name the adapter targets explicitly")
-
-    @property
-    def num_parameters(self) -> int:
-        return self.size
-
-    def parameters(self, z: torch.Tensor) -> torch.Tensor:
-        return self.projection(z) * self.scales + self.start
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]

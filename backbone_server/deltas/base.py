@@ -102,6 +102,34 @@ class Delta:
         return self.prompt_length * self.hidden_size
 
 
+class ProjectedWeights(Delta):
+    """A kind whose per-candidate module parameters are `start + scales * P z`: P one
+    seeded projection of unit spread (each output coordinate ~ N(0, 1) for z ~ N(0, I)),
+    `scales` the per-coordinate spread the kind wants and `start` its fixed starting
+    values (None: zero). Such kinds change the modules every token goes through."""
+
+    changes_prefix = True
+    start: torch.Tensor | None = None
+
+    def _build_projection(self, config: DeltaConfig, device: torch.device, scales: list[torch.Tensor],
+                          starts: list[torch.Tensor] | None = None) -> None:
+        from backbone_server.projection import make_projection
+
+        self.scales = torch.cat(scales).to(device)
+        self.start = None if starts is None else torch.cat(starts).to(device)
+        self.size = len(self.scales)
+        self.projection = make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=self.size,
+                                          seed=config.seed, std=1.0 / config.intrinsic_dim ** 0.5, device=device)
+
+    @property
+    def num_parameters(self) -> int:
+        return self.size
+
+    def parameters(self, z: torch.Tensor) -> torch.Tensor:
+        params = self.projection(z) * self.scales
+        return params if self.start is None else params + self.start
+
+
 DeltaFactory = Callable[[DeltaConfig, "object"], Delta]
 DELTA_KINDS: dict[str, DeltaFactory] = {}
 

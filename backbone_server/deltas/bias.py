@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from backbone_server.deltas.base import (
-    Delta,
+    ProjectedWeights,
     DeltaConfig,
     check_no_prompt,
     find_modules,
@@ -39,7 +39,6 @@ from backbone_server.deltas.base import (
     register_delta,
 )
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import make_projection
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -53,8 +52,7 @@ def _is_target(module: nn.Module) -> bool:
 
 
 @register_delta("bias")
-class BiasShift(Delta):
-    changes_prefix = True
+class BiasShift(ProjectedWeights):
 
     def __init__(self, config: DeltaConfig, backbone):
         check_no_prompt(config)
@@ -93,24 +91,7 @@ class BiasShift(Delta):
             self.layout.append((module, offset, width))
             scales.append(torch.full((width,), config.projection_scale * factor))
             offset += width
-        self.size = offset
-        device = backbone.device
-        self.scales = torch.cat(scales).to(device)
-        self.projection = make_projection(
-            config.projection,
-            in_dim=config.intrinsic_dim,
-            out_dim=self.size,
-            seed=config.seed,
-            std=1.0 / config.intrinsic_dim ** 0.5,
-            device=device,
-        )
-
-    @property
-    def num_parameters(self) -> int:
-        return self.size
-
-    def parameters(self, z: torch.Tensor) -> torch.Tensor:
-        return self.projection(z) * self.scales
+        self._build_projection(config, backbone.device, scales)
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from backbone_server.deltas.base import (
-    Delta,
+    ProjectedWeights,
     DeltaConfig,
     check_no_prompt,
     find_modules,
@@ -38,7 +38,6 @@ from backbone_server.deltas.base import (
     register_delta,
 )
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import make_projection
 
 DEFAULT_RANK = 4
 DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
@@ -49,8 +48,7 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 @register_delta("lora")
-class LoRA(Delta):
-    changes_prefix = True
+class LoRA(ProjectedWeights):
 
     def __init__(self, config: DeltaConfig, backbone):
         check_no_prompt(config)
@@ -76,18 +74,7 @@ class LoRA(Delta):
                        torch.full((r * fan_out,), config.projection_scale * weight_std * (fan_in / r) ** 0.5)]
             starts += [torch.randn(r * fan_in, generator=generator) / fan_in ** 0.5, torch.zeros(r * fan_out)]
             offset += r * (fan_in + fan_out)
-        self.size = offset
-        device = backbone.device
-        self.scales = torch.cat(scales).to(device)
-        self.start = torch.cat(starts).to(device)  # A0 in every A block, zero in every B block
-        self.projection = make_projection(
-            config.projection,
-            in_dim=config.intrinsic_dim,
-            out_dim=self.size,
-            seed=config.seed,
-            std=1.0 / config.intrinsic_dim ** 0.5,
-            device=device,
-        )
+        self._build_projection(config, backbone.device, scales, starts)  # A0 in every A block, zero in every B block
 
     @staticmethod
     def _default_targets(body: nn.Module) -> tuple[str, ...]:
@@ -97,13 +84,6 @@ class LoRA(Delta):
                 return pair
         raise InvalidArgument("this model has no q_proj/v_proj or query/value Linear modules; "
                               "name the LoRA targets explicitly")
-
-    @property
-    def num_parameters(self) -> int:
-        return self.size
-
-    def parameters(self, z: torch.Tensor) -> torch.Tensor:
-        return self.projection(z) * self.scales + self.start
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]
