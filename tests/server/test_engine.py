@@ -48,6 +48,29 @@ def plain_forward_logits(backbone, session):
     return torch.stack(rows).numpy()
 
 
+def count_chunks(engine, monkeypatch) -> list[int]:
+    """From now on, the number of candidates in each forward the engine runs."""
+    chunks = []
+    original = engine._score_chunks
+
+    def counted(*args):
+        for first, logits in original(*args):
+            chunks.append(logits.shape[0])
+            yield first, logits
+
+    monkeypatch.setattr(engine, "_score_chunks", counted)
+    return chunks
+
+
+def assert_batched_equals_one_by_one(engine, session_id, z):
+    """Scoring the population at once gives each candidate's scores alone (fp32, 1e-5)."""
+    batched = engine.evaluate(session_id, "train", z)
+    single = [engine.evaluate(session_id, "train", z[i:i + 1]) for i in range(len(z))]
+    np.testing.assert_allclose(batched.logits, np.concatenate([s.logits for s in single]), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batched.ce_loss, np.concatenate([s.ce_loss for s in single]), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(batched.accuracy, np.concatenate([s.accuracy for s in single]))
+
+
 @pytest.mark.parametrize("placement", ["before", "after"])
 def test_zero_z_gives_the_plain_model_logits(tiny_backbone, placement):
     engine = Engine(tiny_backbone)
@@ -70,26 +93,13 @@ def test_nonzero_z_changes_the_logits(tiny_backbone):
 def test_batched_population_equals_candidates_one_by_one(tiny_backbone, placement, max_batch_tokens):
     engine = Engine(tiny_backbone, max_batch_tokens=max_batch_tokens)
     session = make_session(engine, placement)
-    z = population(7, scale=2.0)
-    batched = engine.evaluate(session.id, "train", z)
-    single = [engine.evaluate(session.id, "train", z[i:i + 1]) for i in range(len(z))]
-    np.testing.assert_allclose(batched.logits, np.concatenate([s.logits for s in single]), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(batched.ce_loss, np.concatenate([s.ce_loss for s in single]), rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(batched.accuracy, np.concatenate([s.accuracy for s in single]))
+    assert_batched_equals_one_by_one(engine, session.id, population(7, scale=2.0))
 
 
 def test_chunking_really_splits_the_work(tiny_llama, monkeypatch):
     engine = Engine(tiny_llama, max_batch_tokens=40)
     session = make_session(engine)
-    chunks = []
-    original = engine._score_chunks
-
-    def counted(*args):
-        for first, logits in original(*args):
-            chunks.append(logits.shape[0])
-            yield first, logits
-
-    monkeypatch.setattr(engine, "_score_chunks", counted)
+    chunks = count_chunks(engine, monkeypatch)
     engine.evaluate(session.id, "train", population(7))
     assert len(chunks) > 1 and max(chunks) < 7  # several forwards: the bound was respected
 
