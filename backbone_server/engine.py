@@ -193,7 +193,7 @@ class Engine:
 
     def evaluate(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0) -> Scores:
         session, selected, labels = self._select(session_id, split, start, count)
-        z = self._check_population(z, session.delta.config.intrinsic_dim)
+        z = self._check_population(z, session.delta.z_dim)
         with self._compute_lock, torch.inference_mode():
             population = torch.tensor(z, device=self.backbone.device)
             prompts = session.delta.prompts(population)
@@ -222,7 +222,7 @@ class Engine:
         if loss not in LOSSES:
             raise InvalidArgument(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
         session, selected, labels = self._select(session_id, split, start, count)
-        z = self._check_population(z, session.delta.config.intrinsic_dim)
+        z = self._check_population(z, session.delta.z_dim)
         with self._compute_lock, torch.enable_grad():
             population = torch.tensor(z, device=self.backbone.device, requires_grad=True)
             prompts = session.delta.prompts(population)

@@ -118,9 +118,9 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
     if fold_prefix and config.kind != "prompt":
         raise InvalidArgument("only a soft prompt can fold the tokens ahead of it")
     z = torch.as_tensor(np.asarray(z, dtype=np.float32))
-    if z.shape != (config.intrinsic_dim,) or not torch.isfinite(z).all():
-        raise InvalidArgument(f"z must be {config.intrinsic_dim} finite numbers, got shape {tuple(z.shape)}")
     delta = build_delta(config, backbone)
+    if z.shape != (delta.z_dim,) or not torch.isfinite(z).all():
+        raise InvalidArgument(f"z must be {delta.z_dim} finite numbers, got shape {tuple(z.shape)}")
     z = z[None].to(backbone.device)
     with torch.no_grad():
         if config.kind == "prompt":

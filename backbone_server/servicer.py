@@ -58,6 +58,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             projection_scale=spec.projection_scale or 1.0,
             rank=spec.rank,
             targets=tuple(spec.targets),
+            per_layer_z=spec.per_layer_z,
         )
         splits = {
             split.name: [(e.text_a, e.text_b, e.label) for e in split.examples] for split in request.splits
@@ -73,6 +74,8 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             prompt_position=session.encoder.prompt_position,
             prefix_reuse=session.prefix_reuse,
             truncated_examples=session.truncated_examples,
+            z_dim=session.delta.z_dim,
+            z_blocks=[pb.ZBlock(name=name, size=size) for name, size in session.delta.z_blocks],
         )
 
     def Evaluate(self, request, context):

@@ -51,6 +51,12 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                             help="comma-separated optimizers, each run with the same task, delta and budget")
     else:
         search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo, or the white-box gradient")
+    search.add_argument("--strategy", choices=("joint", "divide-and-conquer"), default="joint",
+                        help="joint: one optimizer over all of z; divide-and-conquer (BBTv2): one optimizer per "
+                             "block of z, taking turns (deep-prompt: one block of --dim per layer; a combination: "
+                             "one per part, plus the unipelt gates)")
+    search.add_argument("--turn-generations", type=int, default=1,
+                        help="divide-and-conquer: generations of one block before the next block's turn")
     search.add_argument("--sigma", type=float, default=1.0, help="initial step size")
     search.add_argument("--alpha", type=float, default=1.0, help="BBT's projection scale")
     search.add_argument("--bound", type=float, help="box bound on every coordinate of z")
@@ -88,7 +94,8 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
         budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, delta=args.delta,
         rank=args.rank, targets=args.targets, mix=args.mix or "", adamix_copies=args.adamix_copies, placement=args.placement,
-        projection=args.projection, optimizer=optimizer, sigma=args.sigma, alpha=args.alpha,
+        projection=args.projection, optimizer=optimizer, strategy=args.strategy,
+        turn_generations=args.turn_generations, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
         max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,
     )

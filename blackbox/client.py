@@ -74,6 +74,7 @@ class DeltaSpec:
     projection_scale: float = 1.0
     rank: int = 0
     targets: tuple[str, ...] = ()
+    per_layer_z: bool = False  # deep-prompt: one block of z per layer (BBTv2's layout)
 
 
 class BackboneClient:
@@ -162,6 +163,9 @@ class Session:
         self.prompt_position = response.prompt_position
         self.prefix_reuse = response.prefix_reuse
         self.truncated_examples = response.truncated_examples
+        # z's length and its (name, size) blocks; servers older than the field send neither.
+        self.z_dim = response.z_dim or delta.intrinsic_dim
+        self.z_blocks = [(block.name, block.size) for block in response.z_blocks] or [("z", self.z_dim)]
 
     def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0,
                  return_logits: bool = False) -> Scores:

@@ -175,6 +175,8 @@ class ReplicatedSession:
         self.prompt_position = first.prompt_position
         self.prefix_reuse = first.prefix_reuse
         self.truncated_examples = first.truncated_examples
+        self.z_dim = first.z_dim
+        self.z_blocks = first.z_blocks
 
     def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0, return_logits: bool = False):
         return self._spread("evaluate", split, z, start=start, count=count, return_logits=return_logits)

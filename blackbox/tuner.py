@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from blackbox.client import BackboneClient, BackboneError, DeltaSpec, Session
 from blackbox.objective import Objective
 from blackbox.optim import make_optimizer, optimizer_class
+from blackbox.optim.blocks import DivideAndConquer
 from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
 from blackbox.tasks import get_task, load_split, place_prompt
@@ -26,6 +27,9 @@ from blackbox.tasks import get_task, load_split, place_prompt
 # Delta kinds that put vectors at {prompt}; the others change modules and take no prompt.
 PROMPT_KINDS = ("prompt", "deep-prompt")
 MIXES = ("", "unipelt", "adamix")
+# "joint": one optimizer searches all of z; "divide-and-conquer": one optimizer per block
+# of z (a per-layer deep prompt's layers, a combination's parts), taking turns (BBTv2).
+STRATEGIES = ("joint", "divide-and-conquer")
 
 # Test splits are scored in slices so that long evaluations show progress.
 EVAL_SLICE = 256
@@ -53,6 +57,9 @@ class TuneConfig:
     placement: str = "before"
     projection: str = "normal"
     optimizer: str = "cma"
+    strategy: str = "joint"
+    # divide-and-conquer: generations of one block's optimizer before the next block's turn.
+    turn_generations: int = 1
     sigma: float = 1.0
     alpha: float = 1.0
     bound: float | None = None
@@ -66,7 +73,7 @@ class TuneConfig:
     out: str = "runs/tune"
 
     def __post_init__(self):
-        for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k"):
+        for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         generation = optimizer_class(self.optimizer).fixed_popsize or self.popsize
@@ -80,6 +87,17 @@ class TuneConfig:
             raise ValueError("bound must be > 0")
         if self.mix not in MIXES:
             raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(m for m in MIXES if m)}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if self.strategy == "divide-and-conquer":
+            method = optimizer_class(self.optimizer)
+            if method.uses_gradients or method.fixed_popsize:
+                raise ValueError(f"divide-and-conquer runs a population-based method per block, not "
+                                 f"{self.optimizer!r}")
+            if not (self.delta_kind == "deep-prompt" or "+" in self.delta or self.mix == "unipelt"):
+                raise ValueError("divide-and-conquer needs z in several blocks: --delta deep-prompt (one block "
+                                 "per layer) or a combination (KIND+KIND, or --mix unipelt: parts and gates); "
+                                 f"{self.delta_kind!r} has one")
 
     @property
     def delta_kind(self) -> str:
@@ -109,17 +127,29 @@ def delta_spec(config: TuneConfig) -> DeltaSpec:
     return DeltaSpec(kind=config.delta_kind, prompt_length=config.prompt_length if has_prompt else 0,
                      intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
                      projection_scale=config.alpha / config.sigma, rank=config.rank,
-                     targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()))
+                     targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),
+                     per_layer_z=config.strategy == "divide-and-conquer" and config.delta_kind == "deep-prompt")
 
 
-def build_optimizer(config: TuneConfig):
-    """The run's optimizer. Methods that plan by their total budget (nevergrad's NGOpt and
-    other meta-optimizers) are told the run's budget in candidate evaluations."""
-    options = {"budget": config.budget} if "budget" in optimizer_class(config.optimizer).option_defaults else None
-    return make_optimizer(
-        config.optimizer, dim=config.dim, popsize=config.popsize, seed=config.seed, sigma0=config.sigma,
-        bounds=(-config.bound, config.bound) if config.bound else None, options=options,
-    )
+def build_optimizer(config: TuneConfig, blocks: list[tuple[str, int]] | None = None):
+    """The run's optimizer over z of the session's `blocks` (name, size) (default: one
+    block of config.dim). Methods that plan by their total budget (nevergrad's NGOpt and
+    other meta-optimizers) are told the run's budget in candidate evaluations; under
+    divide-and-conquer each block's optimizer gets its share."""
+    blocks = blocks or [("z", config.dim)]
+    dim = sum(size for _, size in blocks)
+    bounds = (-config.bound, config.bound) if config.bound else None
+    plans_budget = "budget" in optimizer_class(config.optimizer).option_defaults
+    if config.strategy == "divide-and-conquer":
+        inner_options = {"budget": max(1, config.budget // len(blocks))} if plans_budget else None
+        return DivideAndConquer(
+            f"divide-and-conquer:{config.optimizer}", dim, config.popsize, config.seed, sigma0=config.sigma,
+            bounds=bounds, options={"blocks": [size for _, size in blocks], "inner": config.optimizer,
+                                    "turn_generations": config.turn_generations, "inner_options": inner_options},
+        )
+    return make_optimizer(config.optimizer, dim=dim, popsize=config.popsize, seed=config.seed,
+                          sigma0=config.sigma, bounds=bounds,
+                          options={"budget": config.budget} if plans_budget else None)
 
 
 def resume_config(out: str, budget: int | None = None) -> TuneConfig:
@@ -142,20 +172,22 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     template = place_prompt(task.template_for(info.architecture), config.placement)
     splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
               for split in ("train", "dev", "test")}
-    optimizer = build_optimizer(config)
-    if optimizer.uses_gradients and not info.gradients_enabled:
+    if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
     # Checked before the run folder is touched: a refused resume loses nothing.
     checkpoint = RunLog.read_checkpoint(config.out) if resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, config, info.model_name)
-        optimizer.load_state_dict(checkpoint["optimizer"])
         started -= checkpoint["elapsed_s"]
     delta = delta_spec(config)
     # The server checks the delta before the run folder is touched.
     session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
     try:
+        # z's length and blocks are the session's (a per-layer deep prompt has one block per layer).
+        optimizer = build_optimizer(config, session.z_blocks)
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
         run = RunLog(config.out, overwrite=overwrite, resume_from=checkpoint)
     except BaseException:
         with contextlib.suppress(BackboneError):
@@ -167,14 +199,14 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         if checkpoint is not None:
             zero_shot = checkpoint["zero_shot"]
         elif zero_shot is None:
-            zero = np.zeros(config.dim, dtype=np.float32)
+            zero = np.zeros(session.z_dim, dtype=np.float32)
             test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
             dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
             zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
         zero_shot_test_acc = zero_shot["test_acc"]
         if checkpoint is None:
             best_dev_acc, best_dev_loss = zero_shot["dev_acc"], zero_shot["dev_loss"]
-            best_z, best_generation = np.zeros(config.dim, dtype=np.float32), 0
+            best_z, best_generation = np.zeros(session.z_dim, dtype=np.float32), 0
             api_calls = generation = 0
             if show_progress:
                 tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
@@ -194,6 +226,8 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                                                best_generation, time.perf_counter() - started)) is None:
                 tick = time.perf_counter()
                 candidates = optimizer.ask()
+                # Divide and conquer: the name of the block this generation changes.
+                block = session.z_blocks[optimizer.active][0] if config.strategy != "joint" else None
                 if optimizer.uses_gradients:
                     losses, gradients, scores = objective.with_gradients(candidates)
                     optimizer.tell(candidates, losses, gradients)
@@ -211,6 +245,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                     "train_acc": float(scores.accuracy[leader]),
                     "dev_acc": None,
                     "dev_loss": None,
+                    **({"block": block} if block is not None else {}),
                 }
                 if generation % config.dev_every == 0:
                     dev = session.evaluate("dev", candidates[leader][None, :])
@@ -256,8 +291,11 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "prefix_reuse": session.prefix_reuse,
         "projection": config.projection,
         "optimizer": config.optimizer,
+        "strategy": config.strategy,
         "loss": config.loss,
         "dim": config.dim,
+        "z_dim": session.z_dim,
+        "z_blocks": [{"name": name, "size": size} for name, size in session.z_blocks],
         "popsize": optimizer.popsize,
         "sigma": config.sigma,
         "budget": config.budget,

@@ -23,6 +23,9 @@ class DeltaConfig:
     projection_scale: float = 1.0
     rank: int = 0  # kinds with a rank (lora); 0: the kind's default
     targets: tuple[str, ...] = ()  # module-name suffixes for weight kinds; (): the kind's default
+    # deep-prompt only: every layer gets its own intrinsic_dim coordinates of z (BBTv2's
+    # layout, for optimising one layer at a time) instead of all layers sharing one z.
+    per_layer_z: bool = False
 
     def __post_init__(self):
         if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
@@ -101,6 +104,18 @@ class Delta:
         """D: the size of the delta generated from z (prompt vectors or module parameters)."""
         return self.prompt_length * self.hidden_size
 
+    @property
+    def z_blocks(self) -> list[tuple[str, int]]:
+        """z's layout: consecutive (name, size) blocks that drive separate parts of the
+        delta (a combination's parts, a per-layer deep prompt's layers), which a client
+        may optimise in turns. One block, the whole z, by default."""
+        return [("z", self.config.intrinsic_dim)]
+
+    @property
+    def z_dim(self) -> int:
+        """The length of each candidate's z."""
+        return sum(size for _, size in self.z_blocks)
+
 
 class ProjectedWeights(Delta):
     """A kind whose per-candidate module parameters are `start + scales * P z`: P one
@@ -145,6 +160,9 @@ def register_delta(name: str) -> Callable[[DeltaFactory], DeltaFactory]:
 
 
 def build_delta(config: DeltaConfig, backbone) -> Delta:
+    if config.per_layer_z and config.kind != "deep-prompt":
+        raise InvalidArgument(f"per_layer_z (one z block per layer) is for the deep-prompt kind alone, "
+                              f"not {config.kind!r}")
     if "+" in config.kind or ":" in config.kind:  # combinations and mixes (deltas/combined.py)
         from backbone_server.deltas.combined import build_composite
 

@@ -253,6 +253,12 @@ class CombinedDelta(Delta):
     def num_parameters(self) -> int:
         return sum(part.num_parameters for part in self.parts)
 
+    @property
+    def z_blocks(self) -> list[tuple[str, int]]:
+        """One block per part, named by its kind, then the gates (if any)."""
+        blocks = [(kind, dim) for kind, dim in zip(self.kinds, self.dims)]
+        return blocks + ([("gates", self.num_gates)] if self.num_gates else [])
+
 
 class AdaMixDelta(Delta):
     routed = True

@@ -16,9 +16,13 @@ with a forward pre-hook on every layer l >= 1 at the positions that `slots` mark
 prompt slots (candidate-major rows, p * B). The tokens ahead of the prompt are not
 touched, so `changes_prefix` is False and causal models keep prefix reuse.
 
-Intrinsic dimension: ONE z drives all layers jointly (D = num_layers * prompt_length *
-hidden). BBTv2's divide-and-conquer (one CMA-ES per layer, optimising that layer's z
-with the others fixed) is a client-side strategy, not built yet.
+Intrinsic dimension: by default ONE z of intrinsic_dim drives all layers jointly (D =
+num_layers * prompt_length * hidden). With `per_layer_z` (BBTv2's layout) every layer l
+has its own block z_l of intrinsic_dim coordinates, z = [z_0 | z_1 | ... | z_{L-1}] of
+num_layers * intrinsic_dim, the input prompt p0 + A_0 z_0 and layer l's offsets A_l z_l;
+`z_blocks` names the blocks ("layer0", ...), so that a client can run BBTv2's
+divide-and-conquer: one optimizer per layer, taking turns, the other layers held fixed
+(blackbox.optim.blocks).
 
 Scale (BBTv2 sets each layer's projection from the statistics of its hidden states):
 A_0 is the soft prompt's, projection_scale * std(embeddings) / sqrt(d). For l >= 1,
@@ -102,7 +106,8 @@ class DeepPrompt(Delta):
             for l, spread in enumerate(self.layer_spread, start=1)
         ]
         self.description = (f"deep prompt of {config.prompt_length} vectors at the input and added at the "
-                            f"prompt positions entering each of {len(self.layers)} deeper layers")
+                            f"prompt positions entering each of {len(self.layers)} deeper layers"
+                            + (", each layer driven by its own block of z" if config.per_layer_z else ""))
 
     def _measure_spreads(self, backbone) -> list[float]:
         """Per deeper layer, the spread of the hidden states entering it on p0 alone."""
@@ -125,13 +130,28 @@ class DeepPrompt(Delta):
     def num_parameters(self) -> int:
         return (1 + len(self.layers)) * self.prompt_length * self.hidden_size
 
+    @property
+    def z_blocks(self) -> list[tuple[str, int]]:
+        d = self.config.intrinsic_dim
+        if not self.config.per_layer_z:
+            return [("z", d)]
+        return [(f"layer{l}", d) for l in range(1 + len(self.layers))]
+
+    def _layer_z(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """The coordinates of z that drive `layer` (0: the input prompt)."""
+        if not self.config.per_layer_z:
+            return z
+        d = self.config.intrinsic_dim
+        return z[:, layer * d:(layer + 1) * d]
+
     def prompts(self, z: torch.Tensor) -> torch.Tensor:
-        return self.input.prompts(z)
+        return self.input.prompts(self._layer_z(z, 0))
 
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         if not self.layer_projections:
             return z.new_zeros(z.shape[0], 0)
-        return torch.cat([projection(z) for projection in self.layer_projections], dim=1)
+        return torch.cat([projection(self._layer_z(z, l))
+                          for l, projection in enumerate(self.layer_projections, start=1)], dim=1)
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         if slots is None:

@@ -69,7 +69,7 @@ class Split(_message.Message):
     def __init__(self, name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
 
 class DeltaSpec(_message.Message):
-    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets")
+    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets", "per_layer_z")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     INTRINSIC_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class DeltaSpec(_message.Message):
     PROJECTION_SCALE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    PER_LAYER_Z_FIELD_NUMBER: _ClassVar[int]
     kind: str
     prompt_length: int
     intrinsic_dim: int
@@ -86,7 +87,16 @@ class DeltaSpec(_message.Message):
     projection_scale: float
     rank: int
     targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    per_layer_z: bool
+    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., per_layer_z: _Optional[bool] = ...) -> None: ...
+
+class ZBlock(_message.Message):
+    __slots__ = ("name", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("splits", "template", "verbalizer", "delta", "truncate")
@@ -103,7 +113,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., template: _Optional[str] = ..., verbalizer: _Optional[_Iterable[str]] = ..., delta: _Optional[_Union[DeltaSpec, _Mapping]] = ..., truncate: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session_id", "verbalizer_token_ids", "split_sizes", "prompt_position", "prefix_reuse", "truncated_examples")
+    __slots__ = ("session_id", "verbalizer_token_ids", "split_sizes", "prompt_position", "prefix_reuse", "truncated_examples", "z_dim", "z_blocks")
     class SplitSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,13 +127,17 @@ class CreateSessionResponse(_message.Message):
     PROMPT_POSITION_FIELD_NUMBER: _ClassVar[int]
     PREFIX_REUSE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    Z_DIM_FIELD_NUMBER: _ClassVar[int]
+    Z_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     verbalizer_token_ids: _containers.RepeatedScalarFieldContainer[int]
     split_sizes: _containers.ScalarMap[str, int]
     prompt_position: str
     prefix_reuse: bool
     truncated_examples: int
-    def __init__(self, session_id: _Optional[str] = ..., verbalizer_token_ids: _Optional[_Iterable[int]] = ..., split_sizes: _Optional[_Mapping[str, int]] = ..., prompt_position: _Optional[str] = ..., prefix_reuse: _Optional[bool] = ..., truncated_examples: _Optional[int] = ...) -> None: ...
+    z_dim: int
+    z_blocks: _containers.RepeatedCompositeFieldContainer[ZBlock]
+    def __init__(self, session_id: _Optional[str] = ..., verbalizer_token_ids: _Optional[_Iterable[int]] = ..., split_sizes: _Optional[_Mapping[str, int]] = ..., prompt_position: _Optional[str] = ..., prefix_reuse: _Optional[bool] = ..., truncated_examples: _Optional[int] = ..., z_dim: _Optional[int] = ..., z_blocks: _Optional[_Iterable[_Union[ZBlock, _Mapping]]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("session_id", "split", "z", "start", "count", "return_logits")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from blackbox.cli import main
@@ -105,3 +106,45 @@ def test_combined_and_mixed_deltas_tune_end_to_end(tmp_path, arguments, kind, pr
 def test_a_mix_of_unknown_parts_is_a_clear_error(tmp_path, capsys):
     assert main(TINY_RUN + ["--out", str(tmp_path / "run"), "--delta", "lora+nope", "--mix", "unipelt"]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_divide_and_conquer_tunes_a_deep_prompt_layer_by_layer(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--delta", "deep-prompt", "--strategy", "divide-and-conquer",
+                            "--turn-generations", "1", "--budget", "16"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    layers = 2  # tiny-llama
+    assert result["strategy"] == "divide-and-conquer" and result["z_dim"] == 6 * layers
+    assert result["z_blocks"] == [{"name": f"layer{l}", "size": 6} for l in range(layers)]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [record["block"] for record in log] == ["layer0", "layer1"] * 2
+    assert np.load(out / "best_z.npy").shape == (6 * layers,)
+    # Resumed, the turns go on where they stopped.
+    assert main(["tune", "--model", "tiny-llama", "--device", "cpu", "--quiet", "--out", str(out),
+                 "--resume", "--budget", "24"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [record["block"] for record in log] == ["layer0", "layer1"] * 3
+    # The per-layer z exports like any deep prompt.
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "adapter"), "--model", "tiny-llama"]) == 0
+    manifest = json.loads((tmp_path / "adapter" / "blackbox_export.json").read_text())
+    assert manifest["z_dim"] == 6 * layers
+
+
+def test_divide_and_conquer_over_the_parts_of_a_combination(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--delta", "prompt+lora", "--strategy", "divide-and-conquer",
+                            "--turn-generations", "2", "--budget", "16"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [record["block"] for record in log] == ["prompt", "prompt", "lora", "lora"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--delta", "lora", "--strategy", "divide-and-conquer"], "needs z in several blocks"),
+    (["--delta", "deep-prompt", "--strategy", "divide-and-conquer", "--optimizer", "gradient"],
+     "population-based method per block"),
+    (["--delta", "deep-prompt", "--strategy", "divide-and-conquer", "--turn-generations", "0"],
+     "turn-generations must be >= 1"),
+])
+def test_divide_and_conquer_refuses_what_it_cannot_split(tmp_path, capsys, arguments, message):
+    assert main(TINY_RUN + ["--out", str(tmp_path / "run")] + arguments) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()

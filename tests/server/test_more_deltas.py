@@ -252,3 +252,65 @@ def test_deep_prompt_hook_takes_hidden_states_by_keyword_or_position():
         torch.testing.assert_close(layer(hidden_states=hidden), expected)
         torch.testing.assert_close(layer(hidden), expected)
     assert not layer._forward_pre_hooks
+
+
+# ---- per-layer z (BBTv2's layout for divide and conquer) ------------------------------
+
+
+def test_per_layer_z_has_one_block_per_layer(tiny_backbone):
+    shared = build_delta(DeltaConfig("deep-prompt", prompt_length=4, intrinsic_dim=6), tiny_backbone)
+    layered = build_delta(DeltaConfig("deep-prompt", prompt_length=4, intrinsic_dim=6, per_layer_z=True),
+                          tiny_backbone)
+    layers = tiny_backbone.num_layers
+    assert shared.z_blocks == [("z", 6)] and shared.z_dim == 6
+    assert layered.z_blocks == [(f"layer{l}", 6) for l in range(layers)] and layered.z_dim == 6 * layers
+    assert layered.num_parameters == shared.num_parameters
+
+
+def test_per_layer_z_with_every_block_equal_is_the_shared_z(tiny_backbone):
+    # Same seeds, same projections: z_l = z for every layer is exactly the shared-z delta.
+    engine = Engine(tiny_backbone)
+    shared = make_kind_session(engine, "deep-prompt")
+    layered = make_kind_session(engine, "deep-prompt", per_layer_z=True)
+    z = population(3, scale=2.0)
+    tiled = np.tile(z, (1, tiny_backbone.num_layers))
+    np.testing.assert_array_equal(engine.evaluate(layered.id, "train", tiled).logits,
+                                  engine.evaluate(shared.id, "train", z).logits)
+
+
+def test_per_layer_z_blocks_drive_their_own_layer_only(tiny_backbone):
+    engine = Engine(tiny_backbone)
+    session = make_kind_session(engine, "deep-prompt", per_layer_z=True)
+    d, layers = 6, tiny_backbone.num_layers
+    z = torch.zeros(1, d * layers)
+    z[0, d:2 * d] = 1.0  # layer 1's block
+    params = session.delta.parameters(z).reshape(layers - 1, -1)
+    assert params[0].abs().max() > 0 and all(params[l].abs().max() == 0 for l in range(1, layers - 1))
+    assert torch.equal(session.delta.prompts(z), session.delta.prompts(torch.zeros_like(z)))  # input untouched
+    zero = engine.evaluate(session.id, "train", np.zeros((1, d * layers), np.float32)).logits
+    assert np.abs(engine.evaluate(session.id, "train", z.numpy()).logits - zero).max() > 1e-4
+    with pytest.raises(InvalidArgument, match=rf"\(P, {d * layers}\)"):
+        engine.evaluate(session.id, "train", np.zeros((1, d), np.float32))
+
+
+def test_per_layer_z_population_equals_one_by_one(tiny_backbone):
+    engine = Engine(tiny_backbone, max_batch_tokens=40)
+    session = make_kind_session(engine, "deep-prompt", per_layer_z=True)
+    layers = tiny_backbone.num_layers
+    z = np.tile(population(5, scale=2.0), (1, layers)) * np.linspace(0.5, 1.5, 6 * layers, dtype=np.float32)
+    assert_batched_equals_one_by_one(engine, session.id, z)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "lora", "prompt+lora", "unipelt:deep-prompt"])
+def test_per_layer_z_is_for_the_deep_prompt_alone(tiny_llama, kind):
+    config = DeltaConfig(kind, prompt_length=4 if "prompt" in kind else 0, intrinsic_dim=12, per_layer_z=True)
+    with pytest.raises(InvalidArgument, match="per_layer_z"):
+        build_delta(config, tiny_llama)
+
+
+def test_a_combination_reports_its_parts_and_gates_as_blocks(tiny_llama):
+    delta = build_delta(DeltaConfig("unipelt:prompt+lora", prompt_length=2, intrinsic_dim=13), tiny_llama)
+    gates = tiny_llama.num_layers  # lora is gated per layer, the plain prompt is not
+    shared = 13 - gates
+    assert delta.z_blocks == [("prompt", shared - shared // 2), ("lora", shared // 2), ("gates", gates)]
+    assert delta.z_dim == 13
