@@ -23,6 +23,7 @@ import difflib
 import math
 import numbers
 import pickle
+import sys
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, TypeVar, runtime_checkable
@@ -66,6 +67,7 @@ class Optimizer(Protocol):
 # --------------------------------------------------------------------------- BLAS pinning
 
 _blas_controller: Any = None
+_blas_modules_seen = 0
 
 
 @contextmanager
@@ -77,15 +79,16 @@ def pinned_blas() -> Iterator[None]:
     This is ``threadpoolctl.threadpool_limits(1, user_api="blas")``, but through one cached
     ``ThreadpoolController``: ``threadpool_limits`` rescans every loaded shared library on
     each call (~4 ms measured on the 2-core dev box, per ask and per tell), the cached
-    controller only flips the thread counts (~20 us). The controller is built on first use
-    so that the BLAS copies numpy and scipy bring (pycma, nevergrad) are already loaded;
-    a BLAS library loaded after that first use would not be pinned.
+    controller only flips the thread counts (~20 us). A BLAS library can arrive with any
+    import (scipy's own copy comes with nevergrad), so the controller is rebuilt whenever
+    modules have been imported since it was built: rare once a run is going.
     """
-    global _blas_controller
-    if _blas_controller is None:
+    global _blas_controller, _blas_modules_seen
+    if _blas_controller is None or len(sys.modules) != _blas_modules_seen:
         from threadpoolctl import ThreadpoolController
 
         _blas_controller = ThreadpoolController()
+        _blas_modules_seen = len(sys.modules)
     with _blas_controller.limit(limits=1, user_api="blas"):
         yield
 
