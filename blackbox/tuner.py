@@ -172,6 +172,10 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     template = place_prompt(task.template_for(info.architecture), config.placement)
     splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
               for split in ("train", "dev", "test")}
+    if config.mix == "adamix":
+        # The server routes "train" and "*-routed" splits to copies and merges the copies
+        # elsewhere: these copies give the best z's routed and merged scores on both sets.
+        splits.update({"train-merged": splits["train"], "test-routed": splits["test"]})
     if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
@@ -269,6 +273,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{best_dev_acc:.3f}")
 
         test_acc, test_loss = evaluate_split(session, "test", best_z, "test", show_progress)
+        adamix = _adamix_scores(session, best_z, test_acc, show_progress) if config.mix == "adamix" else None
     finally:
         # Best effort: a server that went away must not hide the error that ended the run.
         with contextlib.suppress(BackboneError):
@@ -310,6 +315,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "test_note": task.test_note,
         "stop_reason": stop_reason,
         "wall_s": time.perf_counter() - started,
+        **({"adamix": adamix} if adamix is not None else {}),
     }
     result_path = run.write_result(result, best_z)
     plot_curve(run.log_path, run.dir / "curve.png",
@@ -317,6 +323,18 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     result["zero_shot"] = zero_shot
     result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
     return result
+
+
+def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, show: bool) -> dict[str, float]:
+    """AdaMix's two ways to use the copies, for the best z: routed (each example to its
+    copy, as in the search) and merged (the copies' average, what dev and test use)."""
+    test_acc_routed, _ = evaluate_split(session, "test-routed", z, "test (routed)", show)
+    routed, merged = (session.evaluate(split, z[None, :]) for split in ("train", "train-merged"))
+    scores = {"train_acc_routed": float(routed.accuracy[0]), "train_acc_merged": float(merged.accuracy[0]),
+              "test_acc_routed": test_acc_routed, "test_acc_merged": test_acc_merged}
+    if show:
+        tqdm.write("adamix, routed vs merged copies: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
 
 
 def _stop_reason(config: TuneConfig, optimizer, calls_after_next: int, generation: int, best_generation: int,

@@ -50,12 +50,13 @@ AdaMix
 ------
 M copies of one weight part: copy j is the kind built with seed + j * PART_SEED_STRIDE
 (its own projection of the whole z) sharing copy 0's fixed start (LoRA's A0, the
-adapter's W_d0), so parameters(z) is (P, M * D). On the split named ROUTED_SPLIT
-("train", the search split) each example goes to one copy drawn from (session seed,
-the example's index in the split): deterministic, the same for every candidate and every
-call. Every other split is scored with the copies MERGED by averaging their parameters
-(weights) into one module. To get the merged score on the training examples too,
-register them a second time under another split name (e.g. "train-merged").
+adapter's W_d0), so parameters(z) is (P, M * D). On the routed splits (ROUTED_SPLIT,
+"train", the search split, and any split whose name ends with ROUTED_SUFFIX, "-routed")
+each example goes to one copy drawn from (session seed, the example's index in the
+split): deterministic, the same for every candidate and every call. Every other split is
+scored with the copies MERGED by averaging their parameters (weights) into one module.
+So a client that registers its test examples a second time as "test-routed", and its
+training examples as "train-merged", gets both scores of both (the tuner does).
 
 The engine passes `routing` (split name and the examples' indices within the split) to
 `patched` of deltas with `routed = True` only. Routed rows get per-row parameters: the
@@ -82,6 +83,7 @@ GATED_KINDS = ("lora", "adapter", "bias", "deep-prompt")
 GATE_SCALE = 1.0
 GATE_BIAS = 0.0
 ROUTED_SPLIT = "train"
+ROUTED_SUFFIX = "-routed"
 DEFAULT_COPIES = 4
 MAX_COPIES = 64
 ROUTE_SALT = 0xADA
@@ -260,6 +262,11 @@ class CombinedDelta(Delta):
         return blocks + ([("gates", self.num_gates)] if self.num_gates else [])
 
 
+def is_routed(split: str) -> bool:
+    """Whether AdaMix routes the examples of `split` to copies (else it merges them)."""
+    return split == ROUTED_SPLIT or split.endswith(ROUTED_SUFFIX)
+
+
 class AdaMixDelta(Delta):
     routed = True
 
@@ -306,7 +313,7 @@ class AdaMixDelta(Delta):
         p = params.shape[0]
         copies = params.view(p, self.num_copies, self.size)
         base = self.copies[0]
-        if routing is None or routing.split != ROUTED_SPLIT:
+        if routing is None or not is_routed(routing.split):
             return base.patched(copies.mean(dim=1), slots)
         route = torch.tensor(self.route(routing.indices), device=params.device)  # (B,)
         rows = copies[:, route]  # (p, B, D): each row's candidate's copy

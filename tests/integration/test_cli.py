@@ -103,6 +103,16 @@ def test_combined_and_mixed_deltas_tune_end_to_end(tmp_path, arguments, kind, pr
     assert result["delta"] == kind and result["prompt_length"] == prompt_length
 
 
+def test_adamix_reports_routed_and_merged_scores(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--delta", "lora", "--mix", "adamix", "--adamix-copies", "3"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    scores = result["adamix"]
+    assert set(scores) == {"train_acc_routed", "train_acc_merged", "test_acc_routed", "test_acc_merged"}
+    assert scores["test_acc_merged"] == result["test_acc"]
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+
+
 def test_a_mix_of_unknown_parts_is_a_clear_error(tmp_path, capsys):
     assert main(TINY_RUN + ["--out", str(tmp_path / "run"), "--delta", "lora+nope", "--mix", "unipelt"]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "run").exists()

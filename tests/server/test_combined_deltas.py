@@ -202,6 +202,16 @@ def test_adamix_routed_and_merged_differ_and_routing_is_deterministic(tiny_backb
     torch.testing.assert_close(calls[0], copies[:, route].reshape(9, -1))
 
 
+def test_adamix_routes_every_split_named_routed(tiny_backbone):
+    engine = Engine(tiny_backbone)
+    session = make_session(engine, "adamix:lora", seed=3,
+                           splits={"train": EXAMPLES, "test": EXAMPLES, "test-routed": EXAMPLES})
+    z = population(2, dim=DIM, scale=3.0)
+    train = engine.evaluate(session.id, "train", z).logits
+    np.testing.assert_array_equal(engine.evaluate(session.id, "test-routed", z).logits, train)
+    assert np.abs(engine.evaluate(session.id, "test", z).logits - train).max() > 1e-4
+
+
 def test_adamix_routed_subrange_matches_the_full_split(tiny_llama):
     engine = Engine(tiny_llama)
     session = adamix_session(engine)
