@@ -18,7 +18,15 @@ Pure torch and safetensors (PEFT is needed only to load the result, not to write
   - "deep-prompt": `prompt_embeddings` (n x h), the input prompt (as the soft prompt's),
     and `layers.<l>.prompt_offset` (n x h) for every layer l >= 1, added to the hidden
     states at the prompt positions entering layer l (no PEFT kind: `splice_prompt` puts
-    the prompt into inputs_embeds, `apply_deep_prompt` adds the offsets).
+    the prompt into inputs_embeds, `apply_deep_prompt` adds the offsets);
+  - "deep-prompt" with `fold_prefix` (causal models, prompt ahead of the texts): PEFT's
+    prefix tuning. In a causal model the prompt's keys and values at every layer depend
+    on nothing after them, so for one z they are constants: `prompt_embeddings` (k + n x
+    num_layers * 2 * kv_heads * head_dim) holds, per position of (the k constant tokens
+    ahead of the prompt, then the n prompt vectors), the keys and values every layer
+    computes there with the deep prompt applied, in PEFT's layout (per layer: keys, then
+    values). PEFT feeds them as past_key_values ahead of the rest of the input, which
+    then sits at the positions it had in the engine.
   `<path>` is the module's name in `backbone.model` (e.g. model.layers.0.self_attn.q_proj).
   Combined and mixed kinds ("+", "unipelt:", "adamix...:") are refused.
 * `export_delta(...)` writes a folder: adapter_config.json, adapter_model.safetensors
@@ -69,6 +77,7 @@ class Materialised:
     rank: int = 0
     num_virtual_tokens: int = 0
     folded_prefix: list[int] = field(default_factory=list)  # token ids whose embeddings lead the prompt
+    as_prefix: tuple[int, int] | None = None  # deep prompt as PEFT prefix keys/values: (kv_heads, head_dim)
 
 
 def _module_paths(backbone: Backbone, modules) -> list[str]:
@@ -115,8 +124,12 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
     if config.kind not in EXPORTABLE_KINDS:
         raise InvalidArgument(f"delta kind {config.kind!r} cannot be exported; exportable kinds: "
                               f"{', '.join(EXPORTABLE_KINDS)}")
-    if fold_prefix and config.kind != "prompt":
-        raise InvalidArgument("only a soft prompt can fold the tokens ahead of it")
+    if fold_prefix is not None and config.kind not in PROMPT_KINDS:
+        raise InvalidArgument("only a soft or deep prompt can fold the tokens ahead of it")
+    if fold_prefix is not None and config.kind == "deep-prompt" and backbone.architecture != "causal":
+        raise InvalidArgument("a deep prompt becomes a PEFT prefix only in a causal model: a masked model reads "
+                              "the prompt and the text both ways, so the prompt's keys and values depend on the "
+                              "text; export it without --fold-prefix (blackbox's own format, exact)")
     z = torch.as_tensor(np.asarray(z, dtype=np.float32))
     delta = build_delta(config, backbone)
     if z.shape != (delta.z_dim,) or not torch.isfinite(z).all():
@@ -131,6 +144,8 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
             return Materialised("prompt", {"prompt_embeddings": _store(prompt)},
                                 description=f"soft prompt of {config.prompt_length} vectors",
                                 num_virtual_tokens=prompt.shape[0], folded_prefix=list(fold_prefix or []))
+        if config.kind == "deep-prompt" and fold_prefix is not None:
+            return _deep_prompt_prefix(backbone, delta, z, list(fold_prefix))
         if config.kind == "deep-prompt":
             n, h = config.prompt_length, backbone.hidden_size
             layers = find_layers(backbone.body, backbone.num_layers)
@@ -162,6 +177,28 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
         for path, (_, offset, width) in zip(paths, delta.layout):
             tensors[f"{PEFT_PREFIX}{path}.bias_shift"] = _store(params[offset:offset + width])
         return Materialised("bias", tensors, paths, delta.description)
+
+
+def _deep_prompt_prefix(backbone: Backbone, delta, z: torch.Tensor, ahead: list[int]) -> Materialised:
+    """The keys and values of (the tokens `ahead`, then the deep prompt) at every layer,
+    in the layout of PEFT's prefix-tuning embedding."""
+    device = backbone.embeddings.weight.device
+    prompt = delta.prompts(z)  # (1, n, h)
+    embeds = torch.cat([backbone.embeddings(torch.tensor(ahead, dtype=torch.long, device=device))[None].to(prompt),
+                        prompt], dim=1)
+    n, k = prompt.shape[1], len(ahead)
+    slots = torch.tensor([[-1] * k + list(range(n))], device=device)
+    with delta.patched(delta.parameters(z), slots):
+        output = backbone.body(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
+                                                                                 device=device), use_cache=True)
+    rows = []
+    for layer in output.past_key_values.layers:  # keys, values: (1, kv_heads, k + n, head_dim)
+        for states in (layer.keys, layer.values):
+            rows.append(states[0].transpose(0, 1).reshape(k + n, -1))
+    _, kv_heads, _, head_dim = output.past_key_values.layers[0].keys.shape
+    return Materialised("deep-prompt", {"prompt_embeddings": _store(torch.cat(rows, dim=1))},
+                        description=f"{delta.description}, as the keys and values of a {k + n}-token prefix",
+                        num_virtual_tokens=k + n, folded_prefix=ahead, as_prefix=(kv_heads, head_dim))
 
 
 def _adapter_config(backbone: Backbone, item: Materialised, base_model: str | None) -> dict:
@@ -200,6 +237,15 @@ def _adapter_config(backbone: Backbone, item: Materialised, base_model: str | No
                            "'.adapter_up.weight' (h x m), bias-free Linear weights; gelu is the exact (erf) "
                            "GELU. Not a PEFT type: apply it with backbone_server.export.apply_adapters(model, folder).",
         }
+    if item.kind == "deep-prompt" and item.as_prefix:
+        kv_heads, head_dim = item.as_prefix
+        return {
+            "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "revision": None, "inference_mode": True, "num_virtual_tokens": item.num_virtual_tokens,
+            "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
+            "num_layers": backbone.num_layers, "encoder_hidden_size": backbone.hidden_size,
+            "prefix_projection": False, "modules_to_save": None,
+        }
     if item.kind == "deep-prompt":
         return {
             "peft_type": "BLACKBOX_DEEP_PROMPT", "task_type": None, "base_model_name_or_path": base_model,
@@ -230,7 +276,7 @@ def _how_to_load(backbone: Backbone, item: Materialised, placement: dict | None)
     if item.kind == "adapter":
         return (f"model = transformers.{auto}.from_pretrained(BASE); "
                 "backbone_server.export.apply_adapters(model, THIS_FOLDER)")
-    if item.kind == "deep-prompt":
+    if item.kind == "deep-prompt" and not item.as_prefix:
         return (f"model = transformers.{auto}.from_pretrained(BASE); encode each row as the template says with "
                 f"{item.num_virtual_tokens} placeholder ids (any valid id) where {{prompt}} is, at positions P; "
                 "with backbone_server.export.apply_deep_prompt(model, THIS_FOLDER, P): "
@@ -240,7 +286,8 @@ def _how_to_load(backbone: Backbone, item: Materialised, placement: dict | None)
     if item.kind == "lora":
         return load
     if item.folded_prefix:
-        return (f"{load}; the first {len(item.folded_prefix)} virtual tokens are the embeddings of the "
+        what = "keys and values" if item.as_prefix else "embeddings"
+        return (f"{load}; the first {len(item.folded_prefix)} virtual tokens are the {what} of the "
                 f"template's tokens ahead of the prompt ({item.folded_prefix}): feed the rest of the "
                 "template's tokens without them (add_special_tokens=False for a BOS)")
     if placement and not placement["prompt_first"]:
@@ -279,8 +326,9 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
         if config.kind in PROMPT_KINDS and template else None
     folded = None
     if fold_prefix:
-        if placement is None or config.kind != "prompt":
-            raise InvalidArgument("folding the tokens ahead of the prompt needs a soft prompt and its template")
+        if placement is None:
+            raise InvalidArgument("folding the tokens ahead of the prompt needs a soft or deep prompt and its "
+                                  "template")
         if placement["tokens_before_prompt"] is None:
             raise InvalidArgument("the run's template puts text ahead of the prompt; only the constant tokens "
                                   "of a prompt that precedes the texts can be folded into it")
@@ -293,7 +341,7 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
     (out / ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
     if item.kind == "prompt":
         exact = bool(placement and (placement["prompt_first"] or folded is not None))
-    else:
+    else:  # weight kinds, and the deep prompt in our format or as a prefix of everything ahead of the texts
         exact = True
     manifest = {
         "format": EXPORT_FORMAT,
@@ -319,7 +367,7 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
 
 
 def _prompt_manifest(item: Materialised, placement: dict | None, template: str | None) -> dict | None:
-    if item.kind == "prompt":
+    if item.kind == "prompt" or item.as_prefix:
         return {**(placement or {}), "folded_prefix": item.folded_prefix}
     if item.kind == "deep-prompt":
         return {**(placement or {}), "template": template, "prompt_length": item.num_virtual_tokens,

@@ -230,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", help="dtype to load the model in (default: the run's)")
     export.add_argument("--fold-prefix", action="store_true",
                         help="soft prompt: put the template's tokens ahead of the prompt (e.g. BOS) into the "
-                             "exported virtual tokens, so PEFT's prepended prompt reproduces the run exactly")
+                             "exported virtual tokens, so PEFT's prepended prompt reproduces the run exactly; "
+                             "deep prompt (causal model, prompt ahead of the texts): export PEFT prefix tuning, "
+                             "the keys and values of those tokens and the prompt at every layer")
     export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     export.set_defaults(run=_export)
     return parser

@@ -41,6 +41,9 @@ so W_up gelu(W_down y) has a spread of about projection_scale * rms(gelu(W_d0 y)
 is roughly projection_scale / 2 times the sublayer output's own spread (gelu keeps about
 half of a small Gaussian's spread, a bit more for large ones). The adapter is thus scaled
 relative to the activations it reads, with no statistics to measure.
+
+All these spreads are then multiplied by base_scale = 0.15, for the reason LoRA's are
+(random z at the full spreads raises SmolLM2's SST-2 train CE from 0.62 to 2.0).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def _any_module(module: nn.Module) -> bool:
 
 @register_delta("adapter")
 class Adapter(ProjectedWeights):
+    base_scale = 0.15
 
     def __init__(self, config: DeltaConfig, backbone):
         check_no_prompt(config)

@@ -125,12 +125,16 @@ class ProjectedWeights(Delta):
 
     changes_prefix = True
     start: torch.Tensor | None = None
+    # Multiplies every scale of the kind: set so that at projection_scale 1 a random
+    # z ~ N(0, I) moves the model about as much as BBT's scaling moves a soft prompt
+    # (measured with scripts/probe_scale.py; the weights' own statistics alone overshoot).
+    base_scale: float = 1.0
 
     def _build_projection(self, config: DeltaConfig, device: torch.device, scales: list[torch.Tensor],
                           starts: list[torch.Tensor] | None = None) -> None:
         from backbone_server.projection import make_projection
 
-        self.scales = torch.cat(scales).to(device)
+        self.scales = torch.cat(scales).to(device) * self.base_scale
         self.start = None if starts is None else torch.cat(starts).to(device)
         self.size = len(self.scales)
         self.projection = make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=self.size,

@@ -23,6 +23,10 @@ the (p, 1, width) shifts to the (p, B * L, width) output by broadcasting.
 Scale: the projection is built with unit spread and each target's block multiplied by
 projection_scale * std(W) * sqrt(in) for a Linear (about the spread of its output for
 unit inputs) and projection_scale * rms(weight) for a norm (the spread of its output).
+
+All these spreads are then multiplied by base_scale = 0.05: shifts are the most
+sensitive kind (random z at the full spreads raises SmolLM2's SST-2 train CE from 0.62
+to 2.7; at 0.1 still to 0.84).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def _is_target(module: nn.Module) -> bool:
 
 @register_delta("bias")
 class BiasShift(ProjectedWeights):
+    base_scale = 0.05
 
     def __init__(self, config: DeltaConfig, backbone):
         check_no_prompt(config)

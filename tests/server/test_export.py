@@ -250,6 +250,52 @@ def test_deep_prompt_export_reproduces_the_engine(tiny_backbone, tmp_path, place
         deep_prompt_logits(model, session, folder, n - 1)
 
 
+@pytest.mark.parametrize("per_layer_z", [False, True])
+def test_deep_prompt_as_a_peft_prefix_reproduces_the_engine(tiny_llama, tmp_path, per_layer_z):
+    """Causal model, prompt ahead of the texts: the prompt's keys and values at every
+    layer are constants, and PEFT's prefix tuning (the BOS folded in) reproduces the engine."""
+    n = 4
+    config = DeltaConfig("deep-prompt", prompt_length=n, intrinsic_dim=DIM, seed=3, per_layer_z=per_layer_z)
+    layers = tiny_llama.num_layers
+    z = random_z() if not per_layer_z else np.concatenate([random_z(seed=l) for l in range(layers)])
+    template = template_for(tiny_llama)
+    session, expected = engine_logits(tiny_llama, config, z, template)
+    folder = tmp_path / "prefix"
+    manifest = export_delta(tiny_llama, config, z, folder, template=template, fold_prefix=True)
+    bos = tiny_llama.tokenizer.bos_token_id
+    assert manifest["peft_type"] == "PREFIX_TUNING" and manifest["reproduces_engine"]
+    assert manifest["prompt"]["folded_prefix"] == [bos] and "keys and values" in manifest["how_to_load"]
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    model_config = tiny_llama.model.config
+    kv_heads = model_config.num_key_value_heads
+    head_dim = model_config.hidden_size // model_config.num_attention_heads
+    assert adapter["num_virtual_tokens"] == n + 1 and adapter["num_layers"] == layers
+    assert manifest["tensors"] == {"prompt_embeddings": [n + 1, layers * 2 * kv_heads * head_dim]}
+
+    model = peft.PeftModel.from_pretrained(fresh_model(tiny_llama), folder).eval()
+    # A prefix is past keys and values: the output has no rows for the n + 1 virtual tokens.
+    tuned = model_logits(model, session, lambda e: list(e.after), offset=-(n + 1))
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+    # Not just the input prompt: PEFT's prompt tuning of the same input vectors scores otherwise.
+    soft = tmp_path / "soft"
+    export_delta(tiny_llama, DeltaConfig("prompt", prompt_length=n, intrinsic_dim=DIM, seed=3),
+                 z[:DIM], soft, template=template, fold_prefix=True)
+    soft_logits = model_logits(peft.PeftModel.from_pretrained(fresh_model(tiny_llama), soft).eval(), session,
+                               lambda e: list(e.after))
+    assert np.abs(soft_logits - expected).max() > 1e-3
+
+
+def test_deep_prompt_prefix_is_refused_where_it_cannot_be_exact(tiny_llama, tiny_roberta, tmp_path):
+    config = DeltaConfig("deep-prompt", prompt_length=2, intrinsic_dim=DIM)
+    with pytest.raises(InvalidArgument, match="text ahead of the prompt"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "a", template=template_for(tiny_llama, "after"),
+                     fold_prefix=True)
+    with pytest.raises(InvalidArgument, match="only in a causal model"):
+        export_delta(tiny_roberta, config, random_z(), tmp_path / "b", template=template_for(tiny_roberta),
+                     fold_prefix=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("kind", ["lora+prompt", "unipelt:lora+adapter", "adamix:lora", "adamix2:adapter"])
 def test_combined_kinds_are_refused(tiny_llama, tmp_path, kind):
     config = DeltaConfig(kind, prompt_length=0, intrinsic_dim=DIM)
