@@ -8,6 +8,7 @@ import numpy as np
 
 from backbone_server.deltas import DELTA_KINDS
 from backbone_server.deltas.base import DeltaConfig
+from backbone_server.deltas.combined import DELTA_FORMS
 from backbone_server.engine import Engine
 from backbone_server.errors import InvalidArgument, Unavailable
 from backbone_server.projection import PROJECTION_KINDS
@@ -44,6 +45,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             max_batch_tokens=engine.max_batch_tokens,
             gradients_enabled=engine.allow_gradients,
             memory_plan=engine.memory_plan.reason,
+            delta_forms=list(DELTA_FORMS),
         )
 
     def CreateSession(self, request, context):

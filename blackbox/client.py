@@ -53,6 +53,7 @@ class ModelInfo:
     max_batch_tokens: int
     gradients_enabled: bool
     memory_plan: str
+    delta_forms: tuple[str, ...] = ()
 
 
 @dataclass
@@ -121,6 +122,7 @@ class BackboneClient:
             max_batch_tokens=info.max_batch_tokens,
             gradients_enabled=info.gradients_enabled,
             memory_plan=info.memory_plan,
+            delta_forms=tuple(info.delta_forms),
         )
 
     def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],

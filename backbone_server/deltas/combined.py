@@ -86,6 +86,14 @@ ROUTED_SPLIT = "train"
 ROUTED_SUFFIX = "-routed"
 DEFAULT_COPIES = 4
 MAX_COPIES = 64
+# How kinds combine into one delta, as GetInfo tells a client (ModelInfo.delta_forms).
+DELTA_FORMS = (
+    "KIND+KIND[+KIND...]: the parts share z (equal slices, the remainder to the first), at most one prompt kind",
+    f"unipelt:KIND[+KIND...]: per-layer gates sigmoid(z_gate) on every part of {', '.join(GATED_KINDS)}",
+    f"adamix[M]:KIND: M copies (default {DEFAULT_COPIES}, at most {MAX_COPIES}) of one of {', '.join(WEIGHT_KINDS)}, "
+    "routed per example on 'train' and '*-routed' splits, merged by averaging elsewhere",
+    "deep-prompt with per_layer_z: one block of intrinsic_dim coordinates of z per layer",
+)
 ROUTE_SALT = 0xADA
 LAYER_NAME = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 

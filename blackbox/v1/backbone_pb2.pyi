@@ -21,7 +21,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan")
+    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_ENABLED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PLAN_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FORMS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     hidden_size: int
@@ -48,7 +49,8 @@ class ModelInfo(_message.Message):
     max_batch_tokens: int
     gradients_enabled: bool
     memory_plan: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ...) -> None: ...
+    delta_forms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("text_a", "text_b", "label")

@@ -46,7 +46,8 @@ def test_get_info_describes_the_model(client):
     assert info.model_name == "tiny-llama"
     assert info.architecture == "causal"
     assert info.hidden_size == 64 and info.num_layers == 2
-    assert "prompt" in info.delta_kinds
+    assert {"prompt", "deep-prompt", "lora", "adapter", "bias"} <= set(info.delta_kinds)
+    assert [form.split(":")[0] for form in info.delta_forms][:3] == ["KIND+KIND[+KIND...]", "unipelt", "adamix[M]"]
     assert info.max_length == 512
     assert info.max_batch_tokens > 0 and str(info.max_batch_tokens) in info.memory_plan
 
