@@ -28,7 +28,9 @@ Pure torch and safetensors (PEFT is needed only to load the result, not to write
     values). PEFT feeds them as past_key_values ahead of the rest of the input, which
     then sits at the positions it had in the engine.
   `<path>` is the module's name in `backbone.model` (e.g. model.layers.0.self_attn.q_proj).
-  Combined and mixed kinds ("+", "unipelt:", "adamix...:") are refused.
+  "adamixM:KIND" goes out as KIND with the M copies' parameters averaged (AdaMix's merged
+  inference form, what the engine scores dev and test with). Combinations ("+") and
+  UniPELT gates ("unipelt:") are refused.
 * `export_delta(...)` writes a folder: adapter_config.json, adapter_model.safetensors
   (float32) and blackbox_export.json (the run's settings, z's norm, the files, how to load).
 * `export_run(run_dir, out, ...)` does it for a finished `blackbox tune` run folder
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,7 @@ from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, Backbone
 EXPORT_FORMAT = 1
 EXPORTABLE_KINDS = ("lora", "prompt", "bias", "adapter", "deep-prompt")
 PROMPT_KINDS = ("prompt", "deep-prompt")
+ADAMIX_KIND = re.compile(r"adamix\d*:(lora|adapter|bias)")
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,14 +121,16 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
     the prompt vectors, so that PEFT's prompt (prepended to the whole input) equals the
     tokens ahead of {prompt} followed by the prompt.
     """
-    if "+" in config.kind or ":" in config.kind:
-        raise InvalidArgument(f"delta kind {config.kind!r} combines or mixes kinds ('+', 'unipelt:', 'adamix:'), "
-                              f"which cannot be exported; exportable kinds: {', '.join(EXPORTABLE_KINDS)} "
-                              "(one kind each)")
-    if config.kind not in EXPORTABLE_KINDS:
+    adamix = ADAMIX_KIND.fullmatch(config.kind)
+    if ("+" in config.kind or ":" in config.kind) and not adamix:
+        raise InvalidArgument(f"delta kind {config.kind!r} combines kinds ('+', 'unipelt:'), which cannot be "
+                              f"exported; exportable kinds: {', '.join(EXPORTABLE_KINDS)} (one kind each), and "
+                              "adamix:KIND (its copies merged)")
+    kind = adamix.group(1) if adamix else config.kind
+    if kind not in EXPORTABLE_KINDS:
         raise InvalidArgument(f"delta kind {config.kind!r} cannot be exported; exportable kinds: "
                               f"{', '.join(EXPORTABLE_KINDS)}")
-    if fold_prefix is not None and config.kind not in PROMPT_KINDS:
+    if fold_prefix is not None and kind not in PROMPT_KINDS:
         raise InvalidArgument("only a soft or deep prompt can fold the tokens ahead of it")
     if fold_prefix is not None and config.kind == "deep-prompt" and backbone.architecture != "causal":
         raise InvalidArgument("a deep prompt becomes a PEFT prefix only in a causal model: a masked model reads "
@@ -156,27 +162,31 @@ def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.T
                 tensors[f"layers.{l}.prompt_offset"] = _store(params[(l - 1) * n * h:l * n * h].reshape(n, h))
             return Materialised("deep-prompt", tensors, paths, delta.description, num_virtual_tokens=n)
         params = delta.parameters(z)[0]
+        description = delta.description
+        if adamix:  # AdaMix's inference form: the copies' parameters averaged into one module
+            params = params.view(delta.num_copies, delta.size).mean(dim=0)
+            delta, description = delta.copies[0], f"{description}, merged by averaging"
         paths = _module_paths(backbone, delta.modules)
         tensors = {}
-        if config.kind == "lora":
+        if kind == "lora":
             r = delta.rank
             for path, (_, offset, fan_in, fan_out) in zip(paths, delta.layout):
                 a = params[offset:offset + r * fan_in].reshape(r, fan_in)
                 b = params[offset + r * fan_in:offset + r * (fan_in + fan_out)].reshape(fan_out, r)
                 tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = _store(a)
                 tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = _store(b)
-            return Materialised("lora", tensors, paths, delta.description, rank=r)
-        if config.kind == "adapter":
+            return Materialised("lora", tensors, paths, description, rank=r)
+        if kind == "adapter":
             m = delta.size_m
             for path, (_, offset, width) in zip(paths, delta.layout):
                 down = params[offset:offset + m * width].reshape(m, width)
                 up = params[offset + m * width:offset + 2 * m * width].reshape(width, m)
                 tensors[f"{PEFT_PREFIX}{path}.adapter_down.weight"] = _store(down)
                 tensors[f"{PEFT_PREFIX}{path}.adapter_up.weight"] = _store(up)
-            return Materialised("adapter", tensors, paths, delta.description, rank=m)
+            return Materialised("adapter", tensors, paths, description, rank=m)
         for path, (_, offset, width) in zip(paths, delta.layout):
             tensors[f"{PEFT_PREFIX}{path}.bias_shift"] = _store(params[offset:offset + width])
-        return Materialised("bias", tensors, paths, delta.description)
+        return Materialised("bias", tensors, paths, description)
 
 
 def _deep_prompt_prefix(backbone: Backbone, delta, z: torch.Tensor, ahead: list[int]) -> Materialised:

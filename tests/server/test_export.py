@@ -296,10 +296,28 @@ def test_deep_prompt_prefix_is_refused_where_it_cannot_be_exact(tiny_llama, tiny
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("kind", ["lora+prompt", "unipelt:lora+adapter", "adamix:lora", "adamix2:adapter"])
+def test_adamix_exports_its_merged_copies_as_the_base_kind(tiny_backbone, tmp_path):
+    # AdaMix's inference form: what the engine scores every split but "train" with.
+    config = DeltaConfig("adamix3:lora", prompt_length=0, intrinsic_dim=DIM, seed=3, projection_scale=2.0)
+    z = random_z()
+    engine = Engine(tiny_backbone)
+    session = engine.create_session({"train": EXAMPLES, "dev": EXAMPLES}, template_for(tiny_backbone), VERBALIZER,
+                                    config)
+    merged = engine.evaluate(session.id, "dev", z[None]).logits[0]
+    routed = engine.evaluate(session.id, "train", z[None]).logits[0]
+    manifest = export_delta(tiny_backbone, config, z, tmp_path / "adamix")
+    assert manifest["kind"] == "lora" and manifest["peft_type"] == "LORA" and "merged" in manifest["description"]
+    assert manifest["delta_config"]["kind"] == "adamix3:lora"
+    model = peft.PeftModel.from_pretrained(fresh_model(tiny_backbone), tmp_path / "adamix").eval()
+    tuned = model_logits(model, session, lambda e: list(e.before) + list(e.after))
+    np.testing.assert_allclose(tuned, merged, rtol=0, atol=1e-5)
+    assert np.abs(tuned - routed).max() > 1e-4  # not the routed copies
+
+
+@pytest.mark.parametrize("kind", ["lora+prompt", "unipelt:lora+adapter", "unipelt:lora"])
 def test_combined_kinds_are_refused(tiny_llama, tmp_path, kind):
     config = DeltaConfig(kind, prompt_length=0, intrinsic_dim=DIM)
-    with pytest.raises(InvalidArgument, match="combines or mixes kinds.*exportable kinds: lora, prompt, bias, "
+    with pytest.raises(InvalidArgument, match="combines kinds.*exportable kinds: lora, prompt, bias, "
                                               "adapter, deep-prompt"):
         export_delta(tiny_llama, config, random_z(), tmp_path / "x")
     assert not (tmp_path / "x").exists()
