@@ -61,6 +61,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             rank=spec.rank,
             targets=tuple(spec.targets),
             per_layer_z=spec.per_layer_z,
+            part_dims=tuple(spec.part_dims),
         )
         splits = {
             split.name: [(e.text_a, e.text_b, e.label) for e in split.examples] for split in request.splits

@@ -35,6 +35,9 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                              "delta; adamix: copies of one weight kind, routed per example while searching and "
                              "averaged for dev and test")
     search.add_argument("--adamix-copies", type=int, default=4, help="copies for --mix adamix")
+    search.add_argument("--part-dims", default="",
+                        help="a KIND+KIND delta: each part's share of --dim, comma-separated in kind order, "
+                             "summing to --dim minus the unipelt gates (default: equal shares)")
     search.add_argument("--prompt-length", type=int, default=50, help="prompt tokens (prompt, deep-prompt)")
     search.add_argument("--lora-rank", "--adapter-size", dest="rank", type=int, default=0,
                         help="rank of lora, bottleneck size of adapter (0: the kind's default, 4 and 8)")
@@ -93,7 +96,8 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
         task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
         budget=args.budget if args.budget is not None else TuneConfig.budget,
         popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, delta=args.delta,
-        rank=args.rank, targets=args.targets, mix=args.mix or "", adamix_copies=args.adamix_copies, placement=args.placement,
+        rank=args.rank, targets=args.targets, mix=args.mix or "", adamix_copies=args.adamix_copies,
+        part_dims=args.part_dims, placement=args.placement,
         projection=args.projection, optimizer=optimizer, strategy=args.strategy,
         turn_generations=args.turn_generations, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,

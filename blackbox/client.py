@@ -76,6 +76,7 @@ class DeltaSpec:
     rank: int = 0
     targets: tuple[str, ...] = ()
     per_layer_z: bool = False  # deep-prompt: one block of z per layer (BBTv2's layout)
+    part_dims: tuple[int, ...] = ()  # combinations: each part's share of z (): equal shares
 
 
 class BackboneClient:
@@ -137,7 +138,8 @@ class BackboneClient:
             ],
             template=template,
             verbalizer=list(verbalizer),
-            delta=pb.DeltaSpec(**{**delta.__dict__, "targets": list(delta.targets)}),
+            delta=pb.DeltaSpec(**{**delta.__dict__, "targets": list(delta.targets),
+                                  "part_dims": list(delta.part_dims)}),
             truncate=truncate,
         )
         response = self._call("CreateSession", request)

@@ -54,6 +54,8 @@ class TuneConfig:
     # weight kind, routed per example in search and averaged for dev and test); "": none.
     mix: str = ""
     adamix_copies: int = 4
+    # Combinations: each part's share of z, comma-separated in kind order ("": equal shares).
+    part_dims: str = ""
     placement: str = "before"
     projection: str = "normal"
     optimizer: str = "cma"
@@ -87,6 +89,12 @@ class TuneConfig:
             raise ValueError("bound must be > 0")
         if self.mix not in MIXES:
             raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(m for m in MIXES if m)}")
+        if self.part_dims:
+            if "+" not in self.delta:
+                raise ValueError(f"part-dims split z among the parts of a combination (KIND+KIND), not "
+                                 f"{self.delta!r}")
+            if not all(part.strip().isdigit() and int(part) >= 1 for part in self.part_dims.split(",")):
+                raise ValueError(f"part-dims must be sizes >= 1 separated by commas, got {self.part_dims!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
         if self.strategy == "divide-and-conquer":
@@ -128,7 +136,8 @@ def delta_spec(config: TuneConfig) -> DeltaSpec:
                      intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
                      projection_scale=config.alpha / config.sigma, rank=config.rank,
                      targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),
-                     per_layer_z=config.strategy == "divide-and-conquer" and config.delta_kind == "deep-prompt")
+                     per_layer_z=config.strategy == "divide-and-conquer" and config.delta_kind == "deep-prompt",
+                     part_dims=tuple(int(part) for part in config.part_dims.split(",") if part.strip()))
 
 
 def build_optimizer(config: TuneConfig, blocks: list[tuple[str, int]] | None = None):

@@ -26,6 +26,9 @@ class DeltaConfig:
     # deep-prompt only: every layer gets its own intrinsic_dim coordinates of z (BBTv2's
     # layout, for optimising one layer at a time) instead of all layers sharing one z.
     per_layer_z: bool = False
+    # Combinations only: the size of each part's slice of z, in kind order (the gates
+    # come on top); (): equal shares.
+    part_dims: tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
@@ -43,6 +46,9 @@ class DeltaConfig:
             raise InvalidArgument(f"targets must be non-empty module names, got {list(self.targets)}")
         if len(set(self.targets)) != len(self.targets):
             raise InvalidArgument(f"targets repeat a name: {list(self.targets)}")
+        object.__setattr__(self, "part_dims", tuple(int(d) for d in self.part_dims))
+        if any(d < 1 for d in self.part_dims):
+            raise InvalidArgument(f"part_dims must be >= 1 each, got {list(self.part_dims)}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,9 @@ def build_delta(config: DeltaConfig, backbone) -> Delta:
     if config.per_layer_z and config.kind != "deep-prompt":
         raise InvalidArgument(f"per_layer_z (one z block per layer) is for the deep-prompt kind alone, "
                               f"not {config.kind!r}")
+    if config.part_dims and "+" not in config.kind:
+        raise InvalidArgument(f"part_dims split z among the parts of a combination (KIND+KIND); "
+                              f"{config.kind!r} has one part")
     if "+" in config.kind or ":" in config.kind:  # combinations and mixes (deltas/combined.py)
         from backbone_server.deltas.combined import build_composite
 

@@ -18,9 +18,10 @@ get 0), rank to the parts that take one (lora, adapter), targets only when there
 exactly one weight part (lora, adapter, bias); otherwise targets are refused.
 
 z split rule: z = [z_0 | z_1 | ... | z_{k-1} | gates]; the k parts share the
-intrinsic_dim minus the gate coordinates (none without unipelt) EQUALLY, the remainder
-going to the first part: part i gets d // k (+ d % k for i = 0), consecutive slices in
-kind order. prompts(z) are the prompt-like part's (none without one), parameters(z) the
+intrinsic_dim minus the gate coordinates (none without unipelt): by the declared
+`part_dims` (one size per part, in kind order, summing to that), else EQUALLY, the
+remainder going to the first part: part i gets d // k (+ d % k for i = 0), consecutive
+slices in kind order. prompts(z) are the prompt-like part's (none without one), parameters(z) the
 concatenation of the parts' parameters in kind order (the parts whose parameters are not
 None: weight parts and the deep prompt's layer offsets), `patched` enters every such
 part's `patched` with its columns, changes_prefix is any part's and num_parameters the
@@ -160,10 +161,18 @@ class CombinedDelta(Delta):
                             if k in gated_kinds else 0 for k in kinds]
         self.num_gates = sum(self.gate_counts)
         shared = config.intrinsic_dim - self.num_gates
-        if shared < len(kinds):
+        if config.part_dims:
+            if len(config.part_dims) != len(kinds) or sum(config.part_dims) != shared:
+                raise InvalidArgument(
+                    f"part_dims {list(config.part_dims)} must give each of the {len(kinds)} parts of "
+                    f"{config.kind!r} its size, summing to intrinsic_dim {config.intrinsic_dim}"
+                    + (f" minus its {self.num_gates} gate coordinates ({shared})" if self.num_gates else ""))
+            self.dims = list(config.part_dims)
+        elif shared < len(kinds):
             raise InvalidArgument(f"intrinsic_dim {config.intrinsic_dim} is too small for {config.kind!r}: "
                                   f"{self.num_gates} gate coordinates plus at least one per part")
-        self.dims = [shared // len(kinds) + (shared % len(kinds) if i == 0 else 0) for i in range(len(kinds))]
+        else:
+            self.dims = [shared // len(kinds) + (shared % len(kinds) if i == 0 else 0) for i in range(len(kinds))]
         self.kinds = kinds
         self.parts: list[Delta] = []
         for i, (kind, dim) in enumerate(zip(kinds, self.dims)):

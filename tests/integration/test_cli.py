@@ -148,6 +148,17 @@ def test_divide_and_conquer_over_the_parts_of_a_combination(tmp_path):
     assert [record["block"] for record in log] == ["prompt", "prompt", "lora", "lora"]
 
 
+def test_declared_part_dims_reach_the_server(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--delta", "prompt+lora", "--part-dims", "4,2"]) == 0
+    assert json.loads((out / "result.json").read_text())["z_blocks"] == [{"name": "prompt", "size": 4},
+                                                                         {"name": "lora", "size": 2}]
+    assert main(TINY_RUN + ["--out", str(tmp_path / "bad"), "--delta", "prompt+lora", "--part-dims", "4,4"]) == 2
+    assert "summing to intrinsic_dim 6" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(TINY_RUN + ["--out", str(tmp_path / "bad"), "--delta", "lora", "--part-dims", "6"]) == 2
+    assert "parts of a combination" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--delta", "lora", "--strategy", "divide-and-conquer"], "needs z in several blocks"),
     (["--delta", "deep-prompt", "--strategy", "divide-and-conquer", "--optimizer", "gradient"],

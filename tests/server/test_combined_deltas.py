@@ -248,11 +248,28 @@ def test_gradient_matches_finite_differences(tiny_llama, kind):
     ("adamix0:lora", {}, "copies"),
     ("unipelt:prompt", {"prompt_length": 4}, "unipelt gates act on"),
     ("unipelt:lora+adapter+bias", {"intrinsic_dim": 7}, "too small"),
+    ("prompt+lora", {"prompt_length": 4, "part_dims": (4, 4)}, r"part_dims \[4, 4\] must .* summing to intrinsic_dim"),
+    ("prompt+lora", {"prompt_length": 4, "part_dims": (12,)}, "each of the 2 parts"),
+    ("unipelt:prompt+lora", {"prompt_length": 4, "intrinsic_dim": 10, "part_dims": (5, 5)}, "minus its 2 gate"),
+    ("lora", {"part_dims": (12,)}, "has one part"),
+    ("prompt+lora", {"prompt_length": 4, "part_dims": (0, 12)}, ">= 1 each"),
 ])
 def test_bad_kinds_are_refused(tiny_llama, kind, extra, message):
     config = {"prompt_length": 0, "intrinsic_dim": DIM, **extra}
     with pytest.raises(InvalidArgument, match=message):
         build_delta(DeltaConfig(kind, **config), tiny_llama)
+
+
+def test_declared_part_dims_split_z(tiny_llama):
+    delta = build_delta(DeltaConfig("unipelt:prompt+lora", 4, 12, part_dims=(7, 3)), tiny_llama)
+    gates = tiny_llama.num_layers
+    assert delta.z_blocks == [("prompt", 7), ("lora", 3), ("gates", gates)] and delta.z_dim == 12
+    assert [part.config.intrinsic_dim for part in delta.parts] == [7, 3]
+    # The prompt part reads exactly its 7 coordinates.
+    z = torch.zeros(1, 12)
+    z[0, 7:] = 1.0
+    prompt = build_delta(DeltaConfig("prompt", 4, 7), tiny_llama)  # part 0 keeps the session seed
+    torch.testing.assert_close(delta.prompts(z), prompt.prompts(torch.zeros(1, 7)), rtol=0, atol=0)
 
 
 def test_targets_go_to_the_single_weight_part(tiny_llama):
