@@ -18,6 +18,22 @@ def central_difference(engine, session, z, direction, loss="ce", eps=1e-2):
     return (values[0] - values[1]) / (2 * eps)
 
 
+def assert_gradients_match_finite_differences(engine, session, dim=6):
+    """The gradient at a random z agrees with a central difference along a random
+    direction, and a population's gradients equal those of its candidates one by one."""
+    z = population(1, dim=dim, scale=1.0)[0].astype(np.float64)
+    grad = engine.gradient(session.id, "train", z[None, :]).grad[0].astype(np.float64)
+    assert np.linalg.norm(grad) > 0
+    direction = np.random.default_rng(1).normal(size=dim)
+    np.testing.assert_allclose(grad @ direction, central_difference(engine, session, z, direction),
+                               rtol=2e-2, atol=1e-4)
+    zs = population(3, dim=dim, scale=1.0, seed=5)
+    together = engine.gradient(session.id, "train", zs)
+    for i in range(3):
+        alone = engine.gradient(session.id, "train", zs[i:i + 1])
+        np.testing.assert_allclose(together.grad[i], alone.grad[0], rtol=1e-4, atol=1e-6)
+
+
 def test_gradients_are_refused_unless_allowed(tiny_llama):
     engine = Engine(tiny_llama)
     session = make_session(engine)

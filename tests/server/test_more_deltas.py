@@ -22,7 +22,7 @@ from tests.server.test_engine import (
     population,
     template_for,
 )
-from tests.server.test_gradient import central_difference
+from tests.server.test_gradient import assert_gradients_match_finite_differences, central_difference
 from tests.server.test_weight_deltas import plain_logits
 
 KINDS = ["adapter", "deep-prompt"]
@@ -186,19 +186,7 @@ def test_deep_prompt_keeps_prefix_reuse_and_its_logits(tiny_llama):
 def test_gradient_matches_finite_differences(tiny_backbone, kind):
     engine = Engine(tiny_backbone, allow_gradients=True)
     session = make_kind_session(engine, kind)
-    z = population(1, scale=1.0)[0].astype(np.float64)
-    result = engine.gradient(session.id, "train", z[None, :])
-    grad = result.grad[0].astype(np.float64)
-    assert np.linalg.norm(grad) > 0
-    direction = np.random.default_rng(1).normal(size=6)
-    estimate = central_difference(engine, session, z, direction)
-    np.testing.assert_allclose(grad @ direction, estimate, rtol=2e-2, atol=1e-4)
-    # A population's gradients equal those of its candidates one by one.
-    zs = population(3, scale=1.0, seed=5)
-    together = engine.gradient(session.id, "train", zs)
-    for i in range(3):
-        alone = engine.gradient(session.id, "train", zs[i:i + 1])
-        np.testing.assert_allclose(together.grad[i], alone.grad[0], rtol=1e-4, atol=1e-6)
+    assert_gradients_match_finite_differences(engine, session)
 
 
 def test_deep_prompt_gradient_with_prefix_reuse(tiny_llama):

@@ -20,7 +20,7 @@ from tests.server.test_engine import (
     population,
     template_for,
 )
-from tests.server.test_gradient import central_difference
+from tests.server.test_gradient import assert_gradients_match_finite_differences, central_difference
 
 KINDS = ["lora", "bias"]
 
@@ -160,19 +160,7 @@ def test_weight_kinds_turn_prefix_reuse_off(tiny_llama, kind):
 def test_gradient_matches_finite_differences(tiny_backbone, kind):
     engine = Engine(tiny_backbone, allow_gradients=True)
     session = make_weight_session(engine, kind)
-    z = population(1, scale=1.0)[0].astype(np.float64)
-    result = engine.gradient(session.id, "train", z[None, :])
-    grad = result.grad[0].astype(np.float64)
-    assert np.linalg.norm(grad) > 0
-    direction = np.random.default_rng(1).normal(size=6)
-    estimate = central_difference(engine, session, z, direction)
-    np.testing.assert_allclose(grad @ direction, estimate, rtol=2e-2, atol=1e-4)
-    # A population's gradients equal those of its candidates one by one.
-    zs = population(3, scale=1.0, seed=5)
-    together = engine.gradient(session.id, "train", zs)
-    for i in range(3):
-        alone = engine.gradient(session.id, "train", zs[i:i + 1])
-        np.testing.assert_allclose(together.grad[i], alone.grad[0], rtol=1e-4, atol=1e-6)
+    assert_gradients_match_finite_differences(engine, session)
 
 
 @pytest.mark.parametrize("kind", KINDS)
