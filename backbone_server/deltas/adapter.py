@@ -53,15 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbone_server.deltas.base import (
-    ProjectedWeights,
     DeltaConfig,
+    ProjectedWeights,
     check_no_prompt,
+    default_targets,
     find_modules,
     forward_hooks,
-    matches,
     register_delta,
 )
-from backbone_server.errors import InvalidArgument
 
 DEFAULT_SIZE = 8
 DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"))
@@ -82,7 +81,7 @@ class Adapter(ProjectedWeights):
         self.hidden_size = backbone.hidden_size
         self.dtype = backbone.dtype
         body = backbone.body
-        targets = config.targets or self._default_targets(body)
+        targets = config.targets or default_targets(body, DEFAULT_TARGETS, _any_module, "modules", "adapter")
         self.modules = find_modules(body, targets, _any_module, "modules")
         self.description = (f"bottleneck adapter (size {self.size_m}, gelu) on the output of each of "
                             f"{len(self.modules)} modules ({', '.join(targets)})")
@@ -99,15 +98,6 @@ class Adapter(ProjectedWeights):
             starts += [torch.randn(m * width, generator=generator) / width ** 0.5, torch.zeros(width * m)]
             offset += 2 * m * width
         self._build_projection(config, backbone.device, scales, starts)  # W_d0 in every down block, zero in every up block
-
-    @staticmethod
-    def _default_targets(body: nn.Module) -> tuple[str, ...]:
-        names = [name for name, _ in body.named_modules()]
-        for pair in DEFAULT_TARGETS:
-            if all(any(matches(name, suffix) for name in names) for suffix in pair):
-                return pair
-        raise InvalidArgument("this model has no self_attn/mlp or attention.output.dense/output.dense modules; "
-                              "name the adapter targets explicitly")
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]

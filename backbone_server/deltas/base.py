@@ -216,13 +216,28 @@ def find_modules(root: torch.nn.Module, suffixes: tuple[str, ...], accept: Calla
     return [(name, module) for name, module in candidates if any(matches(name, s) for s in suffixes)]
 
 
+def default_targets(root: torch.nn.Module, choices: tuple[tuple[str, ...], ...],
+                    accept: Callable[[torch.nn.Module], bool], what: str, kind: str) -> tuple[str, ...]:
+    """The first group of module-name suffixes in `choices` whose every suffix names some
+    module under `root` that `accept` takes (e.g. q_proj/v_proj for Llama, query/value
+    for BERT-like models)."""
+    names = [name for name, module in root.named_modules() if accept(module)]
+    for group in choices:
+        if all(any(matches(name, suffix) for name in names) for suffix in group):
+            return group
+    raise InvalidArgument(f"this model has no {' or '.join('/'.join(group) for group in choices)} {what}; "
+                          f"name the {kind} targets explicitly")
+
+
 @contextlib.contextmanager
-def forward_hooks(hooks: list[tuple[torch.nn.Module, Callable]]):
-    """Registers each (module, hook) as a forward hook while entered; always removes them."""
+def forward_hooks(hooks: list[tuple[torch.nn.Module, Callable]], pre: bool = False):
+    """Registers each (module, hook) as a forward hook (with `pre`, as a forward pre-hook
+    that also gets the keyword arguments) while entered; always removes them."""
     handles = []
     try:
         for module, hook in hooks:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True) if pre
+                           else module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

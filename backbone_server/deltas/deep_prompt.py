@@ -35,12 +35,10 @@ from setting the scale).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
-from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
+from backbone_server.deltas.base import Delta, DeltaConfig, forward_hooks, register_delta
 from backbone_server.deltas.soft_prompt import SoftPrompt
 from backbone_server.errors import InvalidArgument
 from backbone_server.projection import make_projection
@@ -65,19 +63,6 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
-
-
-@contextlib.contextmanager
-def _pre_hooks(hooks):
-    """Registers each (module, hook) as a forward pre-hook with kwargs; always removes them."""
-    handles = []
-    try:
-        for module, hook in hooks:
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @register_delta("deep-prompt")
@@ -119,7 +104,7 @@ class DeepPrompt(Delta):
             spreads.append(position_spread.median().item())
 
         p0 = self.input.initial_prompt[None].to(self.dtype)
-        with torch.no_grad(), _pre_hooks([(layer, record) for layer in self.layers]):
+        with torch.no_grad(), forward_hooks([(layer, record) for layer in self.layers], pre=True):
             backbone.body(inputs_embeds=p0, attention_mask=torch.ones(p0.shape[:2], dtype=torch.long,
                                                                       device=p0.device))
         if len(spreads) != len(self.layers) or not all(s > 0 for s in spreads):
@@ -166,7 +151,7 @@ class DeepPrompt(Delta):
         for i, layer in enumerate(self.layers):
             offsets = params[:, i * n * h:(i + 1) * n * h].reshape(p, n, h)[:, which]  # (p, K, h)
             hooks.append((layer, _offset_hook(offsets.to(self.dtype), positions, p, size * width)))
-        return _pre_hooks(hooks)
+        return forward_hooks(hooks, pre=True)
 
 
 def _offset_hook(offsets: torch.Tensor, positions: torch.Tensor, p: int, rows: int):

@@ -34,15 +34,14 @@ import torch
 from torch import nn
 
 from backbone_server.deltas.base import (
-    ProjectedWeights,
     DeltaConfig,
+    ProjectedWeights,
     check_no_prompt,
+    default_targets,
     find_modules,
     forward_hooks,
-    matches,
     register_delta,
 )
-from backbone_server.errors import InvalidArgument
 
 DEFAULT_RANK = 4
 DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
@@ -63,7 +62,7 @@ class LoRA(ProjectedWeights):
         self.hidden_size = backbone.hidden_size
         self.dtype = backbone.dtype
         body = backbone.body
-        targets = config.targets or self._default_targets(body)
+        targets = config.targets or default_targets(body, DEFAULT_TARGETS, _is_linear, "Linear modules", "LoRA")
         self.modules = find_modules(body, targets, _is_linear, "Linear modules")
         self.description = (f"rank-{self.rank} update B A of the weight of each of {len(self.modules)} Linear "
                             f"modules ({', '.join(targets)})")
@@ -81,15 +80,6 @@ class LoRA(ProjectedWeights):
             starts += [torch.randn(r * fan_in, generator=generator) / fan_in ** 0.5, torch.zeros(r * fan_out)]
             offset += r * (fan_in + fan_out)
         self._build_projection(config, backbone.device, scales, starts)  # A0 in every A block, zero in every B block
-
-    @staticmethod
-    def _default_targets(body: nn.Module) -> tuple[str, ...]:
-        names = [name for name, module in body.named_modules() if _is_linear(module)]
-        for pair in DEFAULT_TARGETS:
-            if all(any(matches(name, suffix) for name in names) for suffix in pair):
-                return pair
-        raise InvalidArgument("this model has no q_proj/v_proj or query/value Linear modules; "
-                              "name the LoRA targets explicitly")
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
         p = params.shape[0]

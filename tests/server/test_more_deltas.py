@@ -228,7 +228,8 @@ class _KeywordLayer(torch.nn.Module):
 def test_deep_prompt_hook_takes_hidden_states_by_keyword_or_position():
     # Layers get their hidden states as args[0] or kwargs["hidden_states"] depending on
     # the transformers version; the offsets land at the prompt slots either way.
-    from backbone_server.deltas.deep_prompt import _offset_hook, _pre_hooks
+    from backbone_server.deltas.base import forward_hooks
+    from backbone_server.deltas.deep_prompt import _offset_hook
 
     layer = _KeywordLayer()
     hidden = torch.zeros(2, 3, 4)  # p = 2 candidates x B = 1 row, L = 3, h = 4
@@ -236,7 +237,7 @@ def test_deep_prompt_hook_takes_hidden_states_by_keyword_or_position():
     hook = _offset_hook(offsets, torch.tensor([1]), p=2, rows=3)
     expected = torch.zeros(2, 3, 4)
     expected[:, 1] = offsets[:, 0]
-    with _pre_hooks([(layer, hook)]):
+    with forward_hooks([(layer, hook)], pre=True):
         torch.testing.assert_close(layer(hidden_states=hidden), expected)
         torch.testing.assert_close(layer(hidden), expected)
     assert not layer._forward_pre_hooks
