@@ -199,10 +199,10 @@ class Engine:
             prompts = session.delta.prompts(population)
             params = session.delta.parameters(population)
             logits = self._empty_logits(session, len(z), len(selected))
-            for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, self.max_batch_tokens):
+            for bucket, prefix in self._bucket_inputs(session, split, start, selected, self.max_batch_tokens):
                 chunks = self._score_chunks(session, bucket, prompts, params, prefix, self.max_batch_tokens,
                                             _routing(session, split, start, bucket))
-                logits[:, index] = torch.cat([chunk for _, chunk in chunks])
+                logits[:, bucket.index] = torch.cat([chunk for _, chunk in chunks])
             return _scores(logits, labels)
 
     def gradient(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0,
@@ -231,12 +231,12 @@ class Engine:
             param_leaf = None if params is None else params.detach().requires_grad_()
             logits = self._empty_logits(session, len(z), len(selected))
             tokens = self.gradient_batch_tokens
-            for bucket, index, prefix in self._bucket_inputs(session, split, start, selected, tokens):
+            for bucket, prefix in self._bucket_inputs(session, split, start, selected, tokens):
                 routing = _routing(session, split, start, bucket)
                 for first, chunk in self._score_chunks(session, bucket, prompt_leaf, param_leaf, prefix, tokens,
                                                        routing):
                     p, size, classes = chunk.shape
-                    ce, hinge = _example_losses(chunk.reshape(p * size, classes), labels[index].repeat(p))
+                    ce, hinge = _example_losses(chunk.reshape(p * size, classes), labels[bucket.index].repeat(p))
                     # Sum over candidates of their mean over all selected examples.
                     try:
                         ((ce if loss == "ce" else hinge).sum() / len(selected)).backward()
@@ -248,7 +248,7 @@ class Engine:
                             "the backward ran out of device memory; the server lowered its gradient batch "
                             f"to {self.gradient_batch_tokens} tokens, retry the call"
                         ) from None
-                    logits[first:first + p, index] = chunk.detach()
+                    logits[first:first + p, bucket.index] = chunk.detach()
             outputs, grads = [], []
             for output, leaf in ((prompts, prompt_leaf), (params, param_leaf)):
                 if output is not None and output.requires_grad and leaf.grad is not None:
@@ -285,7 +285,7 @@ class Engine:
 
     def _bucket_inputs(self, session: Session, split: str, start: int, selected: list[EncodedExample],
                        tokens: int):
-        """Each bucket with its examples' positions in `selected` and its prefix states."""
+        """Each bucket (its `index`: its examples' positions in `selected`) with its prefix states."""
         key = (split, start, start + len(selected), tokens)
         buckets = session.bucket_cache.get(key)
         if buckets is None:
@@ -295,7 +295,7 @@ class Engine:
         for bucket in buckets:
             cache_key = (split, start, start + len(selected), bucket.indices[0], len(bucket.indices))
             prefix = self._prefix_states(session, bucket, cache_key) if bucket.reuse else None
-            yield bucket, bucket.index, prefix
+            yield bucket, prefix
 
     @staticmethod
     def _check_population(z: np.ndarray, dim: int) -> np.ndarray:
