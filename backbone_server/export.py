@@ -426,14 +426,18 @@ def apply_bias_shift(model: torch.nn.Module, folder: str | Path) -> Hooks:
     hooks); returns the hooks (`remove()` or a `with` block undoes it)."""
     _, tensors = _read_export(folder, "BLACKBOX_BIAS")
     hooks = Hooks()
-    for key, shift in tensors.items():
-        path = key.removeprefix(PEFT_PREFIX).removesuffix(".bias_shift")
-        module = model.get_submodule(path)
+    try:  # a module the model lacks leaves it as it was, like apply_adapters
+        for key, shift in tensors.items():
+            path = key.removeprefix(PEFT_PREFIX).removesuffix(".bias_shift")
+            module = model.get_submodule(path)
 
-        def hook(module, args, output, shift=shift):
-            return output + shift.to(device=output.device, dtype=output.dtype)
+            def hook(module, args, output, shift=shift):
+                return output + shift.to(device=output.device, dtype=output.dtype)
 
-        hooks.handles.append(module.register_forward_hook(hook))
+            hooks.handles.append(module.register_forward_hook(hook))
+    except Exception:
+        hooks.remove()
+        raise
     return hooks
 
 

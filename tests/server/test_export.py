@@ -157,6 +157,17 @@ def test_bias_export_reproduces_the_engine(tiny_backbone, tmp_path):
     np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["bias", "adapter"])
+def test_applying_to_a_model_without_a_target_installs_nothing(tiny_llama, tmp_path, kind):
+    config = DeltaConfig(kind, prompt_length=0, intrinsic_dim=DIM, seed=3)
+    export_delta(tiny_llama, config, random_z(), tmp_path / kind)
+    model = fresh_model(tiny_llama)
+    del model.model.layers[-1]  # the export's last targets are gone
+    with pytest.raises(AttributeError):
+        (apply_bias_shift if kind == "bias" else apply_adapters)(model, tmp_path / kind)
+    assert not any(module._forward_hooks for module in model.modules())
+
+
 def test_adapter_export_reproduces_the_engine(tiny_backbone, tmp_path):
     config = DeltaConfig("adapter", prompt_length=0, intrinsic_dim=DIM, seed=3, projection_scale=2.0, rank=4)
     z = random_z()
