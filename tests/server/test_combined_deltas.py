@@ -17,12 +17,11 @@ from backbone_server.errors import InvalidArgument
 from tests.server.test_engine import (
     EXAMPLES,
     VERBALIZER,
-    assert_batched_equals_one_by_one,
-    count_chunks,
+    assert_population_batches,
     population,
     template_for,
 )
-from tests.server.test_gradient import central_difference
+from tests.server.test_gradient import assert_gradients_match_finite_differences
 from tests.server.test_weight_deltas import plain_logits
 
 DIM = 12
@@ -70,10 +69,8 @@ def test_nonzero_z_changes_the_logits(tiny_backbone, kind):
 def test_batched_population_equals_candidates_one_by_one(tiny_backbone, kind, max_batch_tokens, monkeypatch):
     engine = Engine(tiny_backbone, max_batch_tokens=max_batch_tokens)
     session = make_session(engine, kind)
-    z = population(5, dim=DIM, scale=2.0)
-    chunks = count_chunks(engine, monkeypatch)
-    assert_batched_equals_one_by_one(engine, session.id, z)
-    assert (max(chunks) == 5) == (max_batch_tokens == 0)
+    assert_population_batches(engine, session.id, population(5, dim=DIM, scale=2.0), monkeypatch,
+                              chunked=max_batch_tokens > 0)
 
 
 @pytest.mark.parametrize("kind", ["prompt+lora", "lora+adapter+bias", "deep-prompt+lora", "adamix3:bias"])
@@ -228,12 +225,7 @@ def test_adamix_routed_subrange_matches_the_full_split(tiny_llama):
 def test_gradient_matches_finite_differences(tiny_llama, kind):
     engine = Engine(tiny_llama, allow_gradients=True)
     session = make_session(engine, kind)
-    z = population(1, dim=DIM, scale=1.0)[0].astype(np.float64)
-    grad = engine.gradient(session.id, "train", z[None, :]).grad[0].astype(np.float64)
-    assert np.linalg.norm(grad) > 0
-    direction = np.random.default_rng(1).normal(size=DIM)
-    np.testing.assert_allclose(grad @ direction, central_difference(engine, session, z, direction),
-                               rtol=2e-2, atol=1e-4)
+    assert_gradients_match_finite_differences(engine, session, dim=DIM)
 
 
 @pytest.mark.parametrize("kind, extra, message", [

@@ -71,6 +71,17 @@ def assert_batched_equals_one_by_one(engine, session_id, z):
     np.testing.assert_array_equal(batched.accuracy, np.concatenate([s.accuracy for s in single]))
 
 
+def assert_population_batches(engine, session_id, z, monkeypatch, chunked: bool):
+    """Batched equals one by one, and the whole population runs in one forward (or, when
+    `chunked`, the engine's token bound split it into several)."""
+    chunks = count_chunks(engine, monkeypatch)
+    assert_batched_equals_one_by_one(engine, session_id, z)
+    if chunked:
+        assert max(chunks) < len(z)
+    else:
+        assert max(chunks) == len(z)
+
+
 @pytest.mark.parametrize("placement", ["before", "after"])
 def test_zero_z_gives_the_plain_model_logits(tiny_backbone, placement):
     engine = Engine(tiny_backbone)

@@ -17,7 +17,7 @@ from tests.server.test_engine import (
     EXAMPLES,
     VERBALIZER,
     assert_batched_equals_one_by_one,
-    count_chunks,
+    assert_population_batches,
     plain_forward_logits,
     population,
     template_for,
@@ -90,13 +90,8 @@ def test_deep_prompt_layers_act_beyond_the_input_prompt(tiny_backbone):
 def test_batched_population_equals_candidates_one_by_one(tiny_backbone, kind, max_batch_tokens, monkeypatch):
     engine = Engine(tiny_backbone, max_batch_tokens=max_batch_tokens)
     session = make_kind_session(engine, kind)
-    z = population(7, scale=2.0)
-    chunks = count_chunks(engine, monkeypatch)
-    assert_batched_equals_one_by_one(engine, session.id, z)
-    if max_batch_tokens == 0:
-        assert max(chunks) == 7  # the whole population in one forward
-    else:
-        assert max(chunks) < 7  # chunked
+    assert_population_batches(engine, session.id, population(7, scale=2.0), monkeypatch,
+                              chunked=max_batch_tokens > 0)
 
 
 @pytest.mark.parametrize("rank", [0, 3])

@@ -15,8 +15,7 @@ from backbone_server.errors import InvalidArgument
 from tests.server.test_engine import (
     EXAMPLES,
     VERBALIZER,
-    assert_batched_equals_one_by_one,
-    count_chunks,
+    assert_population_batches,
     population,
     template_for,
 )
@@ -70,13 +69,8 @@ def test_nonzero_z_changes_the_logits(tiny_backbone, kind):
 def test_batched_population_equals_candidates_one_by_one(tiny_backbone, kind, max_batch_tokens, monkeypatch):
     engine = Engine(tiny_backbone, max_batch_tokens=max_batch_tokens)
     session = make_weight_session(engine, kind)
-    z = population(7, scale=2.0)
-    chunks = count_chunks(engine, monkeypatch)
-    assert_batched_equals_one_by_one(engine, session.id, z)
-    if max_batch_tokens == 0:
-        assert max(chunks) == 7  # the whole population in one forward
-    else:
-        assert max(chunks) < 7  # chunked
+    assert_population_batches(engine, session.id, population(7, scale=2.0), monkeypatch,
+                              chunked=max_batch_tokens > 0)
 
 
 def _lora_size(backbone, rank):
