@@ -23,7 +23,7 @@ from tests.server.test_engine import (
     template_for,
 )
 from tests.server.test_gradient import assert_gradients_match_finite_differences, central_difference
-from tests.server.test_weight_deltas import plain_logits
+from tests.server.test_weight_deltas import assert_evaluate_leaves_the_model_as_it_was, hooks_left, plain_logits
 
 KINDS = ["adapter", "deep-prompt"]
 PROMPT_LENGTH = {"adapter": 0, "deep-prompt": 4}
@@ -33,10 +33,6 @@ def make_kind_session(engine, kind, dim=6, seed=3, placement="before", template=
     config = DeltaConfig(kind, prompt_length=PROMPT_LENGTH[kind], intrinsic_dim=dim, seed=seed, **delta)
     template = template or template_for(engine.backbone, placement)
     return engine.create_session({"train": EXAMPLES}, template, VERBALIZER, config)
-
-
-def hooks_left(backbone):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in backbone.model.modules())
 
 
 def hooked_modules(delta):
@@ -136,13 +132,7 @@ def test_modules_are_restored_after_evaluate(tiny_backbone, kind):
     engine = Engine(tiny_backbone)
     session = make_kind_session(engine, kind)
     ordinary = plain_logits if kind == "adapter" else plain_forward_logits  # a forward without hooks
-    before = ordinary(tiny_backbone, session)
-    state = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
-    engine.evaluate(session.id, "train", population(3, scale=2.0))
-    assert hooks_left(tiny_backbone) == 0
-    np.testing.assert_array_equal(ordinary(tiny_backbone, session), before)
-    for key, value in tiny_backbone.model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_evaluate_leaves_the_model_as_it_was(engine, session, ordinary)
 
 
 @pytest.mark.parametrize("kind", KINDS)

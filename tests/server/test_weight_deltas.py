@@ -41,7 +41,21 @@ def plain_logits(backbone, session):
 
 
 def hooks_left(backbone):
-    return sum(len(m._forward_hooks) for m in backbone.model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in backbone.model.modules())
+
+
+def assert_evaluate_leaves_the_model_as_it_was(engine, session, ordinary=None):
+    """After scoring a population, no hook is left, no weight changed, and `ordinary` (a
+    forward without the engine; default the plain model) scores as it did before."""
+    backbone = engine.backbone
+    ordinary = ordinary or plain_logits
+    before = ordinary(backbone, session)
+    state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    engine.evaluate(session.id, "train", population(3, scale=2.0))
+    assert hooks_left(backbone) == 0
+    np.testing.assert_array_equal(ordinary(backbone, session), before)
+    for key, value in backbone.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -116,14 +130,7 @@ def test_bias_parameter_count_and_description(tiny_llama, tiny_roberta):
 @pytest.mark.parametrize("kind", KINDS)
 def test_modules_are_restored_after_evaluate(tiny_backbone, kind):
     engine = Engine(tiny_backbone)
-    session = make_weight_session(engine, kind)
-    before = plain_logits(tiny_backbone, session)
-    state = {k: v.clone() for k, v in tiny_backbone.model.state_dict().items()}
-    engine.evaluate(session.id, "train", population(3, scale=2.0))
-    assert hooks_left(tiny_backbone) == 0
-    np.testing.assert_array_equal(plain_logits(tiny_backbone, session), before)
-    for key, value in tiny_backbone.model.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert_evaluate_leaves_the_model_as_it_was(engine, make_weight_session(engine, kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)
