@@ -123,9 +123,13 @@ class DenseProjection(Projection):
         self.matrix_t = matrix.t().contiguous().to(device=device, dtype=dtype)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        """(P, d) -> (P, D)."""
+        """(P, d) -> (P, D), one vector-matrix product per candidate: a matmul over the
+        whole population picks its kernel by P, and its results differ in the last bit
+        from those of another P, so a population split over replicas (or scored one by
+        one) would not score exactly as it does whole."""
         self._check_input(z)
-        return z.to(device=self.matrix_t.device, dtype=self.matrix_t.dtype) @ self.matrix_t
+        z = z.to(device=self.matrix_t.device, dtype=self.matrix_t.dtype)
+        return torch.stack([row @ self.matrix_t for row in z])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"matrix_t": self.matrix_t}

@@ -134,6 +134,18 @@ def test_shape_batching_zero_and_linearity(kind):
 
 
 @pytest.mark.parametrize("kind", PROJECTION_KINDS)
+def test_a_candidate_projects_the_same_bits_in_any_population(kind):
+    """Replicas score shares of a population, a client may score candidates one by one:
+    each candidate's delta must not depend on who else is in its call."""
+    projection = build(kind)
+    z = normal_z(20, 100)
+    whole = projection(z)
+    for part in (z[:1], z[:3], z[3:10], z[10:]):
+        first = next(i for i in range(len(z)) if torch.equal(z[i], part[0]))
+        assert torch.equal(projection(part), whole[first:first + len(part)])
+
+
+@pytest.mark.parametrize("kind", PROJECTION_KINDS)
 def test_spread_matches_the_dense_normal_projection(kind):
     """For z ~ N(0, I), each output has standard deviation about std * sqrt(d)."""
     d = 100 if kind != "identity" else 2000
