@@ -25,7 +25,7 @@ from .base import (
 from .cma_es import CMAES, SepCMAES
 from .gradient import GradientDescent
 from .mezo import MeZO
-from .nevergrad_opt import NevergradOptimizer, nevergrad_optimizer_names
+from .nevergrad_opt import NevergradOptimizer
 
 __all__ = [
     "BaseOptimizer",
@@ -38,7 +38,6 @@ __all__ = [
     "SepCMAES",
     "available_optimizers",
     "make_optimizer",
-    "nevergrad_optimizer_names",
     "optimizer_class",
     "pinned_blas",
     "register_optimizer",

@@ -35,7 +35,9 @@ __all__ = [
     "BaseOptimizer",
     "GlobalRNGSandbox",
     "available_optimizers",
+    "check_int",
     "check_option_keys",
+    "check_positive_float",
     "make_optimizer",
     "optimizer_class",
     "pinned_blas",
@@ -58,6 +60,9 @@ class Optimizer(Protocol):
 
     @property
     def best(self) -> tuple[np.ndarray, float]: ...
+
+    @property
+    def active_block(self) -> int | None: ...
 
     def state_dict(self) -> bytes: ...
 
@@ -211,7 +216,7 @@ def check_option_keys(optimizer: str, options: Mapping[str, Any], allowed: list[
         )
 
 
-def _check_int(what: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+def check_int(what: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{what} must be an integer, got {value!r}")
     value = int(value)
@@ -221,7 +226,7 @@ def _check_int(what: str, value: Any, minimum: int, maximum: int | None = None) 
     return value
 
 
-def _check_positive_float(what: str, value: Any) -> float:
+def check_positive_float(what: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{what} must be a real number, got {value!r}")
     value = float(value)
@@ -293,11 +298,11 @@ class BaseOptimizer(ABC):
         options: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
-        self.dim = _check_int("dim", dim, minimum=1)
-        self.popsize = self.fixed_popsize or _check_int("popsize", popsize, minimum=self.min_popsize)
+        self.dim = check_int("dim", dim, minimum=1)
+        self.popsize = self.fixed_popsize or check_int("popsize", popsize, minimum=self.min_popsize)
         # < 2**32 because numpy's legacy RandomState (pycma, nevergrad) takes 32-bit seeds.
-        self.seed = _check_int("seed", seed, minimum=0, maximum=2**32 - 1)
-        self.sigma0 = _check_positive_float("sigma0", sigma0)
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
+        self.sigma0 = check_positive_float("sigma0", sigma0)
         self.bounds = _check_bounds(bounds)
         if options is not None and not isinstance(options, Mapping):
             raise ValueError(f"options must be a dict or None, got {type(options).__name__}")
@@ -417,6 +422,12 @@ class BaseOptimizer(ABC):
         if self._best_x is None:
             return np.zeros(self.dim), math.inf
         return self._best_x.copy(), self._best_loss
+
+    @property
+    def active_block(self) -> int | None:
+        """The block of z the pending (or next) ask changes, for optimizers that search z
+        in blocks (divide and conquer); None: every ask changes all of z."""
+        return None
 
     def state_dict(self) -> bytes:
         payload = {

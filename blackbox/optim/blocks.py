@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BaseOptimizer, _check_int, make_optimizer, optimizer_class
+from .base import BaseOptimizer, check_int, make_optimizer, optimizer_class
 
 # Inner optimizer i is seeded with seed + i * BLOCK_SEED_STRIDE (under 2**32 for pycma).
 BLOCK_SEED_STRIDE = 7919
@@ -50,7 +50,7 @@ class DivideAndConquer(BaseOptimizer):
         if inner.fixed_popsize:
             raise ValueError(f"{options['inner']!r} has a fixed popsize; divide and conquer needs a population")
         options["blocks"] = tuple(int(b) for b in blocks)
-        options["turn_generations"] = _check_int("turn_generations", options["turn_generations"], minimum=1)
+        options["turn_generations"] = check_int("turn_generations", options["turn_generations"], minimum=1)
         options["inner_options"] = dict(options["inner_options"] or {})
         return options
 
@@ -97,3 +97,7 @@ class DivideAndConquer(BaseOptimizer):
 
     def _stop(self) -> bool:
         return all(inner.stop() for inner in self.inner)
+
+    @property
+    def active_block(self) -> int:
+        return self.active

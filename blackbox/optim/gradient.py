@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BaseOptimizer, _check_positive_float, register_optimizer
+from .base import BaseOptimizer, check_positive_float, register_optimizer
 
 METHODS = ("adam", "sgd")
 
@@ -40,8 +40,8 @@ class GradientDescent(BaseOptimizer):
         if options["method"] not in METHODS:
             raise ValueError(f"gradient option 'method' must be one of {', '.join(METHODS)}, got {options['method']!r}")
         lr = options["lr"]
-        options["lr"] = _check_positive_float("gradient option 'lr'", 0.1 * self.sigma0 if lr is None else lr)
-        options["eps"] = _check_positive_float("gradient option 'eps'", options["eps"])
+        options["lr"] = check_positive_float("gradient option 'lr'", 0.1 * self.sigma0 if lr is None else lr)
+        options["eps"] = check_positive_float("gradient option 'eps'", options["eps"])
         beta1, beta2 = (float(b) for b in options["betas"])
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"gradient option 'betas' must both be in [0, 1), got {options['betas']!r}")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BaseOptimizer, _check_positive_float, register_optimizer
+from .base import BaseOptimizer, check_positive_float, register_optimizer
 
 
 @register_optimizer("mezo")
@@ -37,9 +37,9 @@ class MeZO(BaseOptimizer):
         options = super()._resolve_options(options)
         if self.popsize % 2:
             raise ValueError(f"mezo needs an even popsize (pairs of +/- evaluations), got {self.popsize}")
-        options["lr"] = _check_positive_float("mezo option 'lr'", options["lr"])
+        options["lr"] = check_positive_float("mezo option 'lr'", options["lr"])
         eps = options["eps"]
-        options["eps"] = _check_positive_float("mezo option 'eps'", 1e-3 * self.sigma0 if eps is None else eps)
+        options["eps"] = check_positive_float("mezo option 'eps'", 1e-3 * self.sigma0 if eps is None else eps)
         wd = float(options["weight_decay"])
         if not wd >= 0.0 or not np.isfinite(wd):
             raise ValueError(f"mezo option 'weight_decay' must be finite and >= 0, got {wd}")

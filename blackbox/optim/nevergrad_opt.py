@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .base import BaseOptimizer, _check_int, register_optimizer
+from .base import BaseOptimizer, check_int, register_optimizer
 
 PREFIX = "ng:"
 _SHIM_MARK = "_blackbox_numpy24_shim"
@@ -72,13 +72,6 @@ def _import_nevergrad() -> Any:
         optimizerlib.learn_on_k_best = learn_on_k_best
         assert differentialevolution.metamodel is metamodel
     return ng
-
-
-def nevergrad_optimizer_names() -> list[str]:
-    """Every ``ng:<NAME>`` this installation of nevergrad offers."""
-    ng = _import_nevergrad()
-
-    return [PREFIX + n for n in sorted(ng.optimizers.registry)]
 
 
 def _resolve_name(full_name: str) -> str:
@@ -149,7 +142,7 @@ class NevergradOptimizer(BaseOptimizer):
             raise ValueError(f"{self.name}: option 'bounds_method' needs bounds")
         options = super()._resolve_options(options)
         if options["budget"] is not None:
-            options["budget"] = _check_int(f"{self.name} option 'budget'", options["budget"], minimum=1)
+            options["budget"] = check_int(f"{self.name} option 'budget'", options["budget"], minimum=1)
         return options
 
     def _setup(self) -> None:
