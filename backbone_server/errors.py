@@ -9,27 +9,27 @@ from __future__ import annotations
 import grpc
 
 
-class BackboneError(Exception):
+class ServiceError(Exception):
     """Base class: an error the caller can act on, with a message safe to show."""
 
     code = grpc.StatusCode.INTERNAL
 
 
-class InvalidArgument(BackboneError):
+class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class NotFound(BackboneError):
+class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class ResourceExhausted(BackboneError):
+class ResourceExhausted(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class Unavailable(BackboneError):
+class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class PermissionDenied(BackboneError):
+class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED

@@ -78,7 +78,7 @@ def bundled_gguf_path() -> Path:
     return files[0]
 
 
-def _bundled_model_folder() -> Path:
+def bundled_model_folder() -> Path:
     """A safetensors copy of the bundled model, converted from GGUF on first use.
 
     Dequantising the GGUF takes ~25 s on a CPU; the copy loads in about a second. The
@@ -209,7 +209,7 @@ def load_backbone(name: str, device: str = "auto", dtype: str = "auto",
         model, tokenizer = build_tiny_llama() if name == "tiny-llama" else build_tiny_roberta()
         architecture = "causal" if name == "tiny-llama" else "masked"
     elif name == BUNDLED_MODEL:
-        model, tokenizer, architecture = _load_folder(_bundled_model_folder(), torch_dtype, device_map)
+        model, tokenizer, architecture = _load_folder(bundled_model_folder(), torch_dtype, device_map)
     elif Path(name).expanduser().is_dir():
         model, tokenizer, architecture = _load_folder(Path(name).expanduser(), torch_dtype, device_map)
     else:

@@ -18,11 +18,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from backbone_server.errors import BackboneError
+from backbone_server.errors import ServiceError
 from backbone_server.options import add_server_arguments
 from backbone_server.servicer import BackboneServicer
 from blackbox.v1 import backbone_pb2, backbone_pb2_grpc
-from blackbox.wire import GRPC_OPTIONS
+from blackbox.v1.wire import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def guarded(request, context):
             try:
                 return inner(request, context)
-            except BackboneError as error:
+            except ServiceError as error:
                 context.abort(error.code, str(error))
             except Exception:
                 log.exception("unexpected error in %s", method)

@@ -6,15 +6,13 @@ import time
 
 import numpy as np
 
-from backbone_server.deltas import DELTA_KINDS
-from backbone_server.deltas.base import DeltaConfig
-from backbone_server.deltas.combined import DELTA_FORMS
+from backbone_server.deltas import DeltaConfig, delta_forms, kind_infos
 from backbone_server.engine import Engine
 from backbone_server.errors import InvalidArgument, Unavailable
 from backbone_server.projection import PROJECTION_KINDS
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1 import backbone_pb2_grpc
-from blackbox.wire import WireError, array_to_tensor, tensor_to_array
+from blackbox.v1.wire import WireError, array_to_tensor, tensor_to_array
 
 
 class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
@@ -31,6 +29,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
     def GetInfo(self, request, context):
         engine = self._engine()
         backbone = engine.backbone
+        kinds = kind_infos()
         return pb.ModelInfo(
             model_name=backbone.name,
             architecture=backbone.architecture,
@@ -38,31 +37,20 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             num_layers=backbone.num_layers,
             vocab_size=backbone.embeddings.weight.shape[0],
             max_length=backbone.max_length,
-            delta_kinds=sorted(DELTA_KINDS),
+            delta_kinds=[kind.name for kind in kinds],
             projection_kinds=list(PROJECTION_KINDS),
             device=str(backbone.device),
             dtype=str(backbone.dtype).removeprefix("torch."),
             max_batch_tokens=engine.max_batch_tokens,
             gradients_enabled=engine.allow_gradients,
             memory_plan=engine.memory_plan.reason,
-            delta_forms=list(DELTA_FORMS),
+            delta_forms=delta_forms(),
+            kinds=[kind.to_message() for kind in kinds],
         )
 
     def CreateSession(self, request, context):
         engine = self._engine()
-        spec = request.delta
-        delta = DeltaConfig(
-            kind=spec.kind or "prompt",
-            prompt_length=spec.prompt_length,
-            intrinsic_dim=spec.intrinsic_dim,
-            projection=spec.projection or "normal",
-            seed=spec.seed,
-            projection_scale=spec.projection_scale or 1.0,
-            rank=spec.rank,
-            targets=tuple(spec.targets),
-            per_layer_z=spec.per_layer_z,
-            part_dims=tuple(spec.part_dims),
-        )
+        delta = DeltaConfig.from_message(request.delta)
         splits = {
             split.name: [(e.text_a, e.text_b, e.label) for e in split.examples] for split in request.splits
         }
@@ -91,7 +79,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             hinge_loss=array_to_tensor(scores.hinge_loss),
             accuracy=array_to_tensor(scores.accuracy),
             logits=array_to_tensor(scores.logits) if request.return_logits else None,
-            num_examples=scores.logits.shape[1],
+            num_examples=scores.num_examples,
             server_ms=(time.perf_counter() - started) * 1e3,
         )
 

@@ -90,7 +90,7 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
 
 
 def _config_from_args(args: argparse.Namespace, optimizer: str):
-    from blackbox.tuner import TuneConfig
+    from blackbox.tune_config import TuneConfig
 
     return TuneConfig(
         task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
@@ -130,7 +130,8 @@ def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) 
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from blackbox.tuner import resume_config, run_tune
+    from blackbox.tune_config import resume_config
+    from blackbox.tuner import run_tune
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
@@ -177,7 +178,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     with BackboneClient(args.server) as client:
         client.wait_ready(timeout=args.timeout)
-        print(json.dumps(client.get_info().__dict__, indent=2))
+        print(json.dumps(dataclasses.asdict(client.get_info()), indent=2))
     return 0
 
 
@@ -192,16 +193,13 @@ def _tasks(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     try:
-        from backbone_server.errors import BackboneError as ServerError
-        from backbone_server.export import export_run
+        from blackbox.export import export_run
+        import backbone_server.export  # noqa: F401  (the server extra writes the tensors)
     except ImportError as error:
         raise RuntimeError(f"export needs the server extra ({error.name} is missing): "
                            "pip install 'blackbox-tuner[server]'") from None
-    try:
-        manifest = export_run(args.run_dir, args.out, model=args.model, device=args.device, dtype=args.dtype,
-                              fold_prefix=args.fold_prefix, overwrite=args.overwrite)
-    except ServerError as error:
-        raise ValueError(str(error)) from None
+    manifest = export_run(args.run_dir, args.out, model=args.model, device=args.device, dtype=args.dtype,
+                          fold_prefix=args.fold_prefix, overwrite=args.overwrite)
     print(f"exported the {manifest['kind']} delta of {args.run_dir} ({manifest['peft_type']}, |z| = "
           f"{manifest['z_norm']:.4g}) to {args.out}: {', '.join(manifest['files'])}")
     print(f"load: {manifest['how_to_load']}")

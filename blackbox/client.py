@@ -6,6 +6,7 @@ server said, so a CLI user never sees a raw RpcError.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -16,7 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1 import backbone_pb2_grpc
-from blackbox.wire import GRPC_OPTIONS, array_to_tensor, tensor_to_array
+from blackbox.v1.delta_spec import DeltaForm, DeltaSpec, KindInfo
+from blackbox.v1.wire import GRPC_OPTIONS, array_to_tensor, tensor_to_array
+
+__all__ = ["BackboneClient", "BackboneError", "DeltaForm", "DeltaSpec", "Gradients", "KindInfo", "ModelInfo",
+           "Scores", "Session"]
 
 
 class BackboneError(RuntimeError):
@@ -54,6 +59,7 @@ class ModelInfo:
     gradients_enabled: bool
     memory_plan: str
     delta_forms: tuple[str, ...] = ()
+    kinds: dict[str, KindInfo] = dataclasses.field(default_factory=dict)  # what each of delta_kinds takes
 
 
 @dataclass
@@ -63,20 +69,6 @@ class Gradients:
     grad: np.ndarray  # (P, d): d loss / d z
     num_examples: int
     server_ms: float
-
-
-@dataclass(frozen=True)
-class DeltaSpec:
-    kind: str = "prompt"
-    prompt_length: int = 50
-    intrinsic_dim: int = 500
-    projection: str = "normal"
-    seed: int = 0
-    projection_scale: float = 1.0
-    rank: int = 0
-    targets: tuple[str, ...] = ()
-    per_layer_z: bool = False  # deep-prompt: one block of z per layer (BBTv2's layout)
-    part_dims: tuple[int, ...] = ()  # combinations: each part's share of z (): equal shares
 
 
 class BackboneClient:
@@ -124,6 +116,7 @@ class BackboneClient:
             gradients_enabled=info.gradients_enabled,
             memory_plan=info.memory_plan,
             delta_forms=tuple(info.delta_forms),
+            kinds={kind.name: KindInfo.from_message(kind) for kind in info.kinds},
         )
 
     def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
@@ -138,8 +131,7 @@ class BackboneClient:
             ],
             template=template,
             verbalizer=list(verbalizer),
-            delta=pb.DeltaSpec(**{**delta.__dict__, "targets": list(delta.targets),
-                                  "part_dims": list(delta.part_dims)}),
+            delta=delta.to_message(),
             truncate=truncate,
         )
         response = self._call("CreateSession", request)
@@ -163,10 +155,8 @@ class Session:
         self.id = response.session_id
         self.delta = delta
         self.split_sizes = dict(response.split_sizes)
-        self.verbalizer_token_ids = list(response.verbalizer_token_ids)
         self.prompt_position = response.prompt_position
         self.prefix_reuse = response.prefix_reuse
-        self.truncated_examples = response.truncated_examples
         # z's length and its (name, size) blocks; servers older than the field send neither.
         self.z_dim = response.z_dim or delta.intrinsic_dim
         self.z_blocks = [(block.name, block.size) for block in response.z_blocks] or [("z", self.z_dim)]

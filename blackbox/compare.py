@@ -11,7 +11,8 @@ from typing import Any
 
 from blackbox.client import BackboneClient
 from blackbox.report import plot_comparison
-from blackbox.tuner import TuneConfig, build_optimizer, run_tune
+from blackbox.tune_config import TuneConfig, build_optimizer
+from blackbox.tuner import run_tune
 
 COLUMNS = ("optimizer", "best_dev_acc", "test_acc", "zero_shot_test_acc", "api_calls", "generations",
            "best_generation", "stop_reason", "wall_s")

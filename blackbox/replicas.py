@@ -171,10 +171,8 @@ class ReplicatedSession:
         self.id = ",".join(session.id for session in sessions.values())
         self.delta = first.delta
         self.split_sizes = first.split_sizes
-        self.verbalizer_token_ids = first.verbalizer_token_ids
         self.prompt_position = first.prompt_position
         self.prefix_reuse = first.prefix_reuse
-        self.truncated_examples = first.truncated_examples
         self.z_dim = first.z_dim
         self.z_blocks = first.z_blocks
 

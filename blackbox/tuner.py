@@ -2,7 +2,8 @@
 
 The loop owns the bookkeeping the objective must not do: counting API calls, checking
 the generation's best candidate on dev, keeping the best-on-dev z, logging, and the
-final test evaluation of that z.
+final test evaluation of that z. `RunState` is where the run stands after a generation,
+and exactly what its checkpoint holds; `run_generation` is one step of the loop.
 """
 
 from __future__ import annotations
@@ -16,103 +17,42 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from blackbox.client import BackboneClient, BackboneError, DeltaSpec, Session
+from blackbox.client import BackboneClient, BackboneError, Session
 from blackbox.objective import Objective
-from blackbox.optim import make_optimizer, optimizer_class
-from blackbox.optim.blocks import DivideAndConquer
+from blackbox.optim import Optimizer, optimizer_class
 from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
 from blackbox.tasks import get_task, load_split, place_prompt
+from blackbox.tune_config import TuneConfig, build_optimizer, check_resumable, delta_spec
 
-# Delta kinds that put vectors at {prompt}; the others change modules and take no prompt.
-PROMPT_KINDS = ("prompt", "deep-prompt")
-MIXES = ("", "unipelt", "adamix")
-# "joint": one optimizer searches all of z; "divide-and-conquer": one optimizer per block
-# of z (a per-layer deep prompt's layers, a combination's parts), taking turns (BBTv2).
-STRATEGIES = ("joint", "divide-and-conquer")
+__all__ = ["RunState", "evaluate_split", "run_generation", "run_tune"]
 
 # Test splits are scored in slices so that long evaluations show progress.
 EVAL_SLICE = 256
 
 
 @dataclass
-class TuneConfig:
-    task: str = "sst2"
-    seed: int = 13
-    k: int = 16
-    data_dir: str | None = None
-    budget: int = 8000
-    popsize: int = 20
-    dim: int = 500
-    prompt_length: int = 50
-    delta: str = "prompt"
-    # Weight kinds: the rank of low-rank ones (0: the kind's default) and the module-name
-    # suffixes they change, comma-separated ("": the kind's default).
-    rank: int = 0
-    targets: str = ""
-    # "unipelt" (per-layer gates on every part of `delta`) or "adamix" (copies of one
-    # weight kind, routed per example in search and averaged for dev and test); "": none.
-    mix: str = ""
-    adamix_copies: int = 4
-    # Combinations: each part's share of z, comma-separated in kind order ("": equal shares).
-    part_dims: str = ""
-    placement: str = "before"
-    projection: str = "normal"
-    optimizer: str = "cma"
-    strategy: str = "joint"
-    # divide-and-conquer: generations of one block's optimizer before the next block's turn.
-    turn_generations: int = 1
-    sigma: float = 1.0
-    alpha: float = 1.0
-    bound: float | None = None
-    loss: str = "ce"
-    dev_every: int = 1
-    # Stop when the best dev accuracy has not improved for this many generations (0: never).
-    patience: int = 0
-    # Stop starting generations after this many seconds of the run (0: no limit).
-    max_wall_s: float = 0.0
-    truncate: bool = False
-    out: str = "runs/tune"
+class RunState:
+    """Where a run stands after its last finished generation: the checkpoint's contents."""
 
-    def __post_init__(self):
-        for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        generation = optimizer_class(self.optimizer).fixed_popsize or self.popsize
-        if self.budget < generation:
-            raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {generation})")
-        if not self.sigma > 0 or not self.alpha > 0:
-            raise ValueError("sigma and alpha must be > 0")
-        if self.patience < 0 or self.max_wall_s < 0:
-            raise ValueError("patience and max-wall-s must be >= 0 (0 turns them off)")
-        if self.bound is not None and not self.bound > 0:
-            raise ValueError("bound must be > 0")
-        if self.mix not in MIXES:
-            raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(m for m in MIXES if m)}")
-        if self.part_dims:
-            if "+" not in self.delta:
-                raise ValueError(f"part-dims split z among the parts of a combination (KIND+KIND), not "
-                                 f"{self.delta!r}")
-            if not all(part.strip().isdigit() and int(part) >= 1 for part in self.part_dims.split(",")):
-                raise ValueError(f"part-dims must be sizes >= 1 separated by commas, got {self.part_dims!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
-        if self.strategy == "divide-and-conquer":
-            method = optimizer_class(self.optimizer)
-            if method.uses_gradients or method.fixed_popsize:
-                raise ValueError(f"divide-and-conquer runs a population-based method per block, not "
-                                 f"{self.optimizer!r}")
-            if not (self.delta_kind == "deep-prompt" or "+" in self.delta or self.mix == "unipelt"):
-                raise ValueError("divide-and-conquer needs z in several blocks: --delta deep-prompt (one block "
-                                 "per layer) or a combination (KIND+KIND, or --mix unipelt: parts and gates); "
-                                 f"{self.delta_kind!r} has one")
+    config: dict[str, Any]  # the run's TuneConfig, as a dict
+    model: str
+    optimizer: bytes  # the optimizer's state_dict()
+    zero_shot: dict[str, float]  # test_acc, dev_acc, dev_loss of z = 0
+    best_z: np.ndarray
+    best_dev_acc: float
+    best_dev_loss: float
+    best_generation: int = 0
+    generation: int = 0
+    api_calls: int = 0
+    elapsed_s: float = 0.0
 
-    @property
-    def delta_kind(self) -> str:
-        """The server's name for the delta: "lora", "prompt+lora", "unipelt:lora+adapter", "adamix4:adapter"."""
-        if self.mix == "adamix":
-            return f"adamix{self.adamix_copies}:{self.delta}"
-        return f"{self.mix}:{self.delta}" if self.mix else self.delta
+    def checkpoint(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> RunState:
+        return cls(**{field.name: checkpoint[field.name] for field in dataclasses.fields(cls)})
 
 
 def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show: bool) -> tuple[float, float]:
@@ -128,43 +68,44 @@ def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show
     return correct / size, loss / size
 
 
-def delta_spec(config: TuneConfig) -> DeltaSpec:
-    """What the run asks the server to generate from z (also what `blackbox export` rebuilds)."""
-    has_prompt = any(part in PROMPT_KINDS for part in config.delta.split("+"))
-    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
-    return DeltaSpec(kind=config.delta_kind, prompt_length=config.prompt_length if has_prompt else 0,
-                     intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
-                     projection_scale=config.alpha / config.sigma, rank=config.rank,
-                     targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),
-                     per_layer_z=config.strategy == "divide-and-conquer" and config.delta_kind == "deep-prompt",
-                     part_dims=tuple(int(part) for part in config.part_dims.split(",") if part.strip()))
-
-
-def build_optimizer(config: TuneConfig, blocks: list[tuple[str, int]] | None = None):
-    """The run's optimizer over z of the session's `blocks` (name, size) (default: one
-    block of config.dim). Methods that plan by their total budget (nevergrad's NGOpt and
-    other meta-optimizers) are told the run's budget in candidate evaluations; under
-    divide-and-conquer each block's optimizer gets its share."""
-    blocks = blocks or [("z", config.dim)]
-    dim = sum(size for _, size in blocks)
-    bounds = (-config.bound, config.bound) if config.bound else None
-    plans_budget = "budget" in optimizer_class(config.optimizer).option_defaults
-    if config.strategy == "divide-and-conquer":
-        inner_options = {"budget": max(1, config.budget // len(blocks))} if plans_budget else None
-        return DivideAndConquer(
-            f"divide-and-conquer:{config.optimizer}", dim, config.popsize, config.seed, sigma0=config.sigma,
-            bounds=bounds, options={"blocks": [size for _, size in blocks], "inner": config.optimizer,
-                                    "turn_generations": config.turn_generations, "inner_options": inner_options},
-        )
-    return make_optimizer(config.optimizer, dim=dim, popsize=config.popsize, seed=config.seed,
-                          sigma0=config.sigma, bounds=bounds,
-                          options={"budget": config.budget} if plans_budget else None)
-
-
-def resume_config(out: str, budget: int | None = None) -> TuneConfig:
-    """The configuration of the run stored in `out`, with a new budget if given."""
-    stored = RunLog.read_checkpoint(out)["config"]
-    return TuneConfig(**{**stored, "out": out, **({"budget": budget} if budget is not None else {})})
+def run_generation(state: RunState, optimizer: Optimizer, objective: Objective, session: Session,
+                   dev_every: int) -> dict[str, Any]:
+    """One ask, evaluate and tell; every `dev_every` generations the generation's best is
+    scored on dev and kept if it beats the best so far. Moves `state` on by the
+    generation (all but its optimizer state and time) and returns its log record."""
+    tick = time.perf_counter()
+    candidates = optimizer.ask()
+    block = optimizer.active_block  # read after ask: a turn may have ended there
+    if optimizer.uses_gradients:
+        losses, gradients, scores = objective.with_gradients(candidates)
+        optimizer.tell(candidates, losses, gradients)
+    else:
+        losses, scores = objective(candidates)
+        optimizer.tell(candidates, losses)
+    state.generation += 1
+    # A gradient call on the train split counts as one call, like one candidate's forward.
+    state.api_calls += optimizer.popsize * optimizer.calls_per_candidate
+    leader = int(np.argmin(losses))
+    record = {
+        "generation": state.generation,
+        "api_calls": state.api_calls,
+        "train_loss": float(losses[leader]),
+        "train_loss_mean": float(losses.mean()),
+        "train_acc": float(scores.accuracy[leader]),
+        "dev_acc": None,
+        "dev_loss": None,
+        **({"block": session.z_blocks[block][0]} if block is not None else {}),
+    }
+    if state.generation % dev_every == 0:
+        dev = session.evaluate("dev", candidates[leader][None, :])
+        dev_acc, dev_loss = float(dev.accuracy[0]), float(dev.ce_loss[0])
+        record.update(dev_acc=dev_acc, dev_loss=dev_loss)
+        if (dev_acc, -dev_loss) > (state.best_dev_acc, -state.best_dev_loss):
+            state.best_dev_acc, state.best_dev_loss = dev_acc, dev_loss
+            state.best_z, state.best_generation = candidates[leader].astype(np.float32), state.generation
+    record.update(best_dev_acc=state.best_dev_acc, server_ms=scores.server_ms,
+                  generation_ms=(time.perf_counter() - tick) * 1e3)
+    return record
 
 
 def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = True,
@@ -191,11 +132,10 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     # Checked before the run folder is touched: a refused resume loses nothing.
     checkpoint = RunLog.read_checkpoint(config.out) if resume else None
     if checkpoint is not None:
-        _check_resumable(checkpoint, config, info.model_name)
-        started -= checkpoint["elapsed_s"]
-    delta = delta_spec(config)
+        check_resumable(checkpoint["config"], checkpoint["model"], config, info.model_name)
+    spec = delta_spec(config, info.kinds)
     # The server checks the delta before the run folder is touched.
-    session = client.create_session(splits, template, task.verbalizer, delta, truncate=config.truncate)
+    session = client.create_session(splits, template, task.verbalizer, spec, truncate=config.truncate)
     try:
         # z's length and blocks are the session's (a per-layer deep prompt has one block per layer).
         optimizer = build_optimizer(config, session.z_blocks)
@@ -210,79 +150,29 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                       "architecture": info.architecture})
     try:
         if checkpoint is not None:
-            zero_shot = checkpoint["zero_shot"]
-        elif zero_shot is None:
-            zero = np.zeros(session.z_dim, dtype=np.float32)
-            test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show_progress)
-            dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
-            zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
-        zero_shot_test_acc = zero_shot["test_acc"]
-        if checkpoint is None:
-            best_dev_acc, best_dev_loss = zero_shot["dev_acc"], zero_shot["dev_loss"]
-            best_z, best_generation = np.zeros(session.z_dim, dtype=np.float32), 0
-            api_calls = generation = 0
+            state = RunState.from_checkpoint(checkpoint)
+            state.config = dataclasses.asdict(config)  # the settings it goes on with: a new budget
+            started -= state.elapsed_s
             if show_progress:
-                tqdm.write(f"zero-shot (z = 0): test acc {zero_shot_test_acc:.4f}, dev acc {best_dev_acc:.4f}")
+                tqdm.write(f"resuming {config.out} after generation {state.generation} ({state.api_calls} API calls)")
         else:
-            best_dev_acc, best_dev_loss = checkpoint["best_dev_acc"], checkpoint["best_dev_loss"]
-            best_z, best_generation = checkpoint["best_z"], checkpoint["best_generation"]
-            api_calls, generation = checkpoint["api_calls"], checkpoint["generation"]
-            if show_progress:
-                tqdm.write(f"resuming {config.out} after generation {generation} ({api_calls} API calls)")
-
+            state = _start(config, info.model_name, session, optimizer, zero_shot, show_progress)
         objective = Objective(session, "train", config.loss)
-        # A gradient call on the train split counts as one call, like one candidate's forward.
         calls_per_generation = optimizer.popsize * optimizer.calls_per_candidate
-        with tqdm(total=config.budget, initial=api_calls, desc=f"{config.task} {config.optimizer}", unit="call",
-                  disable=not show_progress) as bar:
-            while (stop_reason := _stop_reason(config, optimizer, api_calls + calls_per_generation, generation,
-                                               best_generation, time.perf_counter() - started)) is None:
-                tick = time.perf_counter()
-                candidates = optimizer.ask()
-                # Divide and conquer: the name of the block this generation changes.
-                block = session.z_blocks[optimizer.active][0] if config.strategy != "joint" else None
-                if optimizer.uses_gradients:
-                    losses, gradients, scores = objective.with_gradients(candidates)
-                    optimizer.tell(candidates, losses, gradients)
-                else:
-                    losses, scores = objective(candidates)
-                    optimizer.tell(candidates, losses)
-                generation += 1
-                api_calls += calls_per_generation
-                leader = int(np.argmin(losses))
-                record = {
-                    "generation": generation,
-                    "api_calls": api_calls,
-                    "train_loss": float(losses[leader]),
-                    "train_loss_mean": float(losses.mean()),
-                    "train_acc": float(scores.accuracy[leader]),
-                    "dev_acc": None,
-                    "dev_loss": None,
-                    **({"block": block} if block is not None else {}),
-                }
-                if generation % config.dev_every == 0:
-                    dev = session.evaluate("dev", candidates[leader][None, :])
-                    dev_acc, dev_loss = float(dev.accuracy[0]), float(dev.ce_loss[0])
-                    record.update(dev_acc=dev_acc, dev_loss=dev_loss)
-                    if (dev_acc, -dev_loss) > (best_dev_acc, -best_dev_loss):
-                        best_dev_acc, best_dev_loss = dev_acc, dev_loss
-                        best_z, best_generation = candidates[leader].astype(np.float32), generation
-                record.update(best_dev_acc=best_dev_acc, server_ms=scores.server_ms,
-                              generation_ms=(time.perf_counter() - tick) * 1e3,
-                              elapsed_s=time.perf_counter() - started)
+        with tqdm(total=config.budget, initial=state.api_calls, desc=f"{config.task} {config.optimizer}",
+                  unit="call", disable=not show_progress) as bar:
+            while (stop_reason := _stop_reason(config, optimizer, state, calls_per_generation,
+                                               time.perf_counter() - started)) is None:
+                record = run_generation(state, optimizer, objective, session, config.dev_every)
+                state.optimizer, state.elapsed_s = optimizer.state_dict(), time.perf_counter() - started
+                record["elapsed_s"] = state.elapsed_s
                 run.log_generation(record)
-                run.write_checkpoint({
-                    "config": dataclasses.asdict(config), "model": info.model_name,
-                    "optimizer": optimizer.state_dict(), "generation": generation, "api_calls": api_calls,
-                    "best_z": best_z, "best_dev_acc": best_dev_acc, "best_dev_loss": best_dev_loss,
-                    "best_generation": best_generation, "zero_shot": zero_shot,
-                    "elapsed_s": time.perf_counter() - started,
-                })
+                run.write_checkpoint(state.checkpoint())
                 bar.update(calls_per_generation)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{best_dev_acc:.3f}")
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{state.best_dev_acc:.3f}")
 
-        test_acc, test_loss = evaluate_split(session, "test", best_z, "test", show_progress)
-        adamix = _adamix_scores(session, best_z, test_acc, show_progress) if config.mix == "adamix" else None
+        test_acc, test_loss = evaluate_split(session, "test", state.best_z, "test", show_progress)
+        adamix = _adamix_scores(session, state.best_z, test_acc, show_progress) if config.mix == "adamix" else None
     finally:
         # Best effort: a server that went away must not hide the error that ended the run.
         with contextlib.suppress(BackboneError):
@@ -297,7 +187,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "device": info.device,
         "dtype": info.dtype,
         "delta": config.delta_kind,
-        "prompt_length": delta.prompt_length,
+        "prompt_length": spec.prompt_length,
         "rank": config.rank,
         "targets": config.targets,
         "placement": config.placement,
@@ -313,25 +203,40 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "popsize": optimizer.popsize,
         "sigma": config.sigma,
         "budget": config.budget,
-        "api_calls": api_calls,
-        "generations": generation,
-        "best_generation": best_generation,
-        "best_dev_acc": best_dev_acc,
+        "api_calls": state.api_calls,
+        "generations": state.generation,
+        "best_generation": state.best_generation,
+        "best_dev_acc": state.best_dev_acc,
         "test_acc": test_acc,
         "test_loss": test_loss,
-        "zero_shot_test_acc": zero_shot_test_acc,
+        "zero_shot_test_acc": state.zero_shot["test_acc"],
         "test_examples": session.split_sizes["test"],
         "test_note": task.test_note,
         "stop_reason": stop_reason,
         "wall_s": time.perf_counter() - started,
         **({"adamix": adamix} if adamix is not None else {}),
     }
-    result_path = run.write_result(result, best_z)
+    result_path = run.write_result(result, state.best_z)
     plot_curve(run.log_path, run.dir / "curve.png",
                title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
-    result["zero_shot"] = zero_shot
+    result["zero_shot"] = state.zero_shot
     result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
     return result
+
+
+def _start(config: TuneConfig, model: str, session: Session, optimizer: Optimizer,
+           zero_shot: dict[str, float] | None, show: bool) -> RunState:
+    """A new run's state: z = 0 scored on test and dev (unless given), the best so far."""
+    zero = np.zeros(session.z_dim, dtype=np.float32)
+    if zero_shot is None:
+        test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show)
+        dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+        zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
+    if show:
+        tqdm.write(f"zero-shot (z = 0): test acc {zero_shot['test_acc']:.4f}, dev acc {zero_shot['dev_acc']:.4f}")
+    return RunState(config=dataclasses.asdict(config), model=model, optimizer=optimizer.state_dict(),
+                    zero_shot=zero_shot, best_z=zero, best_dev_acc=zero_shot["dev_acc"],
+                    best_dev_loss=zero_shot["dev_loss"])
 
 
 def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, show: bool) -> dict[str, float]:
@@ -346,35 +251,16 @@ def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, show
     return scores
 
 
-def _stop_reason(config: TuneConfig, optimizer, calls_after_next: int, generation: int, best_generation: int,
+def _stop_reason(config: TuneConfig, optimizer: Optimizer, state: RunState, calls_per_generation: int,
                  elapsed_s: float) -> str | None:
     """Why the loop must not start another generation, or None. Derived from the run's
     state alone, so a resumed run stops exactly where the uninterrupted one would."""
-    if calls_after_next > config.budget:
+    if state.api_calls + calls_per_generation > config.budget:
         return "budget"
     if optimizer.stop():
         return "optimizer"
-    if config.patience and generation - best_generation >= config.patience:
+    if config.patience and state.generation - state.best_generation >= config.patience:
         return "patience"
     if config.max_wall_s and elapsed_s >= config.max_wall_s:
         return "wall_clock"
     return None
-
-
-# Settings a resumed run may change: the budget may grow, the folder may have moved.
-RESUMABLE_CHANGES = ("budget", "out", "data_dir", "max_wall_s")
-
-
-def _check_resumable(checkpoint: dict[str, Any], config: TuneConfig, model: str) -> None:
-    # Settings added since the checkpoint was written hold their defaults there.
-    stored = {**dataclasses.asdict(TuneConfig()), **checkpoint["config"]}
-    now = dataclasses.asdict(config)
-    changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
-               if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]
-    if stored.get("budget") != config.budget and "budget" in optimizer_class(config.optimizer).option_defaults:
-        changed.append(f"budget: {stored.get('budget')!r} -> {config.budget!r} ({config.optimizer} planned its "
-                       "search for the run's budget; resume it with the same one)")
-    if checkpoint["model"] != model:
-        changed.append(f"model: {checkpoint['model']!r} -> {model!r}")
-    if changed:
-        raise ValueError(f"cannot resume {config.out} with other settings ({'; '.join(changed)})")

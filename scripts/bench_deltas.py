@@ -25,24 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backbone_server.deltas import DELTA_KINDS, Delta, register_delta  # noqa: E402
-from backbone_server.deltas.base import DeltaConfig  # noqa: E402
+from backbone_server.deltas import DELTA_KINDS, Delta, DeltaConfig, register_delta  # noqa: E402
 from backbone_server.engine import Engine  # noqa: E402
 from backbone_server.models import resolve_device, resolve_dtype  # noqa: E402
 from bench_server import CONFIGS, VERBALIZER, build, synchronize, synthetic_examples  # noqa: E402
 
-PROMPT_KINDS = ("prompt", "deep-prompt")
 BASELINE = "none"
 
 
-@register_delta(BASELINE)
+@register_delta
 class NoDelta(Delta):
     """The reference: the template's rows with nothing injected."""
 
-    def __init__(self, config: DeltaConfig, backbone):
-        self.config = config
-        self.hidden_size = backbone.hidden_size
-        self.dtype = backbone.dtype
+    name = BASELINE
 
 
 def time_call(engine: Engine, session_id: str, z: np.ndarray, device: torch.device) -> float:
@@ -81,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     z = np.random.default_rng(0).normal(size=(args.popsize, args.dim)).astype(np.float32)
 
     def session_for(kind: str) -> str:
-        length = args.prompt_length if kind in PROMPT_KINDS else 0
+        length = args.prompt_length if DELTA_KINDS[kind].takes_prompt else 0
         config = DeltaConfig(kind, prompt_length=length, intrinsic_dim=args.dim, seed=0)
         return engine.create_session({"train": examples}, template, VERBALIZER, config).id
 

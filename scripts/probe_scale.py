@@ -22,13 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from backbone_server.deltas.base import DeltaConfig  # noqa: E402
+from backbone_server.deltas import DELTA_KINDS, DeltaConfig  # noqa: E402
 from backbone_server.engine import Engine  # noqa: E402
 from backbone_server.models import load_backbone  # noqa: E402
 from blackbox.tasks import get_task, load_split, place_prompt  # noqa: E402
-
-PROMPT_KINDS = ("prompt", "deep-prompt")
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for kind in args.kinds.split(","):
         for alpha in (float(a) for a in args.alphas.split(",")):
-            config = DeltaConfig(kind, prompt_length=args.prompt_length if kind in PROMPT_KINDS else 0,
+            config = DeltaConfig(kind, prompt_length=args.prompt_length if DELTA_KINDS[kind].takes_prompt else 0,
                                  intrinsic_dim=args.dim, seed=args.seed, projection_scale=alpha)
             session = engine.create_session({"train": train}, template, task.verbalizer, config)
             started = time.perf_counter()

@@ -13,7 +13,7 @@ session's seed (like LoRA's A0). So z = 0 is exactly the base model and the upda
 linear in z near 0 (a gradient at z = 0 is not zero). The nonlinearity is GELU (smooth,
 so finite differences and the gradient path agree).
 
-The bottleneck size m travels in DeltaConfig.rank (0: DEFAULT_SIZE = 8).
+The bottleneck size m travels in DeltaConfig.rank (0: the default, 8).
 
 Where (module-name suffixes, `targets`; each built delta's `description` says it):
 
@@ -44,6 +44,10 @@ relative to the activations it reads, with no statistics to measure.
 
 All these spreads are then multiplied by base_scale = 0.15, for the reason LoRA's are
 (random z at the full spreads raises SmolLM2's SST-2 train CE from 0.62 to 2.0).
+
+Segments: "adapter_down" (m x h) and "adapter_up" (h x m) per adapted module. Export:
+blackbox's own BLACKBOX_ADAPTER, in PEFT's folder layout (PEFT has no bottleneck adapter
+of this form); `backbone_server.export.apply_adapters` applies it.
 """
 
 from __future__ import annotations
@@ -52,17 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbone_server.deltas.base import (
-    DeltaConfig,
-    ProjectedWeights,
-    check_no_prompt,
-    default_targets,
-    find_modules,
-    forward_hooks,
-    register_delta,
-)
+from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, plain_load, store
+from backbone_server.deltas.hooks import forward_hooks
+from backbone_server.deltas.layout import Layout
+from backbone_server.deltas.modules import ModulePlaces, default_targets, find_modules
 
-DEFAULT_SIZE = 8
 DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"))
 
 
@@ -70,47 +69,65 @@ def _any_module(module: nn.Module) -> bool:
     return True
 
 
-@register_delta("adapter")
+@register_delta
 class Adapter(ProjectedWeights):
+    name = "adapter"
+    summary = "a bottleneck adapter y + W_up gelu(W_down y) on the output of chosen modules (Houlsby)"
+    rank_name = "bottleneck size"
+    default_rank = 8
+    gated_roles = ("adapter_up",)  # the update is linear in W_up
+    peft_type = "BLACKBOX_ADAPTER"
     base_scale = 0.15
 
     def __init__(self, config: DeltaConfig, backbone):
-        check_no_prompt(config)
-        self.config = config
-        self.size_m = config.rank or DEFAULT_SIZE
-        self.hidden_size = backbone.hidden_size
-        self.dtype = backbone.dtype
+        super().__init__(config, backbone)
+        self.size_m = m = config.rank or self.default_rank
         body = backbone.body
         targets = config.targets or default_targets(body, DEFAULT_TARGETS, _any_module, "modules", "adapter")
         self.modules = find_modules(body, targets, _any_module, "modules")
-        self.description = (f"bottleneck adapter (size {self.size_m}, gelu) on the output of each of "
+        self.description = (f"bottleneck adapter (size {m}, gelu) on the output of each of "
                             f"{len(self.modules)} modules ({', '.join(targets)})")
-        self.layout: list[tuple[nn.Module, int, int]] = []  # (module, offset, width)
-        scales, starts = [], []
+        places = ModulePlaces(backbone)
+        pieces, scales, starts = [], [], []
         generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
-        m = self.size_m
-        offset = 0
         for _, module in self.modules:
             width = module.out_features if isinstance(module, nn.Linear) else self.hidden_size
-            self.layout.append((module, offset, width))
+            path, layer = places.path(module), places.layer(module)
+            pieces += [("adapter_down", path, (m, width), layer), ("adapter_up", path, (width, m), layer)]
             scales += [torch.full((m * width,), config.projection_scale / width ** 0.5),
                        torch.full((width * m,), config.projection_scale / m ** 0.5)]
             starts += [torch.randn(m * width, generator=generator) / width ** 0.5, torch.zeros(width * m)]
-            offset += 2 * m * width
+        self.layout = Layout.tiled(pieces)
+        self._targets = [(module, segments["adapter_down"], segments["adapter_up"])
+                         for (_, module), segments in zip(self.modules, self.layout.by_module().values())]
         self._build_projection(config, backbone.device, scales, starts)  # W_d0 in every down block, zero in every up block
 
-    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
-        p = params.shape[0]
-        m = self.size_m
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         hooks = []
-        for module, offset, width in self.layout:
-            down = params[:, offset:offset + m * width].reshape(p, m, width)
-            up = params[:, offset + m * width:offset + 2 * m * width].reshape(p, width, m)
+        for module, down_segment, up_segment in self._targets:
             # (p, width, m) and (p, m, width), in the model's dtype.
-            down_t = down.transpose(1, 2).to(dtype=self.dtype)
-            up_t = up.transpose(1, 2).to(dtype=self.dtype)
+            down_t = down_segment.of(params).transpose(1, 2).to(dtype=self.dtype)
+            up_t = up_segment.of(params).transpose(1, 2).to(dtype=self.dtype)
             hooks.append((module, _adapter_hook(down_t, up_t)))
         return forward_hooks(hooks)
+
+    def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
+        tensors = {peft_key(segment): store(segment.of(params)) for segment in self.layout}
+        modules = list(self.layout.by_module())
+        adapter = {
+            "peft_type": self.peft_type, "task_type": None, "base_model_name_or_path": request.base_model,
+            "bottleneck_size": self.size_m, "activation": "gelu", "activation_approximate": "none",
+            "target_modules": modules,
+            "placement": "on the output of each target module (a module returning a tuple: its first element): "
+                         "y -> y + adapter_up(gelu(adapter_down(y))), before the model's residual addition "
+                         "and norm",
+            "description": f"{self.description}: adapter_model.safetensors holds, per module, "
+                           "'base_model.model.<module path>.adapter_down.weight' (m x h) and "
+                           "'.adapter_up.weight' (h x m), bias-free Linear weights; gelu is the exact (erf) "
+                           "GELU. Not a PEFT type: apply it with backbone_server.export.apply_adapters(model, folder).",
+        }
+        how = f"{plain_load(request.backbone)}; backbone_server.export.apply_adapters(model, THIS_FOLDER)"
+        return Exported(self.name, tensors, adapter, how, self.description, modules)
 
 
 def _adapter_hook(down_t: torch.Tensor, up_t: torch.Tensor):

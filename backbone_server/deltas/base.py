@@ -1,34 +1,29 @@
-"""The delta registry and the contract every delta kind fulfils."""
+"""The contract every delta kind fulfils, the capabilities it declares, and the registry.
+
+A kind is one class, registered with `@register_delta`: its capabilities are class
+attributes (what GetInfo reports, what combinations, gates and export read), a built
+delta holds its `layout` (the named segments of its parameters) and turns a population
+of z into model changes.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import ClassVar, ContextManager
 
 import torch
 
+from backbone_server.deltas.exported import Exported, ExportRequest
+from backbone_server.deltas.layout import Layout
 from backbone_server.errors import InvalidArgument
+from blackbox.v1.delta_spec import DeltaSpec, KindInfo
 
 
 @dataclass(frozen=True)
-class DeltaConfig:
-    """What a client asks for (the proto's DeltaSpec, validated)."""
-
-    kind: str
-    prompt_length: int
-    intrinsic_dim: int
-    projection: str = "normal"
-    seed: int = 0
-    projection_scale: float = 1.0
-    rank: int = 0  # kinds with a rank (lora); 0: the kind's default
-    targets: tuple[str, ...] = ()  # module-name suffixes for weight kinds; (): the kind's default
-    # deep-prompt only: every layer gets its own intrinsic_dim coordinates of z (BBTv2's
-    # layout, for optimising one layer at a time) instead of all layers sharing one z.
-    per_layer_z: bool = False
-    # Combinations only: the size of each part's slice of z, in kind order (the gates
-    # come on top); (): equal shares.
-    part_dims: tuple[int, ...] = ()
+class DeltaConfig(DeltaSpec):
+    """What a client asks for (the protocol's DeltaSpec), validated; `form` (the kinds
+    and their mix) is parsed here, once."""
 
     def __post_init__(self):
         if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
@@ -49,13 +44,16 @@ class DeltaConfig:
         object.__setattr__(self, "part_dims", tuple(int(d) for d in self.part_dims))
         if any(d < 1 for d in self.part_dims):
             raise InvalidArgument(f"part_dims must be >= 1 each, got {list(self.part_dims)}")
+        try:
+            self.form
+        except ValueError as error:
+            raise InvalidArgument(str(error)) from None
 
 
 @dataclass(frozen=True)
 class Routing:
     """Which examples a chunk's rows hold: the split's name and each row's example index
-    within that split (B,). The engine passes it to `patched` of deltas with
-    `routed = True` only (AdaMix routes examples of the search split to copies)."""
+    within that split (B,). AdaMix routes the examples of the search split to copies."""
 
     split: str
     indices: tuple[int, ...]
@@ -68,30 +66,81 @@ class Delta:
     {prompt}; `prompts(z)` returns them for a whole population at once.
 
     Weight side: `parameters(z)` maps the whole population to its per-candidate
-    parameters (P, D) in one computation (None: the kind changes no module), and
-    `patched(params, slots)` is a context manager that, while entered, makes the model's
-    modules apply the candidates of `params` (p, D) to a forward whose rows are laid
-    out candidate-major (p * B rows). `slots` (B, L) long gives, for each position of the
-    chunk's B rows (shared by every candidate), the prompt slot it holds (0 .. n - 1) or
-    -1 (kinds acting at the prompt positions inside the model use it; others ignore it;
-    None outside the engine). It must restore the modules exactly on exit, also on an
+    parameters (P, D) in one computation (None: the kind changes no module), laid out as
+    `layout` says, and `patched(params, slots, routing)` is a context manager that, while
+    entered, makes the model's modules apply the candidates of `params` (p, D) to a
+    forward whose rows are laid out candidate-major (p * B rows). `slots` (B, L) long
+    gives, for each position of the chunk's B rows (shared by every candidate), the
+    prompt slot it holds (0 .. n - 1) or -1 (kinds acting at the prompt positions inside
+    the model use it; None outside the engine); `routing` (a Routing, or None) says which
+    examples the rows hold. It must restore the modules exactly on exit, also on an
     exception. The engine computes `parameters` once per call and enters `patched`
     around each chunk's forward with that chunk's rows of it.
 
     `changes_prefix`: the candidate changes what the model computes for tokens ahead of
     the prompt, so their keys and values cannot be shared between candidates (no prefix
     reuse).
-
-    `routed`: `patched` also takes `routing` (a Routing: the chunk's split and example
-    indices) as a third argument; the engine passes it only to such deltas.
     """
 
+    # ---- capabilities: what the kind is and takes (GetInfo's `kinds`) ------------------
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    takes_prompt: ClassVar[bool] = False  # vectors at {prompt}: prompt_length >= 1, else 0
+    rank_name: ClassVar[str] = ""  # what DeltaConfig.rank means for it; "": no rank
+    default_rank: ClassVar[int] = 0
+    takes_targets: ClassVar[bool] = False  # DeltaConfig.targets choose its modules
+    gated_roles: ClassVar[tuple[str, ...]] = ()  # the segments a UniPELT gate of their layer scales
+    peft_type: ClassVar[str] = ""  # the peft_type its export writes ("LORA", "BLACKBOX_BIAS"); "": none
+    per_layer_z: ClassVar[bool] = False  # can give every layer its own block of z
+    mixable: ClassVar[bool] = False  # AdaMix can hold copies of it
+    changes_prefix: ClassVar[bool] = False
+
+    # ---- a built delta --------------------------------------------------------------------
     config: DeltaConfig
-    routed: bool = False
     prompt_length: int = 0
-    changes_prefix: bool = False
     hidden_size: int = 0
     dtype: torch.dtype = torch.float32
+    layout: Layout = Layout()
+    description: str = ""
+
+    def __init__(self, config: DeltaConfig, backbone):
+        self.check_config(config)
+        self._bind(config, backbone)
+
+    def _bind(self, config: DeltaConfig, backbone) -> None:
+        self.config = config
+        self.prompt_length = config.prompt_length
+        self.hidden_size = backbone.hidden_size
+        self.dtype = backbone.dtype
+
+    @classmethod
+    def check_config(cls, config: DeltaConfig) -> None:
+        """Refuses what the kind does not take."""
+        if cls.takes_prompt and config.prompt_length < 1:
+            raise InvalidArgument(f"delta kind {config.kind!r} puts vectors at {{prompt}}: it needs "
+                                  f"prompt_length >= 1, got {config.prompt_length}")
+        if not cls.takes_prompt and config.prompt_length:
+            raise InvalidArgument(f"delta kind {config.kind!r} has no prompt; prompt_length must be 0, "
+                                  f"got {config.prompt_length}")
+        if not cls.rank_name and not cls.takes_targets and (config.rank or config.targets):
+            raise InvalidArgument(f"delta kind {config.kind!r} takes no rank or targets (those are for weight kinds)")
+        if not cls.rank_name and config.rank:
+            raise InvalidArgument(f"delta kind {config.kind!r} takes no rank")
+        if config.per_layer_z and not cls.per_layer_z:
+            raise InvalidArgument(f"per_layer_z (one z block per layer) is for {', '.join(per_layer_kinds())} "
+                                  f"alone, not {config.kind!r}")
+
+    @classmethod
+    def gate_layers(cls, num_layers: int) -> range:
+        """The layers a UniPELT gate of this kind scales, one gate each."""
+        return range(num_layers) if cls.gated_roles else range(0)
+
+    @classmethod
+    def info(cls) -> KindInfo:
+        return KindInfo(name=cls.name, summary=cls.summary, takes_prompt=cls.takes_prompt, rank_name=cls.rank_name,
+                        default_rank=cls.default_rank, takes_targets=cls.takes_targets,
+                        gated_roles=cls.gated_roles, peft_type=cls.peft_type, per_layer_z=cls.per_layer_z,
+                        mixable=cls.mixable, reuses_prefix=not cls.changes_prefix)
 
     def prompts(self, z: torch.Tensor) -> torch.Tensor:
         """(P, d) -> (P, prompt_length, hidden) input embeddings (none by default)."""
@@ -101,14 +150,20 @@ class Delta:
         """(P, d) -> (P, D) per-candidate parameters for `patched`, or None."""
         return None
 
-    def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None) -> ContextManager:
+    def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None,
+                routing: Routing | None = None) -> ContextManager:
         """The modules changed for the candidates of `params` (p, D) while entered."""
         return contextlib.nullcontext()
+
+    def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
+        """The delta of one z ((1, d), on the backbone's device) as stored tensors."""
+        raise InvalidArgument(f"delta kind {self.config.kind!r} cannot be exported; exportable kinds: "
+                              f"{', '.join(exportable_kinds())}")
 
     @property
     def num_parameters(self) -> int:
         """D: the size of the delta generated from z (prompt vectors or module parameters)."""
-        return self.prompt_length * self.hidden_size
+        return self.prompt_length * self.hidden_size + self.layout.size
 
     @property
     def z_blocks(self) -> list[tuple[str, int]]:
@@ -127,9 +182,13 @@ class ProjectedWeights(Delta):
     """A kind whose per-candidate module parameters are `start + scales * P z`: P one
     seeded projection of unit spread (each output coordinate ~ N(0, 1) for z ~ N(0, I)),
     `scales` the per-coordinate spread the kind wants and `start` its fixed starting
-    values (None: zero). Such kinds change the modules every token goes through."""
+    values (None: zero). Such kinds change the modules every token goes through. A
+    subclass builds its `layout` and exports one vector of parameters
+    (`export_parameters`)."""
 
     changes_prefix = True
+    takes_targets = True
+    mixable = True
     start: torch.Tensor | None = None
     # Multiplies every scale of the kind: set so that at projection_scale 1 a random
     # z ~ N(0, I) moves the model about as much as BBT's scaling moves a soft prompt
@@ -142,103 +201,50 @@ class ProjectedWeights(Delta):
 
         self.scales = torch.cat(scales).to(device) * self.base_scale
         self.start = None if starts is None else torch.cat(starts).to(device)
-        self.size = len(self.scales)
-        self.projection = make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=self.size,
+        assert len(self.scales) == self.layout.size, "one scale per parameter of the layout"
+        self.projection = make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=self.layout.size,
                                           seed=config.seed, std=1.0 / config.intrinsic_dim ** 0.5, device=device)
-
-    @property
-    def num_parameters(self) -> int:
-        return self.size
 
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         params = self.projection(z) * self.scales
         return params if self.start is None else params + self.start
 
+    def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
+        if request.fold_prefix is not None:
+            raise InvalidArgument("only a soft or deep prompt can fold the tokens ahead of it")
+        return self.export_parameters(self.parameters(z)[0], request)
 
-DeltaFactory = Callable[[DeltaConfig, "object"], Delta]
-DELTA_KINDS: dict[str, DeltaFactory] = {}
-
-
-def register_delta(name: str) -> Callable[[DeltaFactory], DeltaFactory]:
-    def decorator(factory: DeltaFactory) -> DeltaFactory:
-        if name in DELTA_KINDS:
-            raise ValueError(f"delta kind {name!r} is already registered")
-        DELTA_KINDS[name] = factory
-        return factory
-
-    return decorator
+    def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
+        """The delta of one vector of parameters (D,) as stored tensors."""
+        raise InvalidArgument(f"delta kind {self.name!r} cannot be exported; exportable kinds: "
+                              f"{', '.join(exportable_kinds())}")
 
 
-def build_delta(config: DeltaConfig, backbone) -> Delta:
-    if config.per_layer_z and config.kind != "deep-prompt":
-        raise InvalidArgument(f"per_layer_z (one z block per layer) is for the deep-prompt kind alone, "
-                              f"not {config.kind!r}")
-    if config.part_dims and "+" not in config.kind:
-        raise InvalidArgument(f"part_dims split z among the parts of a combination (KIND+KIND); "
-                              f"{config.kind!r} has one part")
-    if "+" in config.kind or ":" in config.kind:  # combinations and mixes (deltas/combined.py)
-        from backbone_server.deltas.combined import build_composite
-
-        return build_composite(config, backbone)
-    factory = DELTA_KINDS.get(config.kind)
-    if factory is None:
-        raise InvalidArgument(
-            f"unknown delta kind {config.kind!r}; this server supports {', '.join(sorted(DELTA_KINDS))}"
-        )
-    return factory(config, backbone)
+DELTA_KINDS: dict[str, type[Delta]] = {}
 
 
-# ---- helpers for kinds that change modules ------------------------------------------
+def register_delta(cls: type[Delta]) -> type[Delta]:
+    """Class decorator: makes the kind available under `cls.name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in DELTA_KINDS:
+        raise ValueError(f"delta kind {cls.name!r} is already registered")
+    DELTA_KINDS[cls.name] = cls
+    return cls
 
 
-def check_no_prompt(config: DeltaConfig) -> None:
-    """Weight kinds put no vectors into the input: {prompt} (if any) stays empty."""
-    if config.prompt_length != 0:
-        raise InvalidArgument(f"delta kind {config.kind!r} has no prompt; prompt_length must be 0, "
-                              f"got {config.prompt_length}")
+def kind_class(kind: str, whole: str | None = None) -> type[Delta]:
+    """The registered class of `kind` (a part of the delta kind `whole`, if given)."""
+    cls = DELTA_KINDS.get(kind)
+    if cls is None:
+        where = f" in {whole!r}; parts can be" if whole and whole != kind else "; this server supports"
+        raise InvalidArgument(f"unknown delta kind {kind!r}{where} {', '.join(sorted(DELTA_KINDS))}")
+    return cls
 
 
-def matches(name: str, suffix: str) -> bool:
-    """`name` ends with the dotted module name `suffix` ("v_proj" matches "layers.0.self_attn.v_proj")."""
-    return name == suffix or name.endswith("." + suffix)
+def exportable_kinds() -> list[str]:
+    return [name for name, cls in DELTA_KINDS.items() if cls.peft_type]
 
 
-def find_modules(root: torch.nn.Module, suffixes: tuple[str, ...], accept: Callable[[torch.nn.Module], bool],
-                 what: str) -> list[tuple[str, torch.nn.Module]]:
-    """The modules under `root` that `accept` takes and whose names end with one of
-    `suffixes`, in model order; every suffix must match at least one."""
-    candidates = [(name, module) for name, module in root.named_modules() if name and accept(module)]
-    unmatched = [s for s in suffixes if not any(matches(name, s) for name, _ in candidates)]
-    if unmatched:
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
-        raise InvalidArgument(f"targets {unmatched} match no {what} of this model; its {what} names end "
-                              f"with {', '.join(names) or 'nothing'}")
-    return [(name, module) for name, module in candidates if any(matches(name, s) for s in suffixes)]
-
-
-def default_targets(root: torch.nn.Module, choices: tuple[tuple[str, ...], ...],
-                    accept: Callable[[torch.nn.Module], bool], what: str, kind: str) -> tuple[str, ...]:
-    """The first group of module-name suffixes in `choices` whose every suffix names some
-    module under `root` that `accept` takes (e.g. q_proj/v_proj for Llama, query/value
-    for BERT-like models)."""
-    names = [name for name, module in root.named_modules() if accept(module)]
-    for group in choices:
-        if all(any(matches(name, suffix) for name in names) for suffix in group):
-            return group
-    raise InvalidArgument(f"this model has no {' or '.join('/'.join(group) for group in choices)} {what}; "
-                          f"name the {kind} targets explicitly")
-
-
-@contextlib.contextmanager
-def forward_hooks(hooks: list[tuple[torch.nn.Module, Callable]], pre: bool = False):
-    """Registers each (module, hook) as a forward hook (with `pre`, as a forward pre-hook
-    that also gets the keyword arguments) while entered; always removes them."""
-    handles = []
-    try:
-        for module, hook in hooks:
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True) if pre
-                           else module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def per_layer_kinds() -> list[str]:
+    return [name for name, cls in DELTA_KINDS.items() if cls.per_layer_z]

@@ -27,6 +27,9 @@ unit inputs) and projection_scale * rms(weight) for a norm (the spread of its ou
 All these spreads are then multiplied by base_scale = 0.05: shifts are the most
 sensitive kind (random z at the full spreads raises SmolLM2's SST-2 train CE from 0.62
 to 2.7; at 0.1 still to 0.84).
+
+Segments: "bias_shift" (width,) per shifted module. Export: blackbox's own BLACKBOX_BIAS
+(PEFT has no output shift); `backbone_server.export.apply_bias_shift` applies it.
 """
 
 from __future__ import annotations
@@ -34,14 +37,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbone_server.deltas.base import (
-    ProjectedWeights,
-    DeltaConfig,
-    check_no_prompt,
-    find_modules,
-    forward_hooks,
-    register_delta,
-)
+from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, plain_load, store
+from backbone_server.deltas.hooks import forward_hooks
+from backbone_server.deltas.layout import Layout
+from backbone_server.deltas.modules import ModulePlaces, find_modules
 from backbone_server.errors import InvalidArgument
 
 
@@ -55,17 +55,16 @@ def _is_target(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_norm(module)
 
 
-@register_delta("bias")
+@register_delta
 class BiasShift(ProjectedWeights):
+    name = "bias"
+    summary = "a shift of the output of every biased Linear module, or of every norm where there is none (BitFit)"
+    gated_roles = ("bias_shift",)
+    peft_type = "BLACKBOX_BIAS"
     base_scale = 0.05
 
     def __init__(self, config: DeltaConfig, backbone):
-        check_no_prompt(config)
-        if config.rank:
-            raise InvalidArgument("delta kind 'bias' takes no rank")
-        self.config = config
-        self.hidden_size = backbone.hidden_size
-        self.dtype = backbone.dtype
+        super().__init__(config, backbone)
         body = backbone.body
         if config.targets:
             self.modules = find_modules(body, config.targets, _is_target, "Linear or norm modules")
@@ -82,9 +81,8 @@ class BiasShift(ProjectedWeights):
                                           "name the bias targets explicitly")
                 self.description = (f"per-channel shift of the output (normalised hidden state) of each of the "
                                     f"{len(self.modules)} RMSNorm/LayerNorm modules")
-        self.layout: list[tuple[nn.Module, int, int]] = []  # (module, offset, width)
-        scales = []
-        offset = 0
+        places = ModulePlaces(backbone)
+        pieces, scales = [], []
         for _, module in self.modules:
             weight = module.weight.float()
             if isinstance(module, nn.Linear):
@@ -93,19 +91,33 @@ class BiasShift(ProjectedWeights):
             else:
                 width = weight.shape[-1]
                 factor = weight.pow(2).mean().sqrt().item()
-            self.layout.append((module, offset, width))
+            pieces.append(("bias_shift", places.path(module), (width,), places.layer(module)))
             scales.append(torch.full((width,), config.projection_scale * factor))
-            offset += width
+        self.layout = Layout.tiled(pieces)
+        self._targets = list(zip((module for _, module in self.modules), self.layout))
         self._build_projection(config, backbone.device, scales)
 
-    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
-        p = params.shape[0]
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         hooks = []
-        for module, offset, width in self.layout:
+        for module, segment in self._targets:
             weight = module.weight
-            shift = params[:, None, offset:offset + width].to(device=weight.device, dtype=weight.dtype)
-            hooks.append((module, _shift_hook(shift, p)))
+            shift = segment.of(params)[:, None].to(device=weight.device, dtype=weight.dtype)  # (p, 1, width)
+            hooks.append((module, _shift_hook(shift, params.shape[0])))
         return forward_hooks(hooks)
+
+    def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
+        tensors = {peft_key(segment, suffix=""): store(segment.of(params)) for segment in self.layout}
+        modules = [segment.module for segment in self.layout]
+        adapter = {
+            "peft_type": self.peft_type, "task_type": None, "base_model_name_or_path": request.base_model,
+            "description": f"{self.description}: adapter_model.safetensors holds, per module, "
+                           "'base_model.model.<module path>.bias_shift', a vector added to the module's output "
+                           "(for a Linear with a bias, exactly a change of that bias). Not a PEFT type: apply it "
+                           "with backbone_server.export.apply_bias_shift(model, folder).",
+            "target_modules": modules,
+        }
+        how = f"{plain_load(request.backbone)}; backbone_server.export.apply_bias_shift(model, THIS_FOLDER)"
+        return Exported(self.name, tensors, adapter, how, self.description, modules)
 
 
 def _shift_hook(shift: torch.Tensor, p: int):

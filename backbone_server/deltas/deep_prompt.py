@@ -10,11 +10,11 @@ layer, all generated from one z.
   every layer's prompt moves linearly with z. Each A_l is its own seeded projection (seed
   derived from the session's seed and l).
 
-The deeper layers' offsets are the kind's module parameters: `parameters(z)` is
-(P, (num_layers - 1) * prompt_length * hidden), and `patched(params, slots)` adds them
-with a forward pre-hook on every layer l >= 1 at the positions that `slots` marks as
-prompt slots (candidate-major rows, p * B). The tokens ahead of the prompt are not
-touched, so `changes_prefix` is False and causal models keep prefix reuse.
+The deeper layers' offsets are the kind's module parameters: one "prompt_offset" segment
+(n x h) per layer l >= 1, and `patched(params, slots)` adds them with a forward pre-hook
+on every layer l >= 1 at the positions that `slots` marks as prompt slots
+(candidate-major rows, p * B). The tokens ahead of the prompt are not touched, so
+`changes_prefix` is False and causal models keep prefix reuse.
 
 Intrinsic dimension: by default ONE z of intrinsic_dim drives all layers jointly (D =
 num_layers * prompt_length * hidden). With `per_layer_z` (BBTv2's layout) every layer l
@@ -31,52 +31,54 @@ states entering layer l, measured once when the delta is built on one forward of
 alone: the median over the prompt positions of each position's standard deviation
 across channels (the median keeps an attention-sink position with a few huge channels
 from setting the scale).
+
+Export: blackbox's own BLACKBOX_DEEP_PROMPT (the input prompt and every layer's offsets;
+`backbone_server.export.apply_deep_prompt` applies them), exact everywhere. In a causal
+model whose template puts the prompt ahead of the texts, `fold_prefix` exports PEFT's
+PREFIX_TUNING instead: the prompt's keys and values at every layer depend on nothing
+after them, so for one z they are constants, computed here for (the template's constant
+tokens ahead of the prompt, then the prompt), which PEFT feeds as past keys and values.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import dataclasses
 
-from backbone_server.deltas.base import Delta, DeltaConfig, forward_hooks, register_delta
+import torch
+
+from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, folded_prefix_note, peft_load, plain_load, store
+from backbone_server.deltas.hooks import forward_hooks, hidden_of, with_hidden
+from backbone_server.deltas.layout import Layout
+from backbone_server.deltas.modules import ModulePlaces, find_layers
 from backbone_server.deltas.soft_prompt import SoftPrompt
 from backbone_server.errors import InvalidArgument
 from backbone_server.projection import make_projection
 
 LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * stride
+PROMPT_POSITIONS = ("in each encoded row, the n positions len(tokens ahead of {prompt}) .. "
+                    "len(tokens ahead of {prompt}) + n - 1")
 
 
-def find_layers(body: nn.Module, num_layers: int) -> list[nn.Module]:
-    """The transformer layers: the first ModuleList of `num_layers` modules in `body`
-    (Llama: model.layers; BERT/RoBERTa: encoder.layer)."""
-    for _, module in body.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return list(module)
-    raise InvalidArgument(f"found no list of {num_layers} layers in this model; deep prompts need one")
-
-
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-@register_delta("deep-prompt")
+@register_delta
 class DeepPrompt(Delta):
-    changes_prefix = False
+    name = "deep-prompt"
+    summary = "a soft prompt at {prompt} plus offsets added at the prompt positions entering every layer (BBTv2)"
+    takes_prompt = True
+    gated_roles = ("prompt_offset",)
+    peft_type = "BLACKBOX_DEEP_PROMPT"
+    per_layer_z = True
 
     def __init__(self, config: DeltaConfig, backbone):
-        self.input = SoftPrompt(config, backbone)  # checks prompt_length, rank, targets
-        self.config = config
-        self.prompt_length = config.prompt_length
-        self.hidden_size = backbone.hidden_size
-        self.dtype = backbone.dtype
+        super().__init__(config, backbone)
+        self.input = SoftPrompt(dataclasses.replace(config, per_layer_z=False), backbone)
         self.initial_token_ids = self.input.initial_token_ids
-        self.layers = find_layers(backbone.body, backbone.num_layers)[1:]
+        layers = find_layers(backbone.body, backbone.num_layers)
+        self.layers = layers[1:]
+        places = ModulePlaces(backbone)
+        self.layer_modules = [places.path(layer) for layer in layers]
+        self.layout = Layout.tiled(("prompt_offset", self.layer_modules[l], (config.prompt_length, self.hidden_size), l)
+                                   for l in range(1, len(layers)))
         self.layer_spread = self._measure_spreads(backbone)
         width = config.prompt_length * backbone.hidden_size
         self.layer_projections = [
@@ -94,12 +96,16 @@ class DeepPrompt(Delta):
                             f"prompt positions entering each of {len(self.layers)} deeper layers"
                             + (", each layer driven by its own block of z" if config.per_layer_z else ""))
 
+    @classmethod
+    def gate_layers(cls, num_layers: int) -> range:
+        return range(1, num_layers)  # the input prompt (layer 0) is not gated
+
     def _measure_spreads(self, backbone) -> list[float]:
         """Per deeper layer, the spread of the hidden states entering it on p0 alone."""
         spreads: list[float] = []
 
         def record(module, args, kwargs):
-            hidden = _hidden_of(args, kwargs).float()
+            hidden = hidden_of(args, kwargs).float()
             position_spread = hidden.reshape(-1, hidden.shape[-1]).std(dim=-1)
             spreads.append(position_spread.median().item())
 
@@ -110,10 +116,6 @@ class DeepPrompt(Delta):
         if len(spreads) != len(self.layers) or not all(s > 0 for s in spreads):
             raise InvalidArgument("could not measure the hidden states entering the layers for a deep prompt")
         return spreads
-
-    @property
-    def num_parameters(self) -> int:
-        return (1 + len(self.layers)) * self.prompt_length * self.hidden_size
 
     @property
     def z_blocks(self) -> list[tuple[str, int]]:
@@ -138,27 +140,91 @@ class DeepPrompt(Delta):
         return torch.cat([projection(self._layer_z(z, l))
                           for l, projection in enumerate(self.layer_projections, start=1)], dim=1)
 
-    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         if slots is None:
             raise ValueError("a deep prompt needs the prompt slot positions of the rows")
         p = params.shape[0]
         size, width = slots.shape
-        n, h = self.prompt_length, self.hidden_size
-        where = slots >= 0
-        positions = where.reshape(-1).nonzero().squeeze(1)  # (K,) flat positions of the slots in B * L
+        positions = (slots >= 0).reshape(-1).nonzero().squeeze(1)  # (K,) flat positions of the slots in B * L
         which = slots.reshape(-1)[positions]  # (K,) their slot indices
         hooks = []
-        for i, layer in enumerate(self.layers):
-            offsets = params[:, i * n * h:(i + 1) * n * h].reshape(p, n, h)[:, which]  # (p, K, h)
-            hooks.append((layer, _offset_hook(offsets.to(self.dtype), positions, p, size * width)))
+        for layer, segment in zip(self.layers, self.layout):
+            offsets = segment.of(params)[:, which]  # (p, K, h)
+            hooks.append((layer, offset_hook(offsets.to(self.dtype), positions, p, size * width)))
         return forward_hooks(hooks, pre=True)
 
+    def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
+        if request.fold_prefix is not None:
+            return self._export_prefix(z, request)
+        backbone = request.backbone
+        n = self.prompt_length
+        params = self.parameters(z)[0]
+        tensors = {"prompt_embeddings": store(self.prompts(z)[0])}
+        tensors.update({f"layers.{segment.layer}.prompt_offset": store(segment.of(params)) for segment in self.layout})
+        adapter = {
+            "peft_type": self.peft_type, "task_type": None, "base_model_name_or_path": request.base_model,
+            "num_virtual_tokens": n, "token_dim": backbone.hidden_size,
+            "num_layers": len(self.layer_modules), "layer_modules": self.layer_modules,
+            "description": f"{self.description}: adapter_model.safetensors holds 'prompt_embeddings' (n x h), the "
+                           "input vectors that take the n prompt positions of inputs_embeds (where the template "
+                           "says {prompt}), and 'layers.<l>.prompt_offset' (n x h) for l >= 1, added to the "
+                           "hidden states at those positions entering layer l (layer_modules[l]). Not a PEFT "
+                           "type: build inputs_embeds with backbone_server.export.splice_prompt and add the "
+                           "offsets with backbone_server.export.apply_deep_prompt(model, folder, positions).",
+        }
+        how = (f"{plain_load(backbone)}; encode each row as the template says with "
+               f"{n} placeholder ids (any valid id) where {{prompt}} is, at positions P; "
+               "with backbone_server.export.apply_deep_prompt(model, THIS_FOLDER, P): "
+               "model(inputs_embeds=backbone_server.export.splice_prompt(model, ids, "
+               "backbone_server.export.load_prompt(THIS_FOLDER), P), attention_mask=...)")
+        prompt = {**(request.placement or {}), "template": request.template, "prompt_length": n,
+                  "prompt_positions": PROMPT_POSITIONS}
+        return Exported(self.name, tensors, adapter, how, self.description, list(self.layer_modules), prompt=prompt)
 
-def _offset_hook(offsets: torch.Tensor, positions: torch.Tensor, p: int, rows: int):
+    def _export_prefix(self, z: torch.Tensor, request: ExportRequest) -> Exported:
+        """The keys and values of (the tokens ahead, then the deep prompt) at every layer,
+        in the layout of PEFT's prefix-tuning embedding (per layer: keys, then values)."""
+        backbone, ahead = request.backbone, list(request.fold_prefix)
+        if backbone.architecture != "causal":
+            raise InvalidArgument("a deep prompt becomes a PEFT prefix only in a causal model: a masked model reads "
+                                  "the prompt and the text both ways, so the prompt's keys and values depend on the "
+                                  "text; export it without --fold-prefix (blackbox's own format, exact)")
+        device = backbone.embeddings.weight.device
+        prompt = self.prompts(z)  # (1, n, h)
+        ids = torch.tensor(ahead, dtype=torch.long, device=device)
+        embeds = torch.cat([backbone.embeddings(ids)[None].to(prompt), prompt], dim=1)
+        n, k = prompt.shape[1], len(ahead)
+        slots = torch.tensor([[-1] * k + list(range(n))], device=device)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+        with self.patched(self.parameters(z), slots):
+            cache = backbone.body(inputs_embeds=embeds, attention_mask=mask, use_cache=True).cache
+        rows = []
+        for layer in cache.layers:  # keys, values: (1, kv_heads, k + n, head_dim)
+            for states in (layer.keys, layer.values):
+                rows.append(states[0].transpose(0, 1).reshape(k + n, -1))
+        _, kv_heads, _, head_dim = cache.layers[0].keys.shape
+        adapter = {
+            "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": request.base_model,
+            "revision": None, "inference_mode": True, "num_virtual_tokens": k + n,
+            "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
+            "num_layers": backbone.num_layers, "encoder_hidden_size": backbone.hidden_size,
+            "prefix_projection": False, "modules_to_save": None,
+        }
+        how = f"{peft_load(backbone)}; {folded_prefix_note(tuple(ahead), 'keys and values')}" if ahead \
+            else peft_load(backbone)
+        return Exported(self.name, {"prompt_embeddings": store(torch.cat(rows, dim=1))}, adapter, how,
+                        f"{self.description}, as the keys and values of a {k + n}-token prefix",
+                        prompt={**(request.placement or {}), "folded_prefix": ahead})
+
+
+def offset_hook(offsets: torch.Tensor, positions: torch.Tensor, p: int, rows: int):
+    """A pre-hook adding each candidate's (p, K, h) `offsets` at the K flat `positions`
+    of its `rows` (B * L) of the hidden states."""
+
     def hook(module, args, kwargs):
-        hidden = _hidden_of(args, kwargs)
+        hidden = hidden_of(args, kwargs)
         flat = hidden.reshape(p, rows, hidden.shape[-1])
         moved = flat.index_add(1, positions.to(flat.device), offsets.to(flat.device)).view_as(hidden)
-        return _with_hidden(args, kwargs, moved)
+        return with_hidden(args, kwargs, moved)
 
     return hook

@@ -1,13 +1,13 @@
 """LoRA from the intrinsic subspace: every candidate gets its own low-rank update
 delta_W = B A of chosen Linear modules, with A and B generated from z.
 
-For each target Linear (in -> out) and rank r, a candidate's parameters hold A (r x in)
-and B (out x r): A = A0 + (its block of P z), B = (its block of P z), with ONE projection
-P of size D = sum over targets of r * (in + out) and A0 a fixed matrix drawn from the
-session's seed (LoRA's own start: A random, B zero). So z = 0 is exactly the base model,
-and the update is linear in z near 0 (a gradient at z = 0 is not zero). While the engine
-runs a chunk of p candidates (rows laid out candidate-major, p * B rows), each target's
-forward becomes
+For each target Linear (in -> out) and rank r, a candidate's parameters hold A (r x in,
+segment "lora_A") and B (out x r, "lora_B"): A = A0 + (its block of P z), B = (its block
+of P z), with ONE projection P of size D = sum over targets of r * (in + out) and A0 a
+fixed matrix drawn from the session's seed (LoRA's own start: A random, B zero). So z = 0
+is exactly the base model, and the update is linear in z near 0 (a gradient at z = 0 is
+not zero). While the engine runs a chunk of p candidates (rows laid out candidate-major,
+p * B rows), each target's forward becomes
 
     base(x) + ((x.view(p, B * L, in) @ A_p^T) @ B_p^T).view_as(base(x))
 
@@ -26,6 +26,9 @@ All these spreads are then multiplied by base_scale = 0.15: at the full spreads 
 z ~ N(0, I) raises SmolLM2's SST-2 train CE from 0.62 to 2.1 on average (the model is
 broken), at 0.15 by about as much as BBT's soft-prompt scaling moves it (see
 scripts/probe_scale.py and docs/performance.md).
+
+Export: PEFT's LORA, `lora_A.weight` and `lora_B.weight` per target, with lora_alpha = r
+(scaling 1): PEFT's update x A^T B^T is the engine's.
 """
 
 from __future__ import annotations
@@ -33,17 +36,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backbone_server.deltas.base import (
-    DeltaConfig,
-    ProjectedWeights,
-    check_no_prompt,
-    default_targets,
-    find_modules,
-    forward_hooks,
-    register_delta,
-)
+from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, peft_load, store
+from backbone_server.deltas.hooks import forward_hooks
+from backbone_server.deltas.layout import Layout
+from backbone_server.deltas.modules import ModulePlaces, default_targets, find_modules
 
-DEFAULT_RANK = 4
 DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
 
 
@@ -51,49 +49,64 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
-@register_delta("lora")
+@register_delta
 class LoRA(ProjectedWeights):
+    name = "lora"
+    summary = "a rank-r update B A of the weight of chosen Linear modules (LoRA)"
+    rank_name = "rank"
+    default_rank = 4
+    gated_roles = ("lora_B",)  # the update B A x is linear in B
+    peft_type = "LORA"
     base_scale = 0.15
 
     def __init__(self, config: DeltaConfig, backbone):
-        check_no_prompt(config)
-        self.config = config
-        self.rank = config.rank or DEFAULT_RANK
-        self.hidden_size = backbone.hidden_size
-        self.dtype = backbone.dtype
+        super().__init__(config, backbone)
+        self.rank = r = config.rank or self.default_rank
         body = backbone.body
         targets = config.targets or default_targets(body, DEFAULT_TARGETS, _is_linear, "Linear modules", "LoRA")
         self.modules = find_modules(body, targets, _is_linear, "Linear modules")
-        self.description = (f"rank-{self.rank} update B A of the weight of each of {len(self.modules)} Linear "
+        self.description = (f"rank-{r} update B A of the weight of each of {len(self.modules)} Linear "
                             f"modules ({', '.join(targets)})")
-        # Per target: where its A and B start in a candidate's parameters.
-        self.layout: list[tuple[nn.Module, int, int, int]] = []  # (module, offset, in, out)
-        scales, starts = [], []
+        places = ModulePlaces(backbone)
+        pieces, scales, starts = [], [], []
         generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
-        offset = 0
         for _, module in self.modules:
-            fan_in, fan_out, r = module.in_features, module.out_features, self.rank
-            self.layout.append((module, offset, fan_in, fan_out))
+            fan_in, fan_out = module.in_features, module.out_features
+            path, layer = places.path(module), places.layer(module)
+            pieces += [("lora_A", path, (r, fan_in), layer), ("lora_B", path, (fan_out, r), layer)]
             weight_std = module.weight.float().std().item()
             scales += [torch.full((r * fan_in,), config.projection_scale / fan_in ** 0.5),
                        torch.full((r * fan_out,), config.projection_scale * weight_std * (fan_in / r) ** 0.5)]
             starts += [torch.randn(r * fan_in, generator=generator) / fan_in ** 0.5, torch.zeros(r * fan_out)]
-            offset += r * (fan_in + fan_out)
+        self.layout = Layout.tiled(pieces)
+        self._targets = [(module, segments["lora_A"], segments["lora_B"])
+                         for (_, module), segments in zip(self.modules, self.layout.by_module().values())]
         self._build_projection(config, backbone.device, scales, starts)  # A0 in every A block, zero in every B block
 
-    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None):
-        p = params.shape[0]
-        r = self.rank
+    def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         hooks = []
-        for module, offset, fan_in, fan_out in self.layout:
+        for module, a_segment, b_segment in self._targets:
             weight = module.weight
-            a = params[:, offset:offset + r * fan_in].reshape(p, r, fan_in)
-            b = params[:, offset + r * fan_in:offset + r * (fan_in + fan_out)].reshape(p, fan_out, r)
             # (p, in, r) and (p, r, out), in the module's dtype and on its device.
-            a_t = a.transpose(1, 2).to(device=weight.device, dtype=weight.dtype)
-            b_t = b.transpose(1, 2).to(device=weight.device, dtype=weight.dtype)
+            a_t = a_segment.of(params).transpose(1, 2).to(device=weight.device, dtype=weight.dtype)
+            b_t = b_segment.of(params).transpose(1, 2).to(device=weight.device, dtype=weight.dtype)
             hooks.append((module, _lora_hook(a_t, b_t)))
         return forward_hooks(hooks)
+
+    def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
+        tensors = {peft_key(segment): store(segment.of(params)) for segment in self.layout}
+        modules = list(self.layout.by_module())
+        causal = request.backbone.architecture == "causal"
+        # task_type None (a plain PeftModel) for masked LMs: PEFT has no masked-LM task.
+        adapter = {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM" if causal else None,
+            "base_model_name_or_path": request.base_model, "revision": None, "inference_mode": True,
+            "r": self.rank, "lora_alpha": self.rank, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+            "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        }
+        return Exported(self.name, tensors, adapter, peft_load(request.backbone), self.description, modules)
 
 
 def _lora_hook(a_t: torch.Tensor, b_t: torch.Tensor):

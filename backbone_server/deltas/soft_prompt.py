@@ -1,4 +1,10 @@
-"""Soft prompt from the intrinsic subspace (BBT): prompt = A z + p0."""
+"""Soft prompt from the intrinsic subspace (BBT): prompt = A z + p0.
+
+Export: PEFT's PROMPT_TUNING, `prompt_embeddings` (n x h), the prompt as the engine
+splices it; PEFT prepends it to the whole input, which reproduces the engine exactly
+when the prompt is the first thing of the template, or when the template's constant
+tokens ahead of it (a BOS) are folded into the exported vectors (`fold_prefix`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,8 @@ import re
 import torch
 
 from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
-from backbone_server.errors import InvalidArgument
+from backbone_server.deltas.exported import Exported, ExportRequest, folded_prefix_note, peft_load, store
 from backbone_server.projection import make_projection
-
 
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
 
@@ -39,16 +44,15 @@ def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int)
     return candidates[picks].tolist()
 
 
-@register_delta("prompt")
+@register_delta
 class SoftPrompt(Delta):
+    name = "prompt"
+    summary = "a soft prompt A z + p0 of prompt_length vectors at {prompt} (BBT)"
+    takes_prompt = True
+    peft_type = "PROMPT_TUNING"
+
     def __init__(self, config: DeltaConfig, backbone):
-        if config.prompt_length < 1:
-            raise InvalidArgument("a soft prompt needs prompt_length >= 1")
-        if config.rank or config.targets:
-            raise InvalidArgument("a soft prompt takes no rank or targets (those are for weight kinds)")
-        self.config = config
-        self.prompt_length = config.prompt_length
-        self.hidden_size = backbone.hidden_size
+        super().__init__(config, backbone)
         embeddings = backbone.embeddings.weight
         self.initial_token_ids = initial_prompt_token_ids(
             backbone.tokenizer, embeddings.shape[0], config.prompt_length, config.seed
@@ -65,9 +69,46 @@ class SoftPrompt(Delta):
             std=std,
             device=embeddings.device,
         )
-        self.dtype = backbone.dtype
+        self.description = f"soft prompt of {config.prompt_length} vectors"
 
     def prompts(self, z: torch.Tensor) -> torch.Tensor:
         population = z.shape[0]
         offsets = self.projection(z).view(population, self.prompt_length, -1)
         return (offsets + self.initial_prompt).to(self.dtype)
+
+    def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
+        backbone, fold = request.backbone, request.fold_prefix
+        prompt = self.prompts(z)[0]  # (n, h) in the model's dtype, as the engine splices it
+        if fold:
+            ids = torch.tensor(list(fold), device=backbone.embeddings.weight.device)
+            prompt = torch.cat([backbone.embeddings(ids).to(prompt), prompt])
+        config = backbone.model.config
+        causal = backbone.architecture == "causal"
+        # Masked LMs: FEATURE_EXTRACTION prepends the prompt and returns the base model's output.
+        adapter = {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM" if causal else "FEATURE_EXTRACTION",
+            "base_model_name_or_path": request.base_model, "revision": None, "inference_mode": True,
+            "num_virtual_tokens": prompt.shape[0], "token_dim": backbone.hidden_size,
+            "num_transformer_submodules": 1, "num_attention_heads": config.num_attention_heads,
+            "num_layers": config.num_hidden_layers, "prompt_tuning_init": "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "modules_to_save": None,
+        }
+        placement = request.placement
+        return Exported(
+            self.name, {"prompt_embeddings": store(prompt)}, adapter, _how_to_load(backbone, placement, fold),
+            self.description,
+            reproduces_engine=bool(placement and (placement["prompt_first"] or fold is not None)),
+            prompt={**(placement or {}), "folded_prefix": list(fold or [])},
+        )
+
+
+def _how_to_load(backbone, placement: dict | None, fold: tuple[int, ...] | None) -> str:
+    load = peft_load(backbone)
+    if fold:
+        return f"{load}; {folded_prefix_note(fold, 'embeddings')}"
+    if placement and not placement["prompt_first"]:
+        ahead = placement["tokens_before_prompt"]
+        return (f"{load}; PEFT puts the virtual tokens before the whole input, while the run's template had "
+                f"{'tokens ' + str(ahead) if ahead else 'text'} ahead of the prompt, so the PEFT model does not "
+                "reproduce the tuned scores exactly (export with --fold-prefix where the prompt precedes the texts)")
+    return load

@@ -21,7 +21,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms")
+    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms", "kinds")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ModelInfo(_message.Message):
     GRADIENTS_ENABLED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_PLAN_FIELD_NUMBER: _ClassVar[int]
     DELTA_FORMS_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     hidden_size: int
@@ -50,7 +51,34 @@ class ModelInfo(_message.Message):
     gradients_enabled: bool
     memory_plan: str
     delta_forms: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ...) -> None: ...
+    kinds: _containers.RepeatedCompositeFieldContainer[DeltaKind]
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[DeltaKind, _Mapping]]] = ...) -> None: ...
+
+class DeltaKind(_message.Message):
+    __slots__ = ("name", "summary", "takes_prompt", "rank_name", "default_rank", "takes_targets", "gated_roles", "peft_type", "per_layer_z", "mixable", "reuses_prefix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    TAKES_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RANK_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RANK_FIELD_NUMBER: _ClassVar[int]
+    TAKES_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    GATED_ROLES_FIELD_NUMBER: _ClassVar[int]
+    PEFT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PER_LAYER_Z_FIELD_NUMBER: _ClassVar[int]
+    MIXABLE_FIELD_NUMBER: _ClassVar[int]
+    REUSES_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    summary: str
+    takes_prompt: bool
+    rank_name: str
+    default_rank: int
+    takes_targets: bool
+    gated_roles: _containers.RepeatedScalarFieldContainer[str]
+    peft_type: str
+    per_layer_z: bool
+    mixable: bool
+    reuses_prefix: bool
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., takes_prompt: _Optional[bool] = ..., rank_name: _Optional[str] = ..., default_rank: _Optional[int] = ..., takes_targets: _Optional[bool] = ..., gated_roles: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ..., per_layer_z: _Optional[bool] = ..., mixable: _Optional[bool] = ..., reuses_prefix: _Optional[bool] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("text_a", "text_b", "label")

@@ -1,4 +1,5 @@
-"""Arrays on the wire: raw little-endian float32 bytes plus a shape (no torch needed)."""
+"""Arrays on the wire: raw little-endian float32 bytes plus a shape (no torch needed),
+and the gRPC channel options both sides use."""
 
 from __future__ import annotations
 

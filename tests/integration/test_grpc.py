@@ -133,7 +133,8 @@ def test_loading_an_unknown_model_fails_clearly():
 
 
 def test_tune_a_few_generations_on_real_data(server, tmp_path):
-    from blackbox.tuner import TuneConfig, run_tune
+    from blackbox.tune_config import TuneConfig
+    from blackbox.tuner import run_tune
 
     config = TuneConfig(task="sst2", seed=13, budget=24, popsize=6, dim=8, prompt_length=3,
                         placement="after", out=str(tmp_path / "run"))
@@ -184,7 +185,8 @@ def test_gradient_round_trip(white_box_server):
 
 
 def test_tune_with_gradients_counts_one_call_per_step(white_box_server, server, tmp_path):
-    from blackbox.tuner import TuneConfig, run_tune
+    from blackbox.tune_config import TuneConfig
+    from blackbox.tuner import run_tune
 
     config = TuneConfig(task="sst2", seed=13, budget=5, popsize=6, dim=8, prompt_length=3,
                         placement="after", optimizer="gradient", out=str(tmp_path / "run"))

@@ -16,7 +16,8 @@ from blackbox.cli import main
 from blackbox.client import BackboneClient, BackboneError, DeltaSpec, Session
 from blackbox.replicas import ReplicaPool
 from blackbox.tasks import Example
-from blackbox.tuner import TuneConfig, run_tune
+from blackbox.tune_config import TuneConfig
+from blackbox.tuner import run_tune
 
 TRAIN = [Example("a great film", None, 1), Example("a bad film", None, 0), Example("very good", None, 1),
          Example("not good at all", None, 0)]

@@ -11,7 +11,8 @@ import pytest
 from backbone_server.server import create_server
 from blackbox.client import BackboneClient, Session
 from blackbox.runlog import RunDirError
-from blackbox.tuner import TuneConfig, resume_config, run_tune
+from blackbox.tune_config import TuneConfig, resume_config
+from blackbox.tuner import run_tune
 
 TIMING_KEYS = ("server_ms", "generation_ms", "elapsed_s")
 RESULT_TIMING_KEYS = ("wall_s", "files")

@@ -135,10 +135,10 @@ def test_gates_multiply_each_layers_update(tiny_backbone):
     gated, ungated = delta.parameters(z), plain.parameters(z[:, :DIM - delta.num_gates])
     bias_part = delta.parts[2]
     first = delta.widths[0] + delta.widths[1]
-    for (name, _), (module, offset, width) in zip(bias_part.modules, bias_part.layout):
+    for (name, _), segment in zip(bias_part.modules, bias_part.layout):
         layer = int(name.split("layer")[1].split(".")[1]) if ".layer" in "." + name else None
         g = gates[:, 2 * layers + layer][:, None] if layer is not None else 1.0
-        cols = slice(first + offset, first + offset + width)
+        cols = slice(first + segment.start, first + segment.stop)
         torch.testing.assert_close(gated[:, cols], ungated[:, cols] * g)
 
 

@@ -51,14 +51,14 @@ def plain_forward_logits(backbone, session):
 def count_chunks(engine, monkeypatch) -> list[int]:
     """From now on, the number of candidates in each forward the engine runs."""
     chunks = []
-    original = engine._score_chunks
+    original = engine.scorer.score_chunks
 
     def counted(*args):
         for first, logits in original(*args):
             chunks.append(logits.shape[0])
             yield first, logits
 
-    monkeypatch.setattr(engine, "_score_chunks", counted)
+    monkeypatch.setattr(engine.scorer, "score_chunks", counted)
     return chunks
 
 

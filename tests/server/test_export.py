@@ -22,13 +22,15 @@ from backbone_server.export import (
     apply_deep_prompt,
     load_prompt,
     splice_prompt,
-    delta_config_from_run,
     export_delta,
     materialise,
     prompt_placement,
 )
 from backbone_server.errors import InvalidArgument
 from backbone_server.tiny import build_tiny_llama, build_tiny_roberta
+from blackbox.client import DeltaSpec
+from blackbox.export import delta_spec_of_run
+from blackbox.runlog import RunDirError
 from tests.server.test_engine import EXAMPLES, VERBALIZER, template_for
 
 peft = pytest.importorskip("peft")
@@ -363,15 +365,14 @@ def test_refusals(tiny_llama, tmp_path):
     assert {p.name for p in (tmp_path / "full").iterdir()} == {"keep.txt", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST}
 
 
-def test_delta_config_from_run_matches_the_tuner():
+def test_delta_spec_of_run_matches_the_tuner():
     run = {"delta": "lora", "prompt_length": 50, "dim": 8, "projection": "sparse", "seed": 21, "alpha": 2.0,
            "sigma": 0.5, "rank": 2, "targets": "q_proj, o_proj"}
-    assert delta_config_from_run(run) == DeltaConfig("lora", prompt_length=0, intrinsic_dim=8, projection="sparse",
-                                                     seed=21, projection_scale=4.0, rank=2,
-                                                     targets=("q_proj", "o_proj"))
-    assert delta_config_from_run({**run, "delta": "prompt", "rank": 0, "targets": ""}).prompt_length == 50
-    with pytest.raises(InvalidArgument, match="lacks 'dim'"):
-        delta_config_from_run({"delta": "lora", "seed": 1})
+    assert delta_spec_of_run(run) == DeltaSpec("lora", prompt_length=0, intrinsic_dim=8, projection="sparse",
+                                               seed=21, projection_scale=4.0, rank=2, targets=("q_proj", "o_proj"))
+    assert delta_spec_of_run({**run, "delta": "prompt", "rank": 0, "targets": ""}).prompt_length == 50
+    with pytest.raises(RunDirError, match="lacks 'dim'"):
+        delta_spec_of_run({"delta": "lora", "seed": 1})
 
 
 def test_cli_exports_a_tuned_run(tmp_path, capsys):

@@ -213,13 +213,13 @@ class _KeywordLayer(torch.nn.Module):
 def test_deep_prompt_hook_takes_hidden_states_by_keyword_or_position():
     # Layers get their hidden states as args[0] or kwargs["hidden_states"] depending on
     # the transformers version; the offsets land at the prompt slots either way.
-    from backbone_server.deltas.base import forward_hooks
-    from backbone_server.deltas.deep_prompt import _offset_hook
+    from backbone_server.deltas.deep_prompt import offset_hook
+    from backbone_server.deltas.hooks import forward_hooks
 
     layer = _KeywordLayer()
     hidden = torch.zeros(2, 3, 4)  # p = 2 candidates x B = 1 row, L = 3, h = 4
     offsets = torch.arange(2 * 1 * 4, dtype=torch.float32).view(2, 1, 4)  # one slot, at position 1
-    hook = _offset_hook(offsets, torch.tensor([1]), p=2, rows=3)
+    hook = offset_hook(offsets, torch.tensor([1]), p=2, rows=3)
     expected = torch.zeros(2, 3, 4)
     expected[:, 1] = offsets[:, 0]
     with forward_hooks([(layer, hook)], pre=True):

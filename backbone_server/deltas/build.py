@@ -1,0 +1,48 @@
+"""Building the delta a DeltaConfig's form names, and what GetInfo says about the kinds."""
+
+from __future__ import annotations
+
+from backbone_server.deltas.adamix import DEFAULT_COPIES, MAX_COPIES, AdaMixDelta, mixable_kinds
+from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, kind_class, per_layer_kinds
+from backbone_server.deltas.combined import CombinedDelta, not_exportable
+from backbone_server.errors import InvalidArgument
+from blackbox.v1.delta_spec import ADAMIX, UNIPELT, KindInfo
+
+
+def build_delta(config: DeltaConfig, backbone) -> Delta:
+    form = config.form
+    if config.part_dims and len(form.parts) == 1:
+        raise InvalidArgument(f"part_dims split z among the parts of a combination (KIND+KIND); "
+                              f"{config.kind!r} has one part")
+    if config.per_layer_z and form.single is None:
+        raise InvalidArgument(f"per_layer_z (one z block per layer) is for {', '.join(per_layer_kinds())} "
+                              f"alone, not {config.kind!r}")
+    if form.mix == ADAMIX:
+        return AdaMixDelta(config, backbone, form.parts, form.copies)
+    if form.single is None:
+        return CombinedDelta(config, backbone, form.parts, gated=form.mix == UNIPELT)
+    return kind_class(form.single)(config, backbone)
+
+
+def check_exportable(config: DeltaConfig) -> None:
+    """Refuses a combination before anything is built: no export format holds one."""
+    if config.form.mix != ADAMIX and config.form.single is None:
+        raise not_exportable(config.kind)
+
+
+def kind_infos() -> list[KindInfo]:
+    """Every registered kind and what it takes, by name."""
+    return [DELTA_KINDS[name].info() for name in sorted(DELTA_KINDS)]
+
+
+def delta_forms() -> list[str]:
+    """How the kinds combine into one delta, in words (GetInfo's delta_forms)."""
+    gated = [name for name, cls in DELTA_KINDS.items() if cls.gated_roles]
+    return [
+        "KIND+KIND[+KIND...]: the parts share z (equal slices, the remainder to the first), at most one prompt kind",
+        f"unipelt:KIND[+KIND...]: per-layer gates sigmoid(z_gate) on every part of {', '.join(gated)}",
+        f"adamix[M]:KIND: M copies (default {DEFAULT_COPIES}, at most {MAX_COPIES}) of one of "
+        f"{', '.join(mixable_kinds())}, routed per example on 'train' and '*-routed' splits, merged by averaging "
+        "elsewhere",
+        f"{' or '.join(per_layer_kinds())} with per_layer_z: one block of intrinsic_dim coordinates of z per layer",
+    ]

@@ -1,0 +1,89 @@
+"""What a kind's export of one z is (`Exported`), what it is asked for (`ExportRequest`),
+and the pieces the kinds' exports share. Each kind writes its own tensors and adapter
+config (`Delta.export`, in the kind's module); `backbone_server.export` writes the folder.
+
+Tensors are named as PEFT names them: `base_model.model.<module path>.<role>.weight`
+for a module's weights (`peft_key`), with the path in `backbone.model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from backbone_server.deltas.layout import Segment
+from backbone_server.encoding import TemplateEncoder
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What an export is for: the backbone it was tuned on, the base model the adapter
+    names (base_model_name_or_path), the run's template and where it puts the prompt
+    (`prompt_placement`, for prompt kinds; None when not known), and, to fold the
+    template's constant tokens ahead of the prompt into the export, their ids."""
+
+    backbone: object
+    base_model: str | None = None
+    template: str | None = None
+    placement: dict | None = None
+    fold_prefix: tuple[int, ...] | None = None
+
+
+@dataclass
+class Exported:
+    """One z's delta as named float32 CPU tensors, with its adapter_config.json and how
+    to load it."""
+
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    adapter_config: dict
+    how_to_load: str
+    description: str = ""
+    modules: list[str] = field(default_factory=list)  # the module paths it changes (deep prompt: its layers)
+    reproduces_engine: bool = True  # loading it as `how_to_load` says gives the engine's scores
+    prompt: dict | None = None  # prompt kinds: where the prompt goes (the manifest's "prompt")
+
+
+def store(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
+
+
+def peft_key(segment: Segment, suffix: str = ".weight") -> str:
+    return f"{PEFT_PREFIX}{segment.module}.{segment.role}{suffix}"
+
+
+def model_class(backbone) -> str:
+    return "AutoModelForCausalLM" if backbone.architecture == "causal" else "AutoModelForMaskedLM"
+
+
+def plain_load(backbone) -> str:
+    return f"model = transformers.{model_class(backbone)}.from_pretrained(BASE)"
+
+
+def peft_load(backbone) -> str:
+    return f"peft.PeftModel.from_pretrained(transformers.{model_class(backbone)}.from_pretrained(BASE), THIS_FOLDER)"
+
+
+def folded_prefix_note(fold_prefix: tuple[int, ...], what: str) -> str:
+    return (f"the first {len(fold_prefix)} virtual tokens are the {what} of the template's tokens ahead of the "
+            f"prompt ({list(fold_prefix)}): feed the rest of the template's tokens without them "
+            "(add_special_tokens=False for a BOS)")
+
+
+def prompt_placement(backbone, template: str, prompt_length: int) -> dict:
+    """Where the run's template puts the soft prompt: its position relative to the texts,
+    the tokens ahead of it when those do not depend on the example (the tokenizer's BOS,
+    literal text), and whether it is the very first thing of the model's input (the only
+    placement PEFT's prompt tuning, which prepends the virtual tokens, reproduces as is)."""
+    encoder = TemplateEncoder(backbone.tokenizer, template, backbone.architecture, prompt_length,
+                              backbone.max_length)
+    before = list(encoder.encode("x", "x", 0, True, 0).before)
+    start = encoder.prompt_position == "start"
+    return {
+        "prompt_position": encoder.prompt_position,
+        "tokens_before_prompt": before if start else None,  # None: they depend on the example
+        "prompt_first": start and not before,
+    }

@@ -1,0 +1,179 @@
+"""The forward core: a chunk of candidates on one bucket through the model, read out as
+verbalizer logits, and the population's losses and accuracies from those logits.
+
+Every candidate of a chunk runs in one batched forward: prompts are spliced into the
+bucket's shared rows through `inputs_embeds`, module parameters go in through the delta's
+`patched` hooks (candidate-major rows: candidate i holds rows i * B .. (i + 1) * B - 1),
+and with prefix reuse the bucket's prefix states stand in for the tokens ahead of the
+prompt. A chunk that runs out of memory is retried in halves, and the engine's token
+bound (`TokenBounds`) shrinks so that later calls start from the smaller one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from backbone_server.batching import Bucket, PrefixStates
+from backbone_server.deltas import Routing
+from backbone_server.errors import ResourceExhausted
+from backbone_server.models import Backbone
+from backbone_server.sessions import SessionState
+
+log = logging.getLogger(__name__)
+
+HINGE_MARGIN = 1.0
+LOSSES = ("ce", "hinge")
+
+
+@dataclass
+class TokenBounds:
+    """Rows x tokens one forward may hold: for inference, and with autograd kept for a
+    backward. They only shrink, when a forward runs out of memory."""
+
+    inference: int
+    gradient: int
+
+
+class PopulationScores:
+    """Per-candidate results of one evaluation, as float32 numpy arrays; the (P, N, C)
+    verbalizer logits stay on the device until `logits` is read."""
+
+    def __init__(self, logits: torch.Tensor, labels: torch.Tensor):
+        population, count, classes = logits.shape
+        targets = labels.repeat(population)
+        flat = logits.reshape(population * count, classes)
+        ce, hinge = example_losses(flat, targets)
+        accuracy = (flat.argmax(dim=1) == targets).float().view(population, count).mean(dim=1)
+        self.ce_loss = ce.view(population, count).mean(dim=1).cpu().numpy()  # (P,)
+        self.hinge_loss = hinge.view(population, count).mean(dim=1).cpu().numpy()  # (P,)
+        self.accuracy = accuracy.cpu().numpy()  # (P,)
+        self.num_examples = count
+        self._logits = logits
+        self._host_logits: np.ndarray | None = None
+
+    @property
+    def logits(self) -> np.ndarray:
+        """(P, N, C) verbalizer logits, copied to the host on first use."""
+        if self._host_logits is None:
+            self._host_logits = self._logits.cpu().numpy()
+        return self._host_logits
+
+
+@dataclass
+class PopulationGradients:
+    """Per-candidate loss, accuracy and d loss / d z, as float32 numpy arrays."""
+
+    loss: np.ndarray  # (P,)
+    accuracy: np.ndarray  # (P,)
+    grad: np.ndarray  # (P, d)
+    num_examples: int
+
+
+class Scorer:
+    def __init__(self, backbone: Backbone, bounds: TokenBounds):
+        self.backbone = backbone
+        self.bounds = bounds
+
+    def score_chunks(self, session: SessionState, bucket: Bucket, prompts: torch.Tensor,
+                     params: torch.Tensor | None, prefix: PrefixStates | None, tokens: int,
+                     routing: Routing | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(P, n, h) prompts and (P, D) module parameters (or None) -> (first candidate,
+        (p, B, C) float32 verbalizer logits) for each chunk of candidates that fits
+        `tokens`, in order."""
+        chunk = max(1, tokens // bucket.tokens_per_candidate)
+        first = 0
+        while first < len(prompts):
+            group = prompts[first:first + chunk]
+            group_params = None if params is None else params[first:first + chunk]
+            try:
+                logits = self.forward_chunk(session, bucket, group, group_params, prefix, routing)
+            except Exception as error:
+                if not out_of_memory(error):
+                    raise
+                if chunk == 1:
+                    raise ResourceExhausted(
+                        f"one candidate on {len(bucket.indices)} examples does not fit in device memory; "
+                        "evaluate fewer examples per call (count) or start the server with a smaller "
+                        "--max-batch-tokens"
+                    ) from None
+                chunk //= 2
+                bound = chunk * bucket.tokens_per_candidate
+                log.warning("out of memory at %d candidates x %d tokens; retrying with %d candidates",
+                            len(group), bucket.tokens_per_candidate, chunk)
+                self._release_cached_memory()
+                if prompts.requires_grad or (params is not None and params.requires_grad):
+                    self.bounds.gradient = min(self.bounds.gradient, bound)
+                else:
+                    self.bounds.inference = min(self.bounds.inference, bound)
+                continue
+            yield first, logits
+            first += len(group)
+
+    def _release_cached_memory(self) -> None:
+        if self.backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def forward_chunk(self, session: SessionState, bucket: Bucket, group: torch.Tensor,
+                      group_params: torch.Tensor | None, prefix: PrefixStates | None,
+                      routing: Routing | None = None) -> torch.Tensor:
+        """(p, n, h) prompts and (p, D) module parameters (or None) of some candidates ->
+        (p, B, C) verbalizer logits on the bucket."""
+        backbone = self.backbone
+        size, width = bucket.row_ids.shape
+        slot = bucket.row_ids < 0
+        token_embeddings = backbone.embeddings(bucket.row_ids.clamp(min=0))
+        slot_index = (-bucket.row_ids - 1).clamp(min=0)
+        p = len(group)
+        if group.shape[1]:
+            # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
+            rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
+        else:  # no prompt: every candidate reads the same rows
+            rows = token_embeddings[None].expand(p, -1, -1, -1)
+        rows = rows.reshape(p * size, width, -1)
+        mask = bucket.row_mask.repeat(p, 1)
+        kwargs = {}
+        if prefix is not None:
+            mask = torch.cat([bucket.prefix_mask.repeat(p, 1), mask], dim=1)
+            positions = bucket.prefix_lengths[:, None] + torch.arange(width, device=rows.device)
+            kwargs["position_ids"] = positions.repeat(p, 1)
+            kwargs["cache"] = DynamicCache(
+                ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
+                config=backbone.model.config,
+            )
+        slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
+        with session.delta.patched(group_params, slots, routing):
+            hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+        read = bucket.read.repeat(p)
+        picked = hidden[torch.arange(p * size, device=hidden.device), read]
+        return self._verbalizer_logits(session, picked).view(p, size, -1)
+
+    def _verbalizer_logits(self, session: SessionState, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.backbone.head
+        if isinstance(head, torch.nn.Linear):
+            # Only the verbalizer's rows of a plain output matrix: skips a (rows x vocab) matmul.
+            weight = head.weight[session.verbalizer_ids]
+            bias = head.bias[session.verbalizer_ids] if head.bias is not None else None
+            return F.linear(hidden, weight, bias).float()
+        return head(hidden)[:, session.verbalizer_ids].float()
+
+
+def out_of_memory(error: Exception) -> bool:
+    """A device (CUDA) or host allocator running out of memory."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
+
+
+def example_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, C) logits and (R,) targets -> each row's cross-entropy and multi-class hinge loss."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    true = logits.gather(1, targets[:, None]).squeeze(1)
+    others = logits.scatter(1, targets[:, None], float("-inf")).max(dim=1).values
+    return ce, (HINGE_MARGIN + others - true).clamp(min=0)

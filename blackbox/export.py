@@ -1,0 +1,79 @@
+"""`blackbox export`: a finished run folder (config.json, result.json, best_z.npy) as an
+adapter folder. This is the run-folder glue; the delta's tensors are written by the
+local server side (`backbone_server.export`), on the run's model loaded here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from blackbox.client import DeltaSpec, KindInfo
+from blackbox.runlog import RunDirError
+from blackbox.tune_config import TuneConfig, delta_spec
+
+
+def delta_spec_of_run(config: dict, kinds: Mapping[str, KindInfo] | None = None) -> DeltaSpec:
+    """The DeltaSpec a `blackbox tune` run's config.json describes: the tuner's own, rebuilt
+    from the stored settings and what the `kinds` take (default: this machine's server)."""
+    if kinds is None:
+        from backbone_server.deltas import kind_infos
+
+        kinds = {kind.name: kind for kind in kind_infos()}
+    fields = {f.name for f in dataclasses.fields(TuneConfig)}
+    for key in ("delta", "dim", "seed"):
+        if key not in config:
+            raise RunDirError(f"the run's config.json lacks {key!r}")
+    try:
+        return delta_spec(TuneConfig(**{k: v for k, v in config.items() if k in fields}), kinds)
+    except (TypeError, ValueError) as error:
+        raise RunDirError(f"the run's config.json does not describe a run: {error}") from None
+
+
+def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, device: str = "cpu",
+               dtype: str | None = None, fold_prefix: bool = False, overwrite: bool = False) -> dict:
+    """Exports the best z of a finished run folder; returns the manifest.
+
+    The model is the run's (or `model`), loaded in the run's dtype unless `dtype` says
+    otherwise (the delta's scales are taken from the weights as loaded). A model built in
+    code (tiny-llama, tiny-roberta) is saved in `out/base` so the export loads on its own.
+    """
+    from backbone_server.deltas import DeltaConfig
+    from backbone_server.errors import ServiceError
+    from backbone_server.export import BASE_FOLDER, export_delta, save_base, write_manifest
+    from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, bundled_model_folder, load_backbone
+
+    run_dir, out = Path(run_dir), Path(out)
+    try:
+        run_config = json.loads((run_dir / "config.json").read_text())
+        z = np.load(run_dir / "best_z.npy")
+    except FileNotFoundError as error:
+        raise RunDirError(f"{run_dir} holds no finished run ({Path(error.filename).name} is missing)") from None
+    result_file = run_dir / "result.json"
+    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    spec = delta_spec_of_run(run_config)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # early, before loading the model
+        raise ValueError(f"{out} is not empty; choose another folder or pass --overwrite")
+    name = model or run_config.get("model") or BUNDLED_MODEL
+    try:
+        backbone = load_backbone(name, device=device, dtype=dtype or result.get("dtype") or "float32")
+        if name in TINY_MODELS:
+            base_model = str((out / BASE_FOLDER).resolve())
+        elif name == BUNDLED_MODEL:
+            base_model = str(bundled_model_folder())
+        else:
+            base_model = str(Path(name).expanduser().resolve())
+        manifest = export_delta(backbone, DeltaConfig(**dataclasses.asdict(spec)), z, out,
+                                template=run_config.get("template"), run_config=run_config,
+                                base_model=base_model, fold_prefix=fold_prefix, overwrite=overwrite)
+    except ServiceError as error:
+        raise ValueError(str(error)) from None
+    manifest.update(run=str(run_dir.resolve()), run_model=run_config.get("model"))
+    if name in TINY_MODELS:
+        save_base(backbone, out / BASE_FOLDER)
+        manifest["files"].append(BASE_FOLDER + "/")
+    write_manifest(out, manifest)
+    return manifest

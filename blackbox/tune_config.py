@@ -1,0 +1,184 @@
+"""A tuning run's settings (`TuneConfig`), what they ask the server for (`delta_spec`) and
+the optimizer they build; resuming a stored run with the settings it had."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from blackbox.client import DeltaForm, DeltaSpec, KindInfo
+from blackbox.optim import make_optimizer, optimizer_class
+from blackbox.optim.blocks import DivideAndConquer
+from blackbox.runlog import RunLog
+from blackbox.v1.delta_spec import ADAMIX, MIXES
+
+# "joint": one optimizer searches all of z; "divide-and-conquer": one optimizer per block
+# of z (a per-layer deep prompt's layers, a combination's parts), taking turns (BBTv2).
+STRATEGIES = ("joint", "divide-and-conquer")
+
+
+@dataclass
+class TuneConfig:
+    task: str = "sst2"
+    seed: int = 13
+    k: int = 16
+    data_dir: str | None = None
+    budget: int = 8000
+    popsize: int = 20
+    dim: int = 500
+    prompt_length: int = 50
+    delta: str = "prompt"
+    # Weight kinds: the rank of low-rank ones (0: the kind's default) and the module-name
+    # suffixes they change, comma-separated ("": the kind's default).
+    rank: int = 0
+    targets: str = ""
+    # "unipelt" (per-layer gates on every part of `delta`) or "adamix" (copies of one
+    # weight kind, routed per example in search and averaged for dev and test); "": none.
+    mix: str = ""
+    adamix_copies: int = 4
+    # Combinations: each part's share of z, comma-separated in kind order ("": equal shares).
+    part_dims: str = ""
+    placement: str = "before"
+    projection: str = "normal"
+    optimizer: str = "cma"
+    strategy: str = "joint"
+    # divide-and-conquer: generations of one block's optimizer before the next block's turn.
+    turn_generations: int = 1
+    sigma: float = 1.0
+    alpha: float = 1.0
+    bound: float | None = None
+    loss: str = "ce"
+    dev_every: int = 1
+    # Stop when the best dev accuracy has not improved for this many generations (0: never).
+    patience: int = 0
+    # Stop starting generations after this many seconds of the run (0: no limit).
+    max_wall_s: float = 0.0
+    truncate: bool = False
+    out: str = "runs/tune"
+
+    def __post_init__(self):
+        for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        generation = optimizer_class(self.optimizer).fixed_popsize or self.popsize
+        if self.budget < generation:
+            raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {generation})")
+        if not self.sigma > 0 or not self.alpha > 0:
+            raise ValueError("sigma and alpha must be > 0")
+        if self.patience < 0 or self.max_wall_s < 0:
+            raise ValueError("patience and max-wall-s must be >= 0 (0 turns them off)")
+        if self.bound is not None and not self.bound > 0:
+            raise ValueError("bound must be > 0")
+        if self.mix and self.mix not in MIXES:
+            raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(MIXES)}")
+        if self.mix == ADAMIX and self.adamix_copies < 1:
+            raise ValueError(f"adamix-copies must be >= 1, got {self.adamix_copies}")
+        form = self.delta_form
+        if self.part_dims:
+            if len(form.parts) == 1:
+                raise ValueError(f"part-dims split z among the parts of a combination (KIND+KIND), not "
+                                 f"{self.delta!r}")
+            if not all(part.strip().isdigit() and int(part) >= 1 for part in self.part_dims.split(",")):
+                raise ValueError(f"part-dims must be sizes >= 1 separated by commas, got {self.part_dims!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {', '.join(STRATEGIES)}")
+        if self.strategy == "divide-and-conquer":
+            method = optimizer_class(self.optimizer)
+            if method.uses_gradients or method.fixed_popsize:
+                raise ValueError(f"divide-and-conquer runs a population-based method per block, not "
+                                 f"{self.optimizer!r}")
+            if form.mix == ADAMIX:  # one kind's copies, all driven by the whole z
+                raise _one_block(form, {})
+
+    @property
+    def delta_form(self) -> DeltaForm:
+        """The kinds of `delta` ("lora", "prompt+lora") with the run's mix."""
+        try:
+            form = DeltaForm.parse(self.delta)
+            if self.mix:
+                if form.mix:
+                    raise ValueError(f"--delta {self.delta!r} names a mix already; drop --mix {self.mix}")
+                form = dataclasses.replace(form, mix=self.mix, copies=self.adamix_copies if self.mix == ADAMIX else 0)
+        except ValueError as error:
+            raise ValueError(f"--delta {self.delta!r}: {error}") from None
+        return form
+
+    @property
+    def delta_kind(self) -> str:
+        """The server's name for the delta: "lora", "prompt+lora", "unipelt:lora+adapter", "adamix4:adapter"."""
+        return str(self.delta_form)
+
+
+def _one_block(form: DeltaForm, kinds: Mapping[str, KindInfo]) -> ValueError:
+    layered = [name for name, kind in kinds.items() if kind.per_layer_z]
+    per_layer = f"a kind with one block per layer ({', '.join(layered)})" if layered else "a per-layer kind"
+    return ValueError(f"divide-and-conquer needs z in several blocks: {per_layer} or a combination (KIND+KIND, "
+                      f"or --mix unipelt: parts and gates); {str(form)!r} has one")
+
+
+def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo]) -> DeltaSpec:
+    """What the run asks the server to generate from z, given what the server's `kinds`
+    take (GetInfo); also what `blackbox export` rebuilds. Kinds the server does not know
+    are left for it to refuse."""
+    form = config.delta_form
+    has_prompt = any(kinds[part].takes_prompt for part in form.parts if part in kinds)
+    per_layer_z = False
+    if config.strategy == "divide-and-conquer" and form.single in kinds:
+        if not kinds[form.single].per_layer_z:
+            raise _one_block(form, kinds)
+        per_layer_z = True
+    # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
+    return DeltaSpec(kind=str(form), prompt_length=config.prompt_length if has_prompt else 0,
+                     intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
+                     projection_scale=config.alpha / config.sigma, rank=config.rank,
+                     targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),
+                     per_layer_z=per_layer_z,
+                     part_dims=tuple(int(part) for part in config.part_dims.split(",") if part.strip()))
+
+
+def build_optimizer(config: TuneConfig, blocks: list[tuple[str, int]] | None = None):
+    """The run's optimizer over z of the session's `blocks` (name, size) (default: one
+    block of config.dim). Methods that plan by their total budget (nevergrad's NGOpt and
+    other meta-optimizers) are told the run's budget in candidate evaluations; under
+    divide-and-conquer each block's optimizer gets its share."""
+    blocks = blocks or [("z", config.dim)]
+    dim = sum(size for _, size in blocks)
+    bounds = (-config.bound, config.bound) if config.bound else None
+    plans_budget = "budget" in optimizer_class(config.optimizer).option_defaults
+    if config.strategy == "divide-and-conquer":
+        inner_options = {"budget": max(1, config.budget // len(blocks))} if plans_budget else None
+        return DivideAndConquer(
+            f"divide-and-conquer:{config.optimizer}", dim, config.popsize, config.seed, sigma0=config.sigma,
+            bounds=bounds, options={"blocks": [size for _, size in blocks], "inner": config.optimizer,
+                                    "turn_generations": config.turn_generations, "inner_options": inner_options},
+        )
+    return make_optimizer(config.optimizer, dim=dim, popsize=config.popsize, seed=config.seed,
+                          sigma0=config.sigma, bounds=bounds,
+                          options={"budget": config.budget} if plans_budget else None)
+
+
+def resume_config(out: str, budget: int | None = None) -> TuneConfig:
+    """The configuration of the run stored in `out`, with a new budget if given."""
+    stored = RunLog.read_checkpoint(out)["config"]
+    return TuneConfig(**{**stored, "out": out, **({"budget": budget} if budget is not None else {})})
+
+
+# Settings a resumed run may change: the budget may grow, the folder may have moved.
+RESUMABLE_CHANGES = ("budget", "out", "data_dir", "max_wall_s")
+
+
+def check_resumable(stored_config: dict[str, Any], stored_model: str, config: TuneConfig, model: str) -> None:
+    """Refuses to resume a run stored with `stored_config` on `stored_model` as `config` on `model`."""
+    # Settings added since the checkpoint was written hold their defaults there.
+    stored = {**dataclasses.asdict(TuneConfig()), **stored_config}
+    now = dataclasses.asdict(config)
+    changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
+               if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]
+    if stored.get("budget") != config.budget and "budget" in optimizer_class(config.optimizer).option_defaults:
+        changed.append(f"budget: {stored.get('budget')!r} -> {config.budget!r} ({config.optimizer} planned its "
+                       "search for the run's budget; resume it with the same one)")
+    if stored_model != model:
+        changed.append(f"model: {stored_model!r} -> {model!r}")
+    if changed:
+        raise ValueError(f"cannot resume {config.out} with other settings ({'; '.join(changed)})")
