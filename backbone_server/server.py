@@ -123,7 +123,10 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
             for name in ("", SERVICE_NAME):
                 health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving %s on %s (%s, %s)", model, port, loaded.device, loaded.dtype)
-        except Exception as error:  # reported through wait_ready and the log
+        except ServiceError as error:  # the operator's mistake (a model or device that is not there)
+            log.info("cannot load %s: %s", model, error)
+            load_error.append(error)
+        except Exception as error:  # reported through wait_ready, and with its traceback in the log
             log.exception("loading %s failed", model)
             load_error.append(error)
         finally:

@@ -28,6 +28,21 @@ def test_tune_with_an_embedded_server(tmp_path, capsys):
     assert json.loads((out / "result.json").read_text()) == result
 
 
+def test_a_model_that_does_not_load_is_one_error_line_and_no_traceback(tmp_path):
+    """The embedded server's loader thread logs real failures with their traceback; a
+    user's mistake must reach the terminal as the CLI's one `error:` line alone."""
+    import subprocess
+    import sys
+
+    command = ["tune", "--model", "no-such-model", "--quiet", "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "-c", f"from blackbox.cli import main; raise SystemExit(main({command!r}))"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("starting an embedded")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown model 'no-such-model'" in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),

@@ -3,6 +3,8 @@ prefix reuse changes nothing, and bad input is refused with a clear error."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,18 @@ def test_prefix_reuse_gives_the_same_scores_as_full_rows(tiny_llama):
     # The second call reads the cached prefix states and must agree too.
     np.testing.assert_allclose(reuse.evaluate(with_reuse.id, "train", z).logits, a.logits, rtol=0, atol=1e-6)
     assert with_reuse.prefix_cache
+
+
+def test_the_prefix_path_uses_the_current_cache_api(tiny_llama):
+    """transformers 5 deprecates `past_key_values` (a FutureWarning on every forward, the
+    argument to go in 5.40): the engine passes its prefix states as `cache`."""
+    engine = Engine(tiny_llama)
+    session = make_session(engine, "after")
+    assert session.prefix_reuse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        engine.evaluate(session.id, "train", population(3))
+        engine.evaluate(session.id, "train", population(3))  # from the cached prefix states
 
 
 def test_masked_models_never_reuse_a_prefix(tiny_roberta):
