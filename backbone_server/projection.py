@@ -23,6 +23,10 @@ Kinds:
   so that D can reach millions.
 * "identity": delta = c z with d == D (`IdentityProjection`); the "full delta, no
   projection" mode.
+
+The kinds share this one module (a little over 400 lines) on purpose: each is a few
+dozen lines around the contract above, which the tests check for every kind alike, and
+the sparse and Fastfood kinds' autograd functions sit next to the kind that needs them.
 """
 
 from __future__ import annotations

@@ -12,16 +12,8 @@ see ``available_optimizers()``. pycma and nevergrad are imported only when used.
 """
 
 from . import cma_es, gradient, mezo, nevergrad_opt  # noqa: F401  (importing registers them)
-from .base import (
-    BaseOptimizer,
-    GlobalRNGSandbox,
-    Optimizer,
-    available_optimizers,
-    make_optimizer,
-    optimizer_class,
-    pinned_blas,
-    register_optimizer,
-)
+from .base import BaseOptimizer, Optimizer, available_optimizers, make_optimizer, optimizer_class, register_optimizer
+from .isolation import GlobalRNGSandbox, pinned_blas
 from .cma_es import CMAES, SepCMAES
 from .gradient import GradientDescent
 from .mezo import MeZO

@@ -21,26 +21,22 @@ from __future__ import annotations
 
 import difflib
 import math
-import numbers
 import pickle
-import sys
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from .checks import check_bounds, check_int, check_option_keys, check_positive_float, same
+from .isolation import GlobalRNGSandbox, pinned_blas
+
 __all__ = [
     "Optimizer",
     "BaseOptimizer",
-    "GlobalRNGSandbox",
     "available_optimizers",
-    "check_int",
-    "check_option_keys",
-    "check_positive_float",
     "make_optimizer",
     "optimizer_class",
-    "pinned_blas",
     "register_optimizer",
 ]
 
@@ -67,64 +63,6 @@ class Optimizer(Protocol):
     def state_dict(self) -> bytes: ...
 
     def load_state_dict(self, state: bytes) -> None: ...
-
-
-# --------------------------------------------------------------------------- BLAS pinning
-
-_blas_controller: Any = None
-_blas_modules_seen = 0
-
-
-@contextmanager
-def pinned_blas() -> Iterator[None]:
-    """Limit BLAS to one thread for the duration of the block.
-
-    The client may share a 2-core machine with the model server, and a multi-threaded
-    BLAS call (pycma's eigendecomposition, a big matmul) would steal the server's cores.
-    This is ``threadpoolctl.threadpool_limits(1, user_api="blas")``, but through one cached
-    ``ThreadpoolController``: ``threadpool_limits`` rescans every loaded shared library on
-    each call (~4 ms measured on the 2-core dev box, per ask and per tell), the cached
-    controller only flips the thread counts (~20 us). A BLAS library can arrive with any
-    import (scipy's own copy comes with nevergrad), so the controller is rebuilt whenever
-    modules have been imported since it was built: rare once a run is going.
-    """
-    global _blas_controller, _blas_modules_seen
-    if _blas_controller is None or len(sys.modules) != _blas_modules_seen:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-        _blas_modules_seen = len(sys.modules)
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        yield
-
-
-# --------------------------------------------------------------------- global RNG sandbox
-
-_SANDBOX_TAG = 0x6F70_7469  # keeps the sandbox stream apart from RandomState(seed) streams
-
-
-class GlobalRNGSandbox:
-    """While active, the legacy global RNG (``np.random.rand`` & co.) runs on a private state.
-
-    Some third-party optimizers (several nevergrad ones) draw from ``np.random`` directly.
-    Without a private state their asks would depend on whatever else the process did with
-    the global RNG, and a resumed run could not reproduce an uninterrupted one. The outer
-    state is restored on exit, so the caller's global RNG is left exactly as it was.
-    Not thread-safe (nothing about the global RNG is) and not re-entrant.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self._state = np.random.RandomState([seed, _SANDBOX_TAG]).get_state()
-        self._outer: Any = None
-
-    def __enter__(self) -> None:
-        self._outer = np.random.get_state()
-        np.random.set_state(self._state)
-
-    def __exit__(self, *exc: object) -> None:
-        self._state = np.random.get_state()
-        np.random.set_state(self._outer)
-        self._outer = None
 
 
 # ------------------------------------------------------------------------------ registry
@@ -197,75 +135,6 @@ def make_optimizer(
     return optimizer_class(name)(name, dim, popsize, seed, sigma0=sigma0, bounds=bounds, options=options)
 
 
-# ---------------------------------------------------------------------------- validation
-
-
-def check_option_keys(optimizer: str, options: Mapping[str, Any], allowed: list[str] | set[str]) -> None:
-    """Reject unknown option keys: a misspelt option silently ignored wastes a whole run."""
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), list(allowed), n=2)
-            if close:
-                hints.append(f"{key!r} -> {' or '.join(map(repr, close))}?")
-        hint = f" (did you mean: {'; '.join(hints)})" if hints else ""
-        raise ValueError(
-            f"unknown option(s) {unknown} for optimizer {optimizer!r}{hint}; "
-            f"allowed options: {', '.join(sorted(allowed)) or 'none'}"
-        )
-
-
-def check_int(what: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = f" and <= {maximum}" if maximum is not None else ""
-        raise ValueError(f"{what} must be >= {minimum}{upper}, got {value}")
-    return value
-
-
-def check_positive_float(what: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{what} must be a real number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{what} must be finite and > 0, got {value}")
-    return value
-
-
-def _check_bounds(bounds: Any) -> tuple[float, float] | None:
-    if bounds is None:
-        return None
-    try:
-        lower, upper = (float(b) for b in bounds)
-    except (TypeError, ValueError):
-        raise ValueError(f"bounds must be a pair (lower, upper) of numbers, got {bounds!r}") from None
-    if not (math.isfinite(lower) and math.isfinite(upper) and lower < upper):
-        raise ValueError(f"bounds must be finite with lower < upper, got {bounds!r}")
-    if not lower <= 0.0 <= upper:
-        # Every optimizer starts at z = 0 (the initial prompt); it has to be feasible.
-        raise ValueError(f"bounds must contain 0 (the starting point), got {bounds!r}")
-    return (lower, upper)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Structural equality that copes with numpy arrays and NaN inside option dicts."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
-
-
 # --------------------------------------------------------------------------- base class
 
 _STATE_FORMAT = 1
@@ -303,7 +172,7 @@ class BaseOptimizer(ABC):
         # < 2**32 because numpy's legacy RandomState (pycma, nevergrad) takes 32-bit seeds.
         self.seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
         self.sigma0 = check_positive_float("sigma0", sigma0)
-        self.bounds = _check_bounds(bounds)
+        self.bounds = check_bounds(bounds)
         if options is not None and not isinstance(options, Mapping):
             raise ValueError(f"options must be a dict or None, got {type(options).__name__}")
         self.options = self._resolve_options(dict(options or {}))
@@ -446,7 +315,7 @@ class BaseOptimizer(ABC):
         if payload["class"] != mine:
             raise ValueError(f"{self.name}: state was saved by {payload['class']}, not {mine}")
         config = self._config()
-        differing = [k for k in config if not _same(config[k], payload["config"].get(k))]
+        differing = [k for k in config if not same(config[k], payload["config"].get(k))]
         if differing:
             detail = ", ".join(f"{k}: saved {payload['config'].get(k)!r} vs {config[k]!r}" for k in differing)
             raise ValueError(

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BaseOptimizer, check_int, make_optimizer, optimizer_class
+from .base import BaseOptimizer, make_optimizer, optimizer_class
+from .checks import check_int
 
 # Inner optimizer i is seeded with seed + i * BLOCK_SEED_STRIDE (under 2**32 for pycma).
 BLOCK_SEED_STRIDE = 7919

@@ -21,7 +21,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import BaseOptimizer, check_option_keys, register_optimizer
+from .base import BaseOptimizer, register_optimizer
+from .checks import check_option_keys
 
 # Options that come from make_optimizer's own arguments (or from how we seed pycma).
 _CONTROLLED = ("popsize", "seed", "bounds", "randn")

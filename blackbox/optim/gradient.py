@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import BaseOptimizer, check_positive_float, register_optimizer
+from .base import BaseOptimizer, register_optimizer
+from .checks import check_positive_float
 
 METHODS = ("adam", "sgd")
 

@@ -37,7 +37,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .base import BaseOptimizer, check_int, register_optimizer
+from .base import BaseOptimizer, register_optimizer
+from .checks import check_int
 
 PREFIX = "ng:"
 _SHIM_MARK = "_blackbox_numpy24_shim"
