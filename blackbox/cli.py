@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 from backbone_server.options import add_server_arguments
 from blackbox.client import BackboneClient, BackboneError
@@ -165,12 +165,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+@contextmanager
+def _server_extra(what: str):
+    """Imports of the server side, which a client-only install lacks."""
     try:
-        from backbone_server.server import serve
+        yield
     except ImportError as error:
-        raise RuntimeError(f"serving needs the server extra ({error.name} is missing): "
+        raise RuntimeError(f"{what} needs the server extra ({error.name} is missing): "
                            "pip install 'blackbox-tuner[server]'") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    with _server_extra("serving"):
+        from backbone_server.server import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 
@@ -192,12 +199,9 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    try:
+    with _server_extra("export"):
+        import backbone_server.export  # noqa: F401  (the server side writes the tensors)
         from blackbox.export import export_run
-        import backbone_server.export  # noqa: F401  (the server extra writes the tensors)
-    except ImportError as error:
-        raise RuntimeError(f"export needs the server extra ({error.name} is missing): "
-                           "pip install 'blackbox-tuner[server]'") from None
     manifest = export_run(args.run_dir, args.out, model=args.model, device=args.device, dtype=args.dtype,
                           fold_prefix=args.fold_prefix, overwrite=args.overwrite)
     print(f"exported the {manifest['kind']} delta of {args.run_dir} ({manifest['peft_type']}, |z| = "

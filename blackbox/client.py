@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1 import backbone_pb2_grpc
 from blackbox.v1.delta_spec import DeltaForm, DeltaSpec, KindInfo
+from blackbox.v1.messages import message_fields
 from blackbox.v1.wire import GRPC_OPTIONS, array_to_tensor, tensor_to_array
 
 __all__ = ["BackboneClient", "BackboneError", "DeltaForm", "DeltaSpec", "Gradients", "KindInfo", "ModelInfo",
@@ -101,23 +102,8 @@ class BackboneClient:
 
     def get_info(self) -> ModelInfo:
         info = self._call("GetInfo", pb.GetInfoRequest(), timeout=30)
-        return ModelInfo(
-            model_name=info.model_name,
-            architecture=info.architecture,
-            hidden_size=info.hidden_size,
-            num_layers=info.num_layers,
-            vocab_size=info.vocab_size,
-            max_length=info.max_length,
-            delta_kinds=tuple(info.delta_kinds),
-            projection_kinds=tuple(info.projection_kinds),
-            device=info.device,
-            dtype=info.dtype,
-            max_batch_tokens=info.max_batch_tokens,
-            gradients_enabled=info.gradients_enabled,
-            memory_plan=info.memory_plan,
-            delta_forms=tuple(info.delta_forms),
-            kinds={kind.name: KindInfo.from_message(kind) for kind in info.kinds},
-        )
+        return ModelInfo(**message_fields(info, ModelInfo, exclude=("kinds",)),
+                         kinds={kind.name: KindInfo.from_message(kind) for kind in info.kinds})
 
     def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
                        delta: DeltaSpec, truncate: bool = False) -> "Session":

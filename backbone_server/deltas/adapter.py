@@ -59,8 +59,7 @@ from torch import nn
 from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
 from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, plain_load, store
 from backbone_server.deltas.hooks import forward_hooks
-from backbone_server.deltas.layout import Layout
-from backbone_server.deltas.modules import ModulePlaces, default_targets, find_modules
+from backbone_server.deltas.modules import default_targets, find_modules
 
 DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"))
 
@@ -87,20 +86,13 @@ class Adapter(ProjectedWeights):
         self.modules = find_modules(body, targets, _any_module, "modules")
         self.description = (f"bottleneck adapter (size {m}, gelu) on the output of each of "
                             f"{len(self.modules)} modules ({', '.join(targets)})")
-        places = ModulePlaces(backbone)
-        pieces, scales, starts = [], [], []
-        generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
-        for _, module in self.modules:
-            width = module.out_features if isinstance(module, nn.Linear) else self.hidden_size
-            path, layer = places.path(module), places.layer(module)
-            pieces += [("adapter_down", path, (m, width), layer), ("adapter_up", path, (width, m), layer)]
-            scales += [torch.full((m * width,), config.projection_scale / width ** 0.5),
-                       torch.full((width * m,), config.projection_scale / m ** 0.5)]
-            starts += [torch.randn(m * width, generator=generator) / width ** 0.5, torch.zeros(width * m)]
-        self.layout = Layout.tiled(pieces)
-        self._targets = [(module, segments["adapter_down"], segments["adapter_up"])
-                         for (_, module), segments in zip(self.modules, self.layout.by_module().values())]
-        self._build_projection(config, backbone.device, scales, starts)  # W_d0 in every down block, zero in every up block
+        scale = config.projection_scale
+        widths = [module.out_features if isinstance(module, nn.Linear) else self.hidden_size
+                  for _, module in self.modules]
+        self._targets = self._build_factors(config, backbone, [  # W_down starts at W_d0, W_up at zero
+            (module, ("adapter_down", (m, width), scale / width ** 0.5), ("adapter_up", (width, m), scale / m ** 0.5))
+            for (_, module), width in zip(self.modules, widths)
+        ])
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         hooks = []

@@ -9,6 +9,7 @@ of z into model changes.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import ClassVar, ContextManager
 
@@ -16,6 +17,7 @@ import torch
 
 from backbone_server.deltas.exported import Exported, ExportRequest
 from backbone_server.deltas.layout import Layout
+from backbone_server.deltas.modules import ModulePlaces
 from backbone_server.errors import InvalidArgument
 from blackbox.v1.delta_spec import DeltaSpec, KindInfo
 
@@ -204,6 +206,26 @@ class ProjectedWeights(Delta):
         assert len(self.scales) == self.layout.size, "one scale per parameter of the layout"
         self.projection = make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=self.layout.size,
                                           seed=config.seed, std=1.0 / config.intrinsic_dim ** 0.5, device=device)
+
+    def _build_factors(self, config: DeltaConfig, backbone, factors: list[tuple]) -> list[tuple]:
+        """Layout and projection of a kind whose update of each module is a product of two
+        factors (LoRA's B A, the adapter's W_up and W_down). `factors`: per module, (module,
+        (role, shape, scale) of the first factor, (role, shape, scale) of the second). The
+        first starts at a fixed random matrix drawn from the session's seed, of entries of
+        standard deviation 1 / sqrt(its last dimension); the second at zero, so that z = 0
+        is the base model. Returns (module, first segment, second segment) per module."""
+        places = ModulePlaces(backbone)
+        pieces, scales, starts = [], [], []
+        generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
+        for module, (first_role, first_shape, first_scale), (second_role, second_shape, second_scale) in factors:
+            path, layer = places.path(module), places.layer(module)
+            pieces += [(first_role, path, first_shape, layer), (second_role, path, second_shape, layer)]
+            first, second = math.prod(first_shape), math.prod(second_shape)
+            scales += [torch.full((first,), first_scale), torch.full((second,), second_scale)]
+            starts += [torch.randn(first, generator=generator) / first_shape[-1] ** 0.5, torch.zeros(second)]
+        self.layout = Layout.tiled(pieces)
+        self._build_projection(config, backbone.device, scales, starts)
+        return [(module, self.layout[2 * i], self.layout[2 * i + 1]) for i, (module, *_) in enumerate(factors)]
 
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         params = self.projection(z) * self.scales

@@ -39,8 +39,7 @@ from torch import nn
 from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
 from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, peft_load, store
 from backbone_server.deltas.hooks import forward_hooks
-from backbone_server.deltas.layout import Layout
-from backbone_server.deltas.modules import ModulePlaces, default_targets, find_modules
+from backbone_server.deltas.modules import default_targets, find_modules
 
 DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
 
@@ -67,21 +66,14 @@ class LoRA(ProjectedWeights):
         self.modules = find_modules(body, targets, _is_linear, "Linear modules")
         self.description = (f"rank-{r} update B A of the weight of each of {len(self.modules)} Linear "
                             f"modules ({', '.join(targets)})")
-        places = ModulePlaces(backbone)
-        pieces, scales, starts = [], [], []
-        generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
-        for _, module in self.modules:
-            fan_in, fan_out = module.in_features, module.out_features
-            path, layer = places.path(module), places.layer(module)
-            pieces += [("lora_A", path, (r, fan_in), layer), ("lora_B", path, (fan_out, r), layer)]
-            weight_std = module.weight.float().std().item()
-            scales += [torch.full((r * fan_in,), config.projection_scale / fan_in ** 0.5),
-                       torch.full((r * fan_out,), config.projection_scale * weight_std * (fan_in / r) ** 0.5)]
-            starts += [torch.randn(r * fan_in, generator=generator) / fan_in ** 0.5, torch.zeros(r * fan_out)]
-        self.layout = Layout.tiled(pieces)
-        self._targets = [(module, segments["lora_A"], segments["lora_B"])
-                         for (_, module), segments in zip(self.modules, self.layout.by_module().values())]
-        self._build_projection(config, backbone.device, scales, starts)  # A0 in every A block, zero in every B block
+        scale = config.projection_scale
+        self._targets = self._build_factors(config, backbone, [  # A starts at A0, B at zero
+            (module,
+             ("lora_A", (r, module.in_features), scale / module.in_features ** 0.5),
+             ("lora_B", (module.out_features, r),
+              scale * module.weight.float().std().item() * (module.in_features / r) ** 0.5))
+            for _, module in self.modules
+        ])
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         hooks = []

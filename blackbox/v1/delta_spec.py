@@ -15,12 +15,12 @@ Errors here are `ValueError`s; each side turns them into its own.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from dataclasses import dataclass
 
 from blackbox.v1 import backbone_pb2 as pb
+from blackbox.v1.messages import message_fields, to_message
 
 UNIPELT = "unipelt"
 ADAMIX = "adamix"
@@ -96,13 +96,13 @@ class DeltaSpec:
         return DeltaForm.parse(self.kind)
 
     def to_message(self) -> pb.DeltaSpec:
-        return _to_message(self, pb.DeltaSpec)
+        return to_message(self, pb.DeltaSpec)
 
     @classmethod
     def from_message(cls, message: pb.DeltaSpec):
         """The spec a message carries, with the proto's defaults for unset fields (kind
         "prompt", projection "normal", projection_scale 1)."""
-        fields = _fields_of(message, cls)
+        fields = message_fields(message, cls)
         return cls(**{**fields, "kind": fields["kind"] or "prompt", "projection": fields["projection"] or "normal",
                       "projection_scale": fields["projection_scale"] or 1.0})
 
@@ -124,21 +124,8 @@ class KindInfo:
     reuses_prefix: bool = False  # leaves the tokens ahead of the prompt alone (causal prefix reuse)
 
     def to_message(self) -> pb.DeltaKind:
-        return _to_message(self, pb.DeltaKind)
+        return to_message(self, pb.DeltaKind)
 
     @classmethod
     def from_message(cls, message: pb.DeltaKind) -> KindInfo:
-        return cls(**_fields_of(message, cls))
-
-
-def _to_message(spec, message_class):
-    return message_class(**{f.name: list(value) if isinstance(value := getattr(spec, f.name), tuple) else value
-                            for f in dataclasses.fields(spec)})
-
-
-def _fields_of(message, cls) -> dict:
-    values = {}
-    for f in dataclasses.fields(cls):
-        value = getattr(message, f.name)
-        values[f.name] = value if isinstance(value, (str, bytes, int, float, bool)) else tuple(value)
-    return values
+        return cls(**message_fields(message, cls))
