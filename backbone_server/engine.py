@@ -80,8 +80,6 @@ class Engine:
 
     def create_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str,
                        verbalizer: list[str], delta_config: DeltaConfig, truncate: bool = False) -> SessionState:
-        if not splits:
-            raise InvalidArgument("a session needs at least one split")
         self.sessions.check_capacity()  # early, before tokenising; again when registering
         encoder = TemplateEncoder(self.backbone.tokenizer, template, self.backbone.architecture,
                                   delta_config.prompt_length, self.backbone.max_length)

@@ -13,7 +13,7 @@ device after the model is loaded and an estimate of the bytes one token costs:
 
 The estimate is deliberately generous (a safety factor, and only a fraction of the free
 memory is planned for); if a forward runs out of memory anyway, the engine halves its
-chunk and retries (see `Engine._score_chunks`), so a legal request never fails on memory.
+chunk and retries (see `Scorer.score_chunks` in scoring.py), so a legal request never fails on memory.
 On a CPU, throughput is flat from about 1k tokens per forward, so the bound is also
 capped at `CPU_BATCH_TOKENS` there; a GPU needs large forwards to reach its peak.
 """

@@ -95,7 +95,7 @@ class Delta:
     peft_type: ClassVar[str] = ""  # the peft_type its export writes ("LORA", "BLACKBOX_BIAS"); "": none
     per_layer_z: ClassVar[bool] = False  # can give every layer its own block of z
     mixable: ClassVar[bool] = False  # AdaMix can hold copies of it
-    changes_prefix: ClassVar[bool] = False
+    changes_prefix: bool = False  # a combination's is its parts'
 
     # ---- a built delta --------------------------------------------------------------------
     config: DeltaConfig
@@ -128,6 +128,8 @@ class Delta:
             raise InvalidArgument(f"delta kind {config.kind!r} takes no rank or targets (those are for weight kinds)")
         if not cls.rank_name and config.rank:
             raise InvalidArgument(f"delta kind {config.kind!r} takes no rank")
+        if not cls.takes_targets and config.targets:
+            raise InvalidArgument(f"delta kind {config.kind!r} takes no targets")
         if config.per_layer_z and not cls.per_layer_z:
             raise InvalidArgument(f"per_layer_z (one z block per layer) is for {', '.join(per_layer_kinds())} "
                                   f"alone, not {config.kind!r}")

@@ -79,7 +79,6 @@ class CombinedDelta(Delta):
             for i, (kind, cls, dim) in enumerate(zip(kinds, classes, self.dims))
         ]
         self.prompt_part = next((part for part in self.parts if part.takes_prompt), None)
-        self.takes_prompt = self.prompt_part is not None
         if self.prompt_part is not None:
             self.initial_token_ids = self.prompt_part.initial_token_ids
         self.changes_prefix = any(part.changes_prefix for part in self.parts)
