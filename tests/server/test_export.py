@@ -348,7 +348,7 @@ def test_deep_prompt_hooks_leave_decoding_steps_alone(tiny_llama, tmp_path):
     with torch.no_grad(), apply_deep_prompt(model, tmp_path / "deep", [1, 2]):
         full = model(inputs_embeds=splice_prompt(model, ids, prompt, [1, 2])).logits[0, -1]
         first = model(inputs_embeds=splice_prompt(model, ids[:-1], prompt, [1, 2]), use_cache=True)
-        step = model(input_ids=torch.tensor([ids[-1:]]), past_key_values=first.past_key_values).logits[0, -1]
+        step = model(input_ids=torch.tensor([ids[-1:]]), cache=first.cache).logits[0, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
