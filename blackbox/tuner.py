@@ -117,22 +117,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     under that key) skips re-scoring the starting point when a caller already did.
     """
     started = time.perf_counter()
-    task = get_task(config.task)
-    info = client.get_info()
-    template = place_prompt(task.template_for(info.architecture), config.placement)
-    splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
-              for split in ("train", "dev", "test")}
-    if config.mix == "adamix":
-        # The server routes "train" and "*-routed" splits to copies and merges the copies
-        # elsewhere: these copies give the best z's routed and merged scores on both sets.
-        splits.update({"train-merged": splits["train"], "test-routed": splits["test"]})
-    if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
-        raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
-                         f"{info.model_name} does not allow them (start it with --allow-gradients)")
-    # Checked before the run folder is touched: a refused resume loses nothing.
-    checkpoint = RunLog.read_checkpoint(config.out) if resume else None
-    if checkpoint is not None:
-        check_resumable(checkpoint["config"], checkpoint["model"], config, info.model_name)
+    task, info, template, splits, checkpoint = _prepare(config, client, resume)
     spec = delta_spec(config, info.kinds)
     # The server checks the delta before the run folder is touched.
     session = client.create_session(splits, template, task.verbalizer, spec, truncate=config.truncate)
@@ -179,7 +164,42 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
             session.close()
         run.close()
 
-    result = {
+    result = _result(config, task, info, spec, session, optimizer, state, test_acc=test_acc, test_loss=test_loss,
+                     adamix=adamix, stop_reason=stop_reason, wall_s=time.perf_counter() - started)
+    result_path = run.write_result(result, state.best_z)
+    plot_curve(run.log_path, run.dir / "curve.png",
+               title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
+    result["zero_shot"] = state.zero_shot
+    result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
+    return result
+
+
+def _prepare(config: TuneConfig, client: BackboneClient, resume: bool):
+    """The task, the server's account of itself, the template, the splits to upload and
+    (resuming) the checkpoint: all checked before the run folder is touched, so a refused
+    run loses nothing."""
+    task = get_task(config.task)
+    info = client.get_info()
+    template = place_prompt(task.template_for(info.architecture), config.placement)
+    splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
+              for split in ("train", "dev", "test")}
+    if config.mix == "adamix":
+        # The server routes "train" and "*-routed" splits to copies and merges the copies
+        # elsewhere: these copies give the best z's routed and merged scores on both sets.
+        splits.update({"train-merged": splits["train"], "test-routed": splits["test"]})
+    if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
+        raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
+                         f"{info.model_name} does not allow them (start it with --allow-gradients)")
+    checkpoint = RunLog.read_checkpoint(config.out) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint["config"], checkpoint["model"], config, info.model_name)
+    return task, info, template, splits, checkpoint
+
+
+def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: Optimizer, state: RunState, *,
+            test_acc: float, test_loss: float, adamix: dict | None, stop_reason: str, wall_s: float) -> dict[str, Any]:
+    """result.json: the run's settings, what the server made of them, and its outcome."""
+    return {
         "task": task.name,
         "seed": config.seed,
         "model": info.model_name,
@@ -213,15 +233,9 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         "test_examples": session.split_sizes["test"],
         "test_note": task.test_note,
         "stop_reason": stop_reason,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall_s,
         **({"adamix": adamix} if adamix is not None else {}),
     }
-    result_path = run.write_result(result, state.best_z)
-    plot_curve(run.log_path, run.dir / "curve.png",
-               title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
-    result["zero_shot"] = state.zero_shot
-    result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
-    return result
 
 
 def _start(config: TuneConfig, model: str, session: Session, optimizer: Optimizer,
