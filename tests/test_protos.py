@@ -27,6 +27,7 @@ def test_generated_code_is_up_to_date(tmp_path):
 def test_client_imports_without_torch():
     import subprocess
 
-    code = "import sys, blackbox.client, blackbox.tuner, blackbox.cli; print('torch' in sys.modules)"
+    code = ("import sys, blackbox.client, blackbox.tuner, blackbox.cli, blackbox.export, blackbox.v1.delta_spec; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
