@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from backbone_server.errors import InvalidArgument
 
 PROJECTION_KINDS = ("normal", "uniform", "sparse", "fastfood", "identity")
+CANDIDATE_BLOCK = 8  # rows of every matmul of a dense projection
 DENSE_KINDS = ("normal", "uniform")
 
 
@@ -127,13 +128,17 @@ class DenseProjection(Projection):
         self.matrix_t = matrix.t().contiguous().to(device=device, dtype=dtype)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        """(P, d) -> (P, D), one vector-matrix product per candidate: a matmul over the
-        whole population picks its kernel by P, and its results differ in the last bit
-        from those of another P, so a population split over replicas (or scored one by
-        one) would not score exactly as it does whole."""
+        """(P, d) -> (P, D), in matmuls of exactly CANDIDATE_BLOCK rows (the last one
+        zero-padded). A matmul picks its kernel by its number of rows, and the results
+        of another kernel differ in the last bit: over the whole population, a candidate
+        would score differently alone, or in a replica's share, than in the population.
+        Fixed blocks keep one kernel for every call, and each block reads the matrix once
+        (a matrix-vector product per candidate would read it P times)."""
         self._check_input(z)
         z = z.to(device=self.matrix_t.device, dtype=self.matrix_t.dtype)
-        return torch.stack([row @ self.matrix_t for row in z])
+        population = z.shape[0]
+        padded = F.pad(z, (0, 0, 0, -population % CANDIDATE_BLOCK))
+        return torch.cat([block @ self.matrix_t for block in padded.split(CANDIDATE_BLOCK)])[:population]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"matrix_t": self.matrix_t}
