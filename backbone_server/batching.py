@@ -10,6 +10,12 @@ Causal models with text before the prompt take the prefix-reuse path: the tokens
 of the prompt do not depend on the candidate, so their keys and values are computed
 once per bucket (and kept for later calls while they fit the session's cache budget),
 and each candidate runs only the prompt and the tokens after it.
+
+A delta whose prompt is keys and values (`kv_prompt`, the prefix kind) has no prompt
+slots in its rows: in a causal model the rows are the tokens after {prompt}, behind the
+ahead tokens' states and the candidate's n virtual tokens (`virtual`), at the positions
+they would have with n real tokens there; in a masked model the rows are all the
+example's tokens, behind the n virtual tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ PrefixStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, value
 
 @dataclass(frozen=True)
 class Bucket:
-    """Examples (indices into the evaluated range) scored together."""
+    """Examples (indices into the evaluated range) scored together.
+
+    A candidate's forward holds, per example: the tokens ahead (`prefix_ids`, when there
+    are any: their states are shared by every candidate when `reuse`, else computed per
+    candidate first), then `virtual` keys and values of the candidate's prefix, then the
+    row (`row_ids`), whose first token sits at position `row_start` (None: the model's
+    own positions)."""
 
     indices: list[int]
     index: torch.Tensor  # the same, on the device
@@ -40,12 +52,13 @@ class Bucket:
     row_ids: torch.Tensor  # (B, Ls): token ids, prompt slot i as -(i + 1), padding as pad id
     row_mask: torch.Tensor  # (B, Ls)
     read: torch.Tensor  # (B,) position in the row whose output is scored
-    prefix_lengths: torch.Tensor  # (B,)
+    row_start: torch.Tensor | None  # (B,)
+    virtual: int = 0
 
     @property
     def tokens_per_candidate(self) -> int:
-        prefix = self.prefix_ids.shape[1] if self.reuse else 0
-        return len(self.indices) * (prefix + self.row_ids.shape[1])
+        prefix = self.prefix_ids.shape[1] if self.prefix_ids is not None else 0
+        return len(self.indices) * (prefix + self.virtual + self.row_ids.shape[1])
 
 
 class Batcher:
@@ -72,10 +85,13 @@ class Batcher:
     def _buckets(self, session: SessionState, examples: list[EncodedExample], tokens: int) -> list[Bucket]:
         """Length-sorted groups of examples, each at most `tokens` for one candidate."""
         n = session.delta.prompt_length
-        order = sorted(range(len(examples)), key=lambda i: examples[i].length(n))
+        # Examples with and without tokens ahead of the prompt never share a bucket: a
+        # mixed one would hold fully masked rows of tokens ahead.
+        order = sorted(range(len(examples)), key=lambda i: (bool(examples[i].before), examples[i].length(n)))
         groups: list[list[int]] = []
         for i in order:
-            if groups and (len(groups[-1]) + 1) * examples[i].length(n) <= tokens:
+            same_kind = groups and bool(examples[groups[-1][0]].before) == bool(examples[i].before)
+            if same_kind and (len(groups[-1]) + 1) * examples[i].length(n) <= tokens:
                 groups[-1].append(i)
             else:
                 groups.append([i])
@@ -83,21 +99,33 @@ class Batcher:
 
     def _make_bucket(self, session: SessionState, examples: list[EncodedExample], indices: list[int]) -> Bucket:
         n = session.delta.prompt_length
-        slots = list(range(-1, -n - 1, -1))
-        # A bucket mixing empty and non-empty prefixes would leave fully masked prefix rows.
-        reuse = session.prefix_reuse and all(e.before for e in examples)
-        device = self.backbone.device
-        if reuse:
+        causal = self.backbone.architecture == "causal"
+        has_ahead = all(e.before for e in examples)
+        virtual = n if session.delta.kv_prompt else 0
+        if virtual:
+            slots = []  # the prompt is keys and values behind the rows, not tokens of them
+            ahead = causal and has_ahead
+            reuse = ahead and session.prefix_reuse
+        else:
+            slots = list(range(-1, -n - 1, -1))
+            ahead = reuse = session.prefix_reuse and has_ahead
+        if ahead:
             prefix_ids, prefix_mask = self._pad([list(e.before) for e in examples])
             rows = [slots + list(e.after) for e in examples]
-            read = [e.read - len(e.before) for e in examples]
-            prefix_lengths = [len(e.before) for e in examples]
+            read = [e.read - len(e.before) - virtual for e in examples]
+            row_start = [len(e.before) + virtual for e in examples]
+        elif virtual and causal:  # nothing ahead of the prompt: the rows start after it
+            prefix_ids = prefix_mask = None
+            rows = [list(e.after) for e in examples]
+            read = [e.read - virtual for e in examples]
+            row_start = [virtual] * len(examples)
         else:
             prefix_ids = prefix_mask = None
             rows = [list(e.before) + slots + list(e.after) for e in examples]
-            read = [e.read for e in examples]
-            prefix_lengths = [0] * len(examples)
+            read = [e.read - (virtual if e.read >= len(e.before) + virtual else 0) for e in examples]
+            row_start = None
         row_ids, row_mask = self._pad(rows)
+        device = self.backbone.device
         return Bucket(
             indices=indices,
             index=torch.tensor(indices, device=device),
@@ -107,7 +135,8 @@ class Batcher:
             row_ids=row_ids,
             row_mask=row_mask,
             read=torch.tensor(read, device=device),
-            prefix_lengths=torch.tensor(prefix_lengths, device=device),
+            row_start=None if row_start is None else torch.tensor(row_start, device=device),
+            virtual=virtual,
         )
 
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

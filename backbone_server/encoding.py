@@ -70,6 +70,16 @@ def parse_template(template: str) -> list[tuple[str, str]]:
     return parts
 
 
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer adds before and after a text (e.g. [<s>], [</s>])."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start:start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain):]
+    return [], []
+
+
 class TemplateEncoder:
     """Tokenises examples for one (tokenizer, template, architecture)."""
 
@@ -81,7 +91,7 @@ class TemplateEncoder:
         self.max_length = max_length
         self.uses_text_b = ("field", "text_b") in self.parts
         self.prompt_position = self._prompt_position()
-        self.special_prefix, self.special_suffix = self._special_tokens()
+        self.special_prefix, self.special_suffix = special_tokens(tokenizer)
         if architecture == "causal":
             if self.parts.index(("field", "prompt")) > self.parts.index(("field", "mask")):
                 raise InvalidArgument("template: {prompt} must come before {mask} for causal models")
@@ -99,15 +109,6 @@ class TemplateEncoder:
         if all(i > at for i in texts):
             return "start"
         return "end" if all(i < at for i in texts) else "middle"
-
-    def _special_tokens(self) -> tuple[list[int], list[int]]:
-        """The ids a tokenizer adds before and after a text (e.g. [<s>], [</s>])."""
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        framed = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        for start in range(len(framed) - len(plain) + 1):
-            if framed[start:start + len(plain)] == plain:
-                return framed[:start], framed[start + len(plain):]
-        return [], []
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -86,6 +86,8 @@ class Engine:
         verbalizer_ids = encoder.verbalizer_ids(list(verbalizer))
         encoded = encode_splits(encoder, splits, len(verbalizer_ids), truncate)
         delta = build_delta(delta_config, self.backbone)
+        if delta.kv_prompt and self.backbone.architecture == "causal":
+            _check_read_after_the_prompt(encoded, delta.prompt_length)
         session = SessionState(
             id=uuid.uuid4().hex,
             encoder=encoder,
@@ -202,6 +204,18 @@ class Engine:
             bad = np.argwhere(~np.isfinite(z))[0]
             raise InvalidArgument(f"z holds a non-finite value (first at candidate {bad[0]}, coordinate {bad[1]})")
         return np.ascontiguousarray(z, dtype=np.float32)
+
+
+def _check_read_after_the_prompt(splits: dict, prompt_length: int) -> None:
+    """A causal model reads the verbalizer at the last token before {mask}; virtual tokens
+    (keys and values only) have no output there."""
+    for name, examples in splits.items():
+        for index, example in enumerate(examples):
+            if example.read < len(example.before) + prompt_length:
+                raise InvalidArgument(
+                    f"split {name!r}, example {index}: the template has no token between {{prompt}} and {{mask}}; "
+                    "a causal model reads the verbalizer from the token before {mask}, and a prefix's virtual "
+                    "tokens have no output of their own: put at least one token of the template after {prompt}")
 
 
 def _routing(split: str, start: int, bucket: Bucket) -> Routing:

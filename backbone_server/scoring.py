@@ -103,7 +103,7 @@ class Scorer:
                         "evaluate fewer examples per call (count) or start the server with a smaller "
                         "--max-batch-tokens"
                     ) from None
-                chunk //= 2
+                chunk = len(group) // 2
                 bound = chunk * bucket.tokens_per_candidate
                 log.warning("out of memory at %d candidates x %d tokens; retrying with %d candidates",
                             len(group), bucket.tokens_per_candidate, chunk)
@@ -137,22 +137,47 @@ class Scorer:
         else:  # no prompt: every candidate reads the same rows
             rows = token_embeddings[None].expand(p, -1, -1, -1)
         rows = rows.reshape(p * size, width, -1)
-        mask = bucket.row_mask.repeat(p, 1)
         kwargs = {}
-        if prefix is not None:
-            mask = torch.cat([bucket.prefix_mask.repeat(p, 1), mask], dim=1)
-            positions = bucket.prefix_lengths[:, None] + torch.arange(width, device=rows.device)
+        if bucket.row_start is not None:
+            positions = bucket.row_start[:, None] + torch.arange(width, device=rows.device)
             kwargs["position_ids"] = positions.repeat(p, 1)
-            kwargs["cache"] = DynamicCache(
-                ddp_cache_data=[(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix],
-                config=backbone.model.config,
-            )
         slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
         with session.delta.patched(group_params, slots, routing):
+            past, past_mask = self._past(session, bucket, prefix, group_params, p)
+            mask = bucket.row_mask.repeat(p, 1)
+            if past:
+                kwargs["cache"] = DynamicCache(ddp_cache_data=past, config=backbone.model.config)
+                mask = torch.cat([past_mask, mask], dim=1)
             hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         read = bucket.read.repeat(p)
         picked = hidden[torch.arange(p * size, device=hidden.device), read]
         return self._verbalizer_logits(session, picked).view(p, size, -1)
+
+    def _past(self, session: SessionState, bucket: Bucket, prefix: PrefixStates | None,
+              group_params: torch.Tensor | None, p: int) -> tuple[PrefixStates, torch.Tensor | None]:
+        """What the rows of p candidates attend to ahead of themselves, per layer, and its
+        mask (p * B, ...): the tokens ahead of the prompt (shared `prefix` states, or run
+        now for each candidate under its delta's hooks), then the candidates' virtual
+        keys and values. Runs inside `patched`."""
+        size = len(bucket.indices)
+        past: PrefixStates = []
+        masks = []
+        if bucket.prefix_ids is not None:
+            masks.append(bucket.prefix_mask.repeat(p, 1))
+            if prefix is not None:
+                past = [(k.repeat(p, 1, 1, 1), v.repeat(p, 1, 1, 1)) for k, v in prefix]
+            else:  # the candidates change the tokens ahead: run them, candidate-major rows
+                cache = DynamicCache(config=self.backbone.model.config)
+                self.backbone.body(input_ids=bucket.prefix_ids.repeat(p, 1), attention_mask=masks[0], cache=cache,
+                                   use_cache=True)
+                past = [(layer.keys, layer.values) for layer in cache.layers]
+        if bucket.virtual:
+            virtual = [(k.repeat_interleave(size, dim=0), v.repeat_interleave(size, dim=0))
+                       for k, v in session.delta.key_values(group_params)]
+            past = [(torch.cat([k, vk], dim=2), torch.cat([v, vv], dim=2)) for (k, v), (vk, vv) in
+                    zip(past, virtual)] if past else virtual
+            masks.append(bucket.row_mask.new_ones(p * size, bucket.virtual))
+        return past, torch.cat(masks, dim=1) if masks else None
 
     def _verbalizer_logits(self, session: SessionState, hidden: torch.Tensor) -> torch.Tensor:
         head = self.backbone.head

@@ -29,7 +29,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
     def GetInfo(self, request, context):
         engine = self._engine()
         backbone = engine.backbone
-        kinds = kind_infos()
+        kinds = kind_infos(backbone)
         return pb.ModelInfo(
             model_name=backbone.name,
             architecture=backbone.architecture,

@@ -10,6 +10,7 @@ from backbone_server.deltas import soft_prompt  # noqa: F401  (registers "prompt
 from backbone_server.deltas import bias  # noqa: F401  (registers "bias")
 from backbone_server.deltas import adapter  # noqa: F401  (registers "adapter")
 from backbone_server.deltas import deep_prompt  # noqa: F401  (registers "deep-prompt")
+from backbone_server.deltas import prefix  # noqa: F401  (registers "prefix")
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, Routing, register_delta
 from backbone_server.deltas.build import build_delta, delta_forms, kind_infos
 

@@ -88,6 +88,7 @@ class Delta:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     takes_prompt: ClassVar[bool] = False  # vectors at {prompt}: prompt_length >= 1, else 0
+    kv_prompt: ClassVar[bool] = False  # its prompt is keys and values at every layer (`key_values`), not inputs
     rank_name: ClassVar[str] = ""  # what DeltaConfig.rank means for it; "": no rank
     default_rank: ClassVar[int] = 0
     takes_targets: ClassVar[bool] = False  # DeltaConfig.targets choose its modules
@@ -140,11 +141,17 @@ class Delta:
         return range(num_layers) if cls.gated_roles else range(0)
 
     @classmethod
-    def info(cls) -> KindInfo:
+    def note(cls, backbone) -> str:
+        """What the kind costs on `backbone` in particular, in words ("": nothing to say)."""
+        return ""
+
+    @classmethod
+    def info(cls, backbone=None) -> KindInfo:
         return KindInfo(name=cls.name, summary=cls.summary, takes_prompt=cls.takes_prompt, rank_name=cls.rank_name,
                         default_rank=cls.default_rank, takes_targets=cls.takes_targets,
                         gated_roles=cls.gated_roles, peft_type=cls.peft_type, per_layer_z=cls.per_layer_z,
-                        mixable=cls.mixable, reuses_prefix=not cls.changes_prefix)
+                        mixable=cls.mixable, reuses_prefix=not cls.changes_prefix, kv_prompt=cls.kv_prompt,
+                        note=cls.note(backbone) if backbone is not None else "")
 
     def prompts(self, z: torch.Tensor) -> torch.Tensor:
         """(P, d) -> (P, prompt_length, hidden) input embeddings (none by default)."""
@@ -153,6 +160,11 @@ class Delta:
     def parameters(self, z: torch.Tensor) -> torch.Tensor | None:
         """(P, d) -> (P, D) per-candidate parameters for `patched`, or None."""
         return None
+
+    def key_values(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(p, D) parameters -> per layer, the candidates' (p, kv_heads, prompt_length,
+        head_dim) keys and values at the prompt positions (kinds with `kv_prompt` only)."""
+        raise NotImplementedError(f"delta kind {self.name!r} puts no keys and values at {{prompt}}")
 
     def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None,
                 routing: Routing | None = None) -> ContextManager:

@@ -30,9 +30,9 @@ def check_exportable(config: DeltaConfig) -> None:
         raise not_exportable(config.kind)
 
 
-def kind_infos() -> list[KindInfo]:
-    """Every registered kind and what it takes, by name."""
-    return [DELTA_KINDS[name].info() for name in sorted(DELTA_KINDS)]
+def kind_infos(backbone=None) -> list[KindInfo]:
+    """Every registered kind and what it takes, by name (with what it costs on `backbone`)."""
+    return [DELTA_KINDS[name].info(backbone) for name in sorted(DELTA_KINDS)]
 
 
 def delta_forms() -> list[str]:

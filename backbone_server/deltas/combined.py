@@ -82,6 +82,7 @@ class CombinedDelta(Delta):
         if self.prompt_part is not None:
             self.initial_token_ids = self.prompt_part.initial_token_ids
         self.changes_prefix = any(part.changes_prefix for part in self.parts)
+        self.kv_prompt = any(part.kv_prompt for part in self.parts)
         self.layout = Layout.concat(part.layout for part in self.parts)
         self.z_starts = np.cumsum([0] + self.dims).tolist()
         # Per gated part, (width,) the gate of each parameter entry (count: ungated, gate 1).
@@ -169,6 +170,14 @@ class CombinedDelta(Delta):
                 blocks.append(block)
             first_gate += count
         return torch.cat(blocks, dim=1)
+
+    def key_values(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        first = 0
+        for part in self.parts:
+            if part.kv_prompt:
+                return part.key_values(params[:, first:first + part.layout.size])
+            first += part.layout.size
+        return super().key_values(params)
 
     @contextlib.contextmanager
     def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None, routing=None):

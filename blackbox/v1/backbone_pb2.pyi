@@ -55,7 +55,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[DeltaKind, _Mapping]]] = ...) -> None: ...
 
 class DeltaKind(_message.Message):
-    __slots__ = ("name", "summary", "takes_prompt", "rank_name", "default_rank", "takes_targets", "gated_roles", "peft_type", "per_layer_z", "mixable", "reuses_prefix")
+    __slots__ = ("name", "summary", "takes_prompt", "rank_name", "default_rank", "takes_targets", "gated_roles", "peft_type", "per_layer_z", "mixable", "reuses_prefix", "kv_prompt", "note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     TAKES_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class DeltaKind(_message.Message):
     PER_LAYER_Z_FIELD_NUMBER: _ClassVar[int]
     MIXABLE_FIELD_NUMBER: _ClassVar[int]
     REUSES_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    KV_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     summary: str
     takes_prompt: bool
@@ -78,7 +80,9 @@ class DeltaKind(_message.Message):
     per_layer_z: bool
     mixable: bool
     reuses_prefix: bool
-    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., takes_prompt: _Optional[bool] = ..., rank_name: _Optional[str] = ..., default_rank: _Optional[int] = ..., takes_targets: _Optional[bool] = ..., gated_roles: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ..., per_layer_z: _Optional[bool] = ..., mixable: _Optional[bool] = ..., reuses_prefix: _Optional[bool] = ...) -> None: ...
+    kv_prompt: bool
+    note: str
+    def __init__(self, name: _Optional[str] = ..., summary: _Optional[str] = ..., takes_prompt: _Optional[bool] = ..., rank_name: _Optional[str] = ..., default_rank: _Optional[int] = ..., takes_targets: _Optional[bool] = ..., gated_roles: _Optional[_Iterable[str]] = ..., peft_type: _Optional[str] = ..., per_layer_z: _Optional[bool] = ..., mixable: _Optional[bool] = ..., reuses_prefix: _Optional[bool] = ..., kv_prompt: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("text_a", "text_b", "label")

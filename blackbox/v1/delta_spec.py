@@ -122,6 +122,8 @@ class KindInfo:
     per_layer_z: bool = False  # can give every layer its own block of z
     mixable: bool = False  # AdaMix can hold copies of it
     reuses_prefix: bool = False  # leaves the tokens ahead of the prompt alone (causal prefix reuse)
+    kv_prompt: bool = False  # its prompt is keys and values at every layer, attended to, never run
+    note: str = ""  # what it costs on this server's model in particular, in words
 
     def to_message(self) -> pb.DeltaKind:
         return to_message(self, pb.DeltaKind)

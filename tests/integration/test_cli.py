@@ -99,6 +99,21 @@ def test_weight_deltas_tune_end_to_end(tmp_path, delta):
     assert not result["prefix_reuse"]  # the delta changes the text's keys and values too
 
 
+def test_prefix_tunes_end_to_end_layer_by_layer_and_exports(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--delta", "prefix"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["delta"] == "prefix" and result["prompt_length"] == 2 and result["prefix_reuse"]
+    layered = tmp_path / "layered"
+    before = [a if a != "after" else "before" for a in TINY_RUN]
+    assert main(before + ["--out", str(layered), "--delta", "prefix", "--strategy", "divide-and-conquer"]) == 0
+    assert json.loads((layered / "result.json").read_text())["z_blocks"] == [
+        {"name": f"layer{l}", "size": 6} for l in range(2)]
+    assert main(["export", "--run", str(layered), "--out", str(tmp_path / "adapter"), "--model", "tiny-llama"]) == 0
+    manifest = json.loads((tmp_path / "adapter" / "blackbox_export.json").read_text())
+    assert manifest["peft_type"] == "PREFIX_TUNING" and manifest["reproduces_engine"]
+
+
 def test_deep_prompt_tunes_end_to_end_with_prefix_reuse(tmp_path):
     out = tmp_path / "run"
     assert main(TINY_RUN + ["--out", str(out), "--delta", "deep-prompt"]) == 0

@@ -298,6 +298,36 @@ def test_deep_prompt_as_a_peft_prefix_reproduces_the_engine(tiny_llama, tmp_path
     assert np.abs(soft_logits - expected).max() > 1e-3
 
 
+@pytest.mark.parametrize("per_layer_z", [False, True])
+def test_prefix_export_loads_in_peft_and_reproduces_the_engine(tiny_llama, tmp_path, per_layer_z):
+    """The prefix kind's keys and values, with the BOS ahead of them folded in, are PEFT's
+    prefix tuning as they are: no --fold-prefix needed."""
+    n = 3
+    config = DeltaConfig("prefix", prompt_length=n, intrinsic_dim=DIM, seed=3, per_layer_z=per_layer_z)
+    layers = tiny_llama.num_layers
+    z = random_z() if not per_layer_z else np.concatenate([random_z(seed=l) for l in range(layers)])
+    template = template_for(tiny_llama)
+    session, expected = engine_logits(tiny_llama, config, z, template)
+    folder = tmp_path / "prefix"
+    manifest = export_delta(tiny_llama, config, z, folder, template=template)
+    assert manifest["kind"] == "prefix" and manifest["peft_type"] == "PREFIX_TUNING" and manifest["reproduces_engine"]
+    assert manifest["prompt"]["folded_prefix"] == [tiny_llama.tokenizer.bos_token_id]
+    model = peft.PeftModel.from_pretrained(fresh_model(tiny_llama), folder).eval()
+    tuned = model_logits(model, session, lambda e: list(e.after), offset=-(n + 1))
+    np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+
+
+def test_prefix_export_is_refused_where_peft_differs(tiny_llama, tiny_roberta, tmp_path):
+    config = DeltaConfig("prefix", prompt_length=2, intrinsic_dim=DIM)
+    with pytest.raises(InvalidArgument, match="text ahead of the prefix"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "a", template=template_for(tiny_llama, "after"))
+    with pytest.raises(InvalidArgument, match="only in a causal model"):
+        export_delta(tiny_roberta, config, random_z(), tmp_path / "b", template=template_for(tiny_roberta))
+    with pytest.raises(InvalidArgument, match="needs the run's template"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "c")
+    assert not any((tmp_path / name).exists() for name in "abc")
+
+
 def test_deep_prompt_prefix_is_refused_where_it_cannot_be_exact(tiny_llama, tiny_roberta, tmp_path):
     config = DeltaConfig("deep-prompt", prompt_length=2, intrinsic_dim=DIM)
     with pytest.raises(InvalidArgument, match="text ahead of the prompt"):

@@ -1,0 +1,174 @@
+"""Prefix tuning (Li and Liang 2021; P-tuning v2) from the intrinsic subspace: z generates,
+at every layer, the keys and values of `prompt_length` virtual tokens where the template
+says {prompt}. They are attended to, never run through the layers.
+
+Per layer l the candidate's parameters hold a "prefix_keys" and a "prefix_values" segment
+(kv_heads x n x head_dim each, the model's own cache layout): K_l = K0_l + (its block of
+A_l z) and V_l = V0_l + (its block), where K0_l and V0_l are the keys and values the model
+itself computes at layer l for p0 (the soft prompt's word tokens, drawn from the session's
+seed, framed by the tokenizer's special tokens), and A_l a seeded projection of the whole
+z (or, with `per_layer_z`, of layer l's own block of z: BBTv2's layout for divide and
+conquer). So z = 0 is the prefix of real tokens, and the prefix moves linearly with z.
+
+Scale: A_l has unit spread times, per coordinate, base_scale * projection_scale times the
+spread (standard deviation) of K0_l for the keys and of V0_l for the values: the offsets
+are scaled from the model's own keys and values, as the other kinds from their weights.
+
+Keys are stored as the cache stores them (after any rotary embedding), like PEFT's
+prefix: position-free. The engine gives the template's tokens after the prefix the
+positions they would have with n real tokens there, so the prefix takes the place of a
+soft prompt of the same length.
+
+How the engine runs it (`kv_prompt`): in a causal model the tokens ahead of {prompt} run
+once per bucket (they depend on no candidate) and each candidate runs only the tokens
+after {prompt}, attending to those tokens' keys and values plus its prefix; with the
+prefix after the text that is the template's short tail. In a masked model every token
+attends to the prefix and the prefix to nothing: every token runs for every candidate,
+at the position it has without the virtual tokens (attention reads them both ways, so
+where {prompt} stands makes no difference there).
+
+Export: PEFT's PREFIX_TUNING in a causal model whose template puts the prefix ahead of
+the texts, with the keys and values of the template's constant tokens ahead of it (a
+BOS) folded in, exact; refused elsewhere with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, folded_prefix_note, peft_load, store
+from backbone_server.deltas.layout import Layout
+from backbone_server.deltas.modules import ModulePlaces, find_layers
+from backbone_server.deltas.soft_prompt import initial_prompt_token_ids
+from backbone_server.encoding import special_tokens
+from backbone_server.errors import InvalidArgument
+from backbone_server.projection import make_projection
+
+LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * stride
+
+
+@register_delta
+class Prefix(Delta):
+    name = "prefix"
+    summary = ("keys and values of prompt_length virtual tokens at every layer (prefix tuning), attended to "
+               "where the template says {prompt}, never run")
+    takes_prompt = True
+    kv_prompt = True
+    peft_type = "PREFIX_TUNING"
+    per_layer_z = True
+    # Scales the offsets from the spread of the model's own keys and values (measured with
+    # scripts/probe_scale.py: see docs/performance.md).
+    base_scale = 1.0
+
+    def __init__(self, config: DeltaConfig, backbone):
+        super().__init__(config, backbone)
+        n = config.prompt_length
+        self.initial_token_ids = initial_prompt_token_ids(backbone.tokenizer, backbone.embeddings.weight.shape[0],
+                                                          n, config.seed)
+        initial = self._initial_states(backbone)  # per layer: (K0, V0), (kv_heads, n, head_dim)
+        layers = find_layers(backbone.body, backbone.num_layers)
+        places = ModulePlaces(backbone)
+        shape = tuple(initial[0][0].shape)
+        self.layout = Layout.tiled(piece for l, layer in enumerate(layers) for piece in (
+            ("prefix_keys", places.path(layer), shape, l), ("prefix_values", places.path(layer), shape, l)))
+        self.start = torch.cat([state.reshape(-1) for pair in initial for state in pair]).float()
+        scale = self.base_scale * config.projection_scale
+        self.scales = torch.cat([torch.full((state.numel(),), scale * state.float().std().item())
+                                 for pair in initial for state in pair]).to(backbone.device)
+        width = 2 * initial[0][0].numel()
+        self.layer_projections = [
+            make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=width,
+                            seed=config.seed + l * LAYER_SEED_STRIDE, std=1.0 / config.intrinsic_dim ** 0.5,
+                            device=backbone.device)
+            for l in range(len(layers))
+        ]
+        kv_heads, _, head_dim = shape
+        self.description = (f"prefix of {n} virtual tokens: keys and values at each of {len(layers)} layers "
+                            f"({kv_heads} x {head_dim} per token and layer)"
+                            + (", each layer driven by its own block of z" if config.per_layer_z else ""))
+
+    @classmethod
+    def note(cls, backbone) -> str:
+        if backbone.architecture == "causal":
+            return ("each candidate runs only the template's tokens after {prompt}; the tokens ahead of it run "
+                    "once per session (with the prefix after the text, only the template's tail is per candidate)")
+        return ("a masked model reads the prefix and the text both ways: every token runs for every candidate, "
+                "nothing is reused")
+
+    def _initial_states(self, backbone) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The keys and values every layer computes for p0, framed as the tokenizer frames a text."""
+        ids = list(self.initial_token_ids)
+        ahead, behind = special_tokens(backbone.tokenizer)
+        first = len(ahead)
+        tokens = torch.tensor([ahead + ids + behind], device=backbone.device)
+        cache = DynamicCache(config=backbone.model.config)
+        with torch.no_grad():
+            backbone.body(input_ids=tokens, attention_mask=torch.ones_like(tokens), cache=cache, use_cache=True)
+        states = [(layer.keys[0, :, first:first + len(ids)], layer.values[0, :, first:first + len(ids)])
+                  for layer in cache.layers]
+        if len(states) != backbone.num_layers:
+            raise InvalidArgument(f"this model cached {len(states)} layers of keys and values for "
+                                  f"{backbone.num_layers} layers; a prefix needs one per layer")
+        return states
+
+    @property
+    def z_blocks(self) -> list[tuple[str, int]]:
+        d = self.config.intrinsic_dim
+        if not self.config.per_layer_z:
+            return [("z", d)]
+        return [(f"layer{l}", d) for l in range(len(self.layer_projections))]
+
+    def _layer_z(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        if not self.config.per_layer_z:
+            return z
+        d = self.config.intrinsic_dim
+        return z[:, layer * d:(layer + 1) * d]
+
+    def parameters(self, z: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cat([projection(self._layer_z(z, l)) for l, projection in enumerate(self.layer_projections)],
+                            dim=1)
+        return offsets * self.scales + self.start
+
+    def key_values(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the candidates' (p, kv_heads, n, head_dim) keys and values, in the model's dtype."""
+        segments = list(self.layout)
+        return [(keys.of(params).to(self.dtype), values.of(params).to(self.dtype))
+                for keys, values in zip(segments[::2], segments[1::2])]
+
+    def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
+        backbone, placement = request.backbone, request.placement
+        if backbone.architecture != "causal":
+            raise InvalidArgument("a prefix exports as PEFT prefix tuning only in a causal model: a masked model's "
+                                  "positions and PEFT's differ, and the engine's scores would not be reproduced")
+        if placement is None:
+            raise InvalidArgument("exporting a prefix needs the run's template, to place it as PEFT does")
+        ahead = request.fold_prefix if request.fold_prefix is not None else placement["tokens_before_prompt"]
+        if ahead is None:
+            raise InvalidArgument("the run's template puts text ahead of the prefix; PEFT's prefix tuning comes "
+                                  "before the whole input, so only a prefix that precedes the texts exports")
+        ahead = list(ahead)
+        states = self.key_values(self.parameters(z))  # per layer (1, kv_heads, n, head_dim)
+        if ahead:
+            ids = torch.tensor([ahead], device=backbone.device)
+            cache = backbone.body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
+            states = [(torch.cat([layer.keys, k], dim=2), torch.cat([layer.values, v], dim=2))
+                      for layer, (k, v) in zip(cache.layers, states)]
+        k = len(ahead) + self.prompt_length
+        kv_heads, head_dim = states[0][0].shape[1], states[0][0].shape[3]
+        rows = [state[0].transpose(0, 1).reshape(k, -1) for pair in states for state in pair]
+        adapter = {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": request.base_model,
+            "revision": None, "inference_mode": True, "num_virtual_tokens": k,
+            "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
+            "num_layers": backbone.num_layers, "encoder_hidden_size": backbone.hidden_size,
+            "prefix_projection": False, "modules_to_save": None,
+        }
+        how = f"{peft_load(backbone)}; {folded_prefix_note(tuple(ahead), 'keys and values')}" if ahead \
+            else peft_load(backbone)
+        return Exported(self.name, {"prompt_embeddings": store(torch.cat(rows, dim=1))}, adapter, how,
+                        self.description + (f", after the keys and values of {len(ahead)} folded tokens"
+                                            if ahead else ""),
+                        prompt={**placement, "folded_prefix": ahead})
+
