@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from backbone_server import attention
 from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.deltas import Routing
 from backbone_server.errors import ResourceExhausted
@@ -80,6 +81,27 @@ class Scorer:
     def __init__(self, backbone: Backbone, bounds: TokenBounds):
         self.backbone = backbone
         self.bounds = bounds
+        self._shared_attention: bool | None = None  # probed on the first prefix bucket
+
+    def shares_attention(self, bucket: Bucket) -> bool:
+        """Whether the bucket's candidates attend to what they share without copies (the
+        prefix path of a causal model whose attention takes `attention.shared_attention`)."""
+        if not bucket.virtual or self.backbone.architecture != "causal":
+            return False
+        if self._shared_attention is None:
+            self._shared_attention = attention.supported(self.backbone)
+            log.info("shared attention for the prefix path: %s", "on" if self._shared_attention else
+                     "off (this model's attention does not take it; the cache path runs instead)")
+        return self._shared_attention
+
+    def tokens_per_candidate(self, bucket: Bucket) -> int:
+        """What one candidate costs a forward on the bucket, in tokens held: its rows, and
+        the keys and values ahead of them unless shared attention leaves those uncopied
+        (tokens ahead that the candidate changes still run, for each candidate)."""
+        if self.shares_attention(bucket):
+            ahead = bucket.prefix_ids.shape[1] if bucket.prefix_ids is not None and not bucket.reuse else 0
+            return len(bucket.indices) * (ahead + bucket.row_ids.shape[1])
+        return bucket.tokens_per_candidate
 
     def score_chunks(self, session: SessionState, bucket: Bucket, prompts: torch.Tensor,
                      params: torch.Tensor | None, prefix: PrefixStates | None, tokens: int,
@@ -87,7 +109,8 @@ class Scorer:
         """(P, n, h) prompts and (P, D) module parameters (or None) -> (first candidate,
         (p, B, C) float32 verbalizer logits) for each chunk of candidates that fits
         `tokens`, in order."""
-        chunk = max(1, tokens // bucket.tokens_per_candidate)
+        per_candidate = self.tokens_per_candidate(bucket)
+        chunk = max(1, tokens // per_candidate)
         first = 0
         while first < len(prompts):
             group = prompts[first:first + chunk]
@@ -104,9 +127,9 @@ class Scorer:
                         "--max-batch-tokens"
                     ) from None
                 chunk = len(group) // 2
-                bound = chunk * bucket.tokens_per_candidate
+                bound = chunk * per_candidate
                 log.warning("out of memory at %d candidates x %d tokens; retrying with %d candidates",
-                            len(group), bucket.tokens_per_candidate, chunk)
+                            len(group), per_candidate, chunk)
                 self._release_cached_memory()
                 if prompts.requires_grad or (params is not None and params.requires_grad):
                     self.bounds.gradient = min(self.bounds.gradient, bound)
@@ -143,18 +166,43 @@ class Scorer:
             kwargs["position_ids"] = positions.repeat(p, 1)
         slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
         with session.delta.patched(group_params, slots, routing):
+            if self.shares_attention(bucket):
+                shared = self._shared_past(session, bucket, prefix, group_params, p)
+                with attention.attending(backbone, shared):
+                    hidden = backbone.body(inputs_embeds=rows, use_cache=False, **kwargs).last_hidden_state
+                return self._read(session, bucket, hidden, p)
             past, past_mask = self._past(session, bucket, prefix, group_params, p)
             mask = bucket.row_mask.repeat(p, 1)
             if past:
                 kwargs["cache"] = DynamicCache(ddp_cache_data=past, config=backbone.model.config)
                 mask = torch.cat([past_mask, mask], dim=1)
             hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
-        read = bucket.read.repeat(p)
-        picked = hidden[torch.arange(p * size, device=hidden.device), read]
+        return self._read(session, bucket, hidden, p)
+
+    def _read(self, session: SessionState, bucket: Bucket, hidden: torch.Tensor, p: int) -> torch.Tensor:
+        """(p, B, C) verbalizer logits at the rows' read positions."""
+        size = len(bucket.indices)
+        picked = hidden[torch.arange(p * size, device=hidden.device), bucket.read.repeat(p)]
         return self._verbalizer_logits(session, picked).view(p, size, -1)
 
+    def _shared_past(self, session: SessionState, bucket: Bucket, prefix: PrefixStates | None,
+                     group_params: torch.Tensor | None, p: int) -> attention.SharedPast:
+        """The tokens ahead (shared states, or run now per candidate) and the candidates'
+        virtual keys and values, each kept once."""
+        size = len(bucket.indices)
+        ahead = mask = None
+        if bucket.prefix_ids is not None:
+            mask = bucket.prefix_mask.bool()
+            if prefix is not None:
+                ahead = [(k[None], v[None]) for k, v in prefix]
+            else:  # the candidates change the tokens ahead: run them, candidate-major rows
+                states, _ = self._past(session, bucket, None, group_params, p, virtual=False)
+                ahead = [(k.view(p, size, *k.shape[1:]), v.view(p, size, *v.shape[1:])) for k, v in states]
+        return attention.SharedPast(p, size, ahead, mask, session.delta.key_values(group_params))
+
     def _past(self, session: SessionState, bucket: Bucket, prefix: PrefixStates | None,
-              group_params: torch.Tensor | None, p: int) -> tuple[PrefixStates, torch.Tensor | None]:
+              group_params: torch.Tensor | None, p: int, virtual: bool = True
+              ) -> tuple[PrefixStates, torch.Tensor | None]:
         """What the rows of p candidates attend to ahead of themselves, per layer, and its
         mask (p * B, ...): the tokens ahead of the prompt (shared `prefix` states, or run
         now for each candidate under its delta's hooks), then the candidates' virtual
@@ -171,11 +219,11 @@ class Scorer:
                 self.backbone.body(input_ids=bucket.prefix_ids.repeat(p, 1), attention_mask=masks[0], cache=cache,
                                    use_cache=True)
                 past = [(layer.keys, layer.values) for layer in cache.layers]
-        if bucket.virtual:
-            virtual = [(k.repeat_interleave(size, dim=0), v.repeat_interleave(size, dim=0))
-                       for k, v in session.delta.key_values(group_params)]
+        if bucket.virtual and virtual:
+            states = [(k.repeat_interleave(size, dim=0), v.repeat_interleave(size, dim=0))
+                      for k, v in session.delta.key_values(group_params)]
             past = [(torch.cat([k, vk], dim=2), torch.cat([v, vv], dim=2)) for (k, v), (vk, vv) in
-                    zip(past, virtual)] if past else virtual
+                    zip(past, states)] if past else states
             masks.append(bucket.row_mask.new_ones(p * size, bucket.virtual))
         return past, torch.cat(masks, dim=1) if masks else None
 

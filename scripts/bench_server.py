@@ -1,7 +1,10 @@
-"""Times one generation of population scoring three ways on a model built from a real
-config with random weights: one forward per candidate, one batched forward, and the fast
-path (batched with the examples' keys and values reused across candidates); with
-`--grpc`, also end to end through a server on loopback around the same model.
+"""Times one generation of population scoring on a model built from a real config with
+random weights: one forward per candidate, one batched forward, the fast path (batched
+with the examples' keys and values reused across candidates, the prompt after the text),
+and the prefix path (`--delta prefix` after the text: each candidate runs only the
+template's tail, attending to the text's cached states and its own virtual keys and
+values); with `--grpc`, also the fast path end to end through a server on loopback
+around the same model.
 
     python scripts/bench_server.py --config smollm2-135m --popsize 20 --batch 32 --length 64 --prompt-length 50 --grpc
 
@@ -21,7 +24,8 @@ for the same tokens. A masked LM has no candidate-independent prefix: its fast p
 the batched one, and the output says so.
 
 The last line is one JSON object with every figure (`batched_vs_serial`,
-`fast_vs_batched`: ratios of time per generation, > 1 = faster; with --grpc, `grpc_ms`
+`fast_vs_batched`, `prefix_vs_prompt_after` (the fast path's time over the prefix
+path's): ratios of time per generation, > 1 = faster; with --grpc, `grpc_ms`
 and `grpc_overhead_ms` = gRPC ms - fast-path ms, the cost of the RPC and serialisation,
 and `grpc_wire_ms` = client time - server handler time within the same calls, the same
 cost measured without the drift between two separately timed runs on a busy machine).
@@ -247,12 +251,23 @@ def main(argv: list[str] | None = None) -> int:
     if fast_session.prefix_reuse and not fast_session.prefix_cache:  # over the cache budget: once per generation
         prefix_flops = generation_flops(backbone, [(0, len(e.before)) for e in fast_session.splits["train"]], 1)
 
+    # The prefix kind at the same shapes, after the text: only the template's tail per candidate.
+    kv = Engine(backbone, max_batch_tokens=args.max_batch_tokens, prefix_reuse=True)
+    kv_delta = DeltaConfig("prefix", prompt_length=n, intrinsic_dim=args.dim, seed=0)
+    kv_session = kv.create_session({"train": examples}, fast_template, VERBALIZER, kv_delta)
+    figures["prefix_ms"] = timed(lambda: kv.evaluate(kv_session.id, "train", z), args.repeats, device)
+    if backbone.architecture == "causal":
+        kv_rows = [(len(e.before) + n, len(e.after)) for e in kv_session.splits["train"]]
+    else:
+        kv_rows = [(n, len(e.before) + len(e.after)) for e in kv_session.splits["train"]]
+
     tokens = sum(new for _, new in full_rows) * args.popsize
     figures["tokens_per_generation"] = tokens
     flops = {"serial": generation_flops(backbone, full_rows, args.popsize),
              "fast": generation_flops(backbone, fast_rows, args.popsize) + prefix_flops}
     flops["batched"] = flops["serial"]
-    paths = ["serial", "batched", "fast"]
+    flops["prefix"] = generation_flops(backbone, kv_rows, args.popsize)
+    paths = ["serial", "batched", "fast", "prefix"]
     if args.grpc:
         figures.update(time_grpc(args, backbone, examples, fast_template, z, expected, device))
         figures["grpc_overhead_ms"] = figures["grpc_ms"] - figures["fast_ms"]
@@ -268,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["batched_vs_serial"] = serial_ms / batched_ms
     figures["fast_vs_batched"] = batched_ms / figures["fast_ms"]
     figures["fast_vs_serial"] = serial_ms / figures["fast_ms"]
+    figures["prefix_vs_prompt_after"] = figures["fast_ms"] / figures["prefix_ms"]
 
     print(f"{args.config} on {device} ({figures['dtype']}, {figures['threads']} threads), delta {args.delta}, "
           f"P={args.popsize} B={args.batch} L~{args.length} N={n} d={args.dim}: {tokens} tokens / generation")
@@ -279,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {path} | {figures[path + '_ms']:.1f} | {figures[path + '_tokens_per_s']:.0f} "
               f"| {figures[path + '_gflop']:.2f} | {100 * figures[path + '_fraction_of_peak']:.1f} |")
     print(f"batched vs serial: {figures['batched_vs_serial']:.2f}x, fast vs batched: "
-          f"{figures['fast_vs_batched']:.2f}x, fast vs serial: {figures['fast_vs_serial']:.2f}x")
+          f"{figures['fast_vs_batched']:.2f}x, fast vs serial: {figures['fast_vs_serial']:.2f}x, "
+          f"prefix vs prompt after the text: {figures['prefix_vs_prompt_after']:.2f}x")
     if args.grpc:
         print(f"gRPC: {figures['grpc_ms']:.1f} ms / generation; overhead over the in-process fast path: "
               f"{figures['grpc_overhead_ms']:+.1f} ms ({100 * figures['grpc_overhead_ms'] / figures['fast_ms']:+.1f}%); "

@@ -77,13 +77,28 @@ def test_scores_equal_the_plain_cache_reference(tiny_backbone, placement):
 
 
 @pytest.mark.parametrize("placement", ["before", "after"])
-@pytest.mark.parametrize("max_batch_tokens", [0, 40])
+@pytest.mark.parametrize("max_batch_tokens", [0, 4])  # a candidate holds only its rows (a token or two each)
 def test_batched_equals_one_by_one_and_chunking_changes_nothing(tiny_backbone, placement, max_batch_tokens,
                                                                 monkeypatch):
     engine = Engine(tiny_backbone, max_batch_tokens=max_batch_tokens)
     session = prefix_session(engine, placement)
     assert_population_batches(engine, session.id, population(5, dim=DIM, scale=2.0), monkeypatch,
                               chunked=max_batch_tokens > 0)
+
+
+def test_shared_attention_scores_as_the_cache_path(tiny_llama, monkeypatch):
+    """The copy-free attention of the prefix path against the plain cache path it replaces."""
+    from backbone_server import attention
+
+    assert attention.supported(tiny_llama)
+    shared, copied = Engine(tiny_llama), Engine(tiny_llama)
+    monkeypatch.setattr(copied.scorer, "_shared_attention", False)
+    for kind, dim in (("prefix", DIM), ("prefix+lora", 2 * DIM)):  # shared and per-candidate tokens ahead
+        a, b = prefix_session(shared, kind=kind, dim=dim), prefix_session(copied, kind=kind, dim=dim)
+        z = population(4, dim=dim, scale=2.0)
+        np.testing.assert_allclose(shared.evaluate(a.id, "train", z).logits, copied.evaluate(b.id, "train", z).logits,
+                                   rtol=0, atol=1e-5)
+    assert tiny_llama.model.config._attn_implementation == "sdpa"  # switched back after each forward
 
 
 def test_the_tokens_ahead_computed_per_candidate_score_as_shared(tiny_llama):
@@ -139,7 +154,7 @@ def test_per_layer_z_drives_its_own_layer(tiny_llama):
 def test_a_prefix_combines_with_a_weight_kind(tiny_llama, monkeypatch):
     """lora changes the tokens ahead, so they run per candidate under its hooks; with the
     lora slice at zero the combination scores as the prefix alone (part 0 keeps the seed)."""
-    engine = Engine(tiny_llama, max_batch_tokens=60)
+    engine = Engine(tiny_llama, max_batch_tokens=6)  # at most one candidate per forward
     combined = prefix_session(engine, kind="prefix+lora", dim=2 * DIM)
     alone = prefix_session(engine)
     assert not combined.prefix_reuse and alone.prefix_reuse
