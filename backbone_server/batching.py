@@ -8,8 +8,10 @@ per evaluated range and kept in the session.
 
 Causal models with text before the prompt take the prefix-reuse path: the tokens ahead
 of the prompt do not depend on the candidate, so their keys and values are computed
-once per bucket (and kept for later calls while they fit the session's cache budget),
-and each candidate runs only the prompt and the tokens after it.
+once per bucket and each candidate runs only the prompt and the tokens after it. The
+states are kept by content (the bucket's token ids), engine-wide, in a `PrefixStore`
+bounded by memory: later calls, and other sessions over the same texts (a `compare`, a
+sweep), find them there.
 
 A delta whose prompt is keys and values (`kv_prompt`, the prefix kind) has no prompt
 slots in its rows: in a causal model the rows are the tokens after {prompt}, behind the
@@ -20,6 +22,8 @@ example's tokens, behind the n virtual tokens.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -54,6 +58,7 @@ class Bucket:
     read: torch.Tensor  # (B,) position in the row whose output is scored
     row_start: torch.Tensor | None  # (B,)
     virtual: int = 0
+    prefix_key: bytes | None = None  # the content of prefix_ids and prefix_mask, for the PrefixStore
 
     @property
     def tokens_per_candidate(self) -> int:
@@ -61,10 +66,47 @@ class Bucket:
         return len(self.indices) * (prefix + self.virtual + self.row_ids.shape[1])
 
 
+class PrefixStore:
+    """Prefix states by the content of the tokens they are of, least recently used first
+    out when over `limit` bytes (a state larger than the limit is not kept)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[bytes, tuple[PrefixStates, int]] = OrderedDict()
+
+    def get(self, key: bytes) -> PrefixStates | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: bytes, states: PrefixStates) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in states)
+        if size > self.limit:
+            return
+        while self.bytes + size > self.limit:
+            _, (_, freed) = self._entries.popitem(last=False)
+            self.bytes -= freed
+        self._entries[key] = (states, size)
+        self.bytes += size
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def report(self) -> str:
+        return (f"prefix states: {len(self._entries)} kept, {self.bytes / 2**20:.1f} of {self.limit / 2**20:.0f} MiB; "
+                f"{self.hits} hits, {self.misses} misses")
+
+
 class Batcher:
     def __init__(self, backbone: Backbone, prefix_cache_bytes: int):
         self.backbone = backbone
-        self.prefix_cache_limit = prefix_cache_bytes
+        self.store = PrefixStore(prefix_cache_bytes)
         pad = backbone.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (backbone.tokenizer.eos_token_id or 0)
 
@@ -79,8 +121,7 @@ class Batcher:
             if len(session.bucket_cache) < MAX_CACHED_RANGES:
                 session.bucket_cache[key] = buckets
         for bucket in buckets:
-            cache_key = (split, start, start + len(selected), bucket.indices[0], len(bucket.indices))
-            yield bucket, self._prefix_states(session, bucket, cache_key) if bucket.reuse else None
+            yield bucket, self._prefix_states(session, bucket) if bucket.reuse else None
 
     def _buckets(self, session: SessionState, examples: list[EncodedExample], tokens: int) -> list[Bucket]:
         """Length-sorted groups of examples, each at most `tokens` for one candidate."""
@@ -109,8 +150,11 @@ class Batcher:
         else:
             slots = list(range(-1, -n - 1, -1))
             ahead = reuse = session.prefix_reuse and has_ahead
+        prefix_key = None
         if ahead:
-            prefix_ids, prefix_mask = self._pad([list(e.before) for e in examples])
+            befores = [list(e.before) for e in examples]
+            prefix_ids, prefix_mask = self._pad(befores)
+            prefix_key = hashlib.blake2b(repr(befores).encode(), digest_size=16).digest()
             rows = [slots + list(e.after) for e in examples]
             read = [e.read - len(e.before) - virtual for e in examples]
             row_start = [len(e.before) + virtual for e in examples]
@@ -137,6 +181,7 @@ class Batcher:
             read=torch.tensor(read, device=device),
             row_start=None if row_start is None else torch.tensor(row_start, device=device),
             virtual=virtual,
+            prefix_key=prefix_key,
         )
 
     def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,18 +194,15 @@ class Batcher:
             mask[row, :len(sequence)] = 1
         return ids.to(self.backbone.device), mask.to(self.backbone.device)
 
-    def _prefix_states(self, session: SessionState, bucket: Bucket, key: tuple) -> PrefixStates:
+    def _prefix_states(self, session: SessionState, bucket: Bucket) -> PrefixStates:
         """Keys and values of the candidate-independent tokens, per layer."""
-        cached = session.prefix_cache.get(key)
-        if cached is not None:
-            return cached
-        # Constants even on the gradient path: nothing before the prompt depends on z.
-        with torch.no_grad():
-            output = self.backbone.body(input_ids=bucket.prefix_ids, attention_mask=bucket.prefix_mask,
-                                        use_cache=True)
-        states = [(layer.keys, layer.values) for layer in output.cache.layers]
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in states)
-        if session.prefix_cache_bytes + size <= self.prefix_cache_limit:
-            session.prefix_cache[key] = states
-            session.prefix_cache_bytes += size
+        session.prefix_keys.add(bucket.prefix_key)
+        states = self.store.get(bucket.prefix_key)
+        if states is None:
+            # Constants even on the gradient path: nothing before the prompt depends on z.
+            with torch.no_grad():
+                output = self.backbone.body(input_ids=bucket.prefix_ids, attention_mask=bucket.prefix_mask,
+                                            use_cache=True)
+            states = [(layer.keys, layer.values) for layer in output.cache.layers]
+            self.store.put(bucket.prefix_key, states)
         return states

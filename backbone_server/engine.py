@@ -48,6 +48,7 @@ from backbone_server.sessions import SessionRegistry, SessionState, encode_split
 log = logging.getLogger(__name__)
 
 MAX_POPULATION = 4096
+MAX_SCORED = 256  # single-candidate scores a session keeps
 
 
 class Engine:
@@ -65,6 +66,7 @@ class Engine:
         self.sessions = SessionRegistry(max_sessions)
         self.batcher = Batcher(backbone, prefix_cache_bytes)
         self.scorer = Scorer(backbone, self.bounds)
+        self.memo_hits = 0
         # One forward at a time: concurrent forwards would only fight over the same cores.
         self._compute_lock = threading.Lock()
 
@@ -115,17 +117,43 @@ class Engine:
         session = self.sessions.get(session_id)
         selected = session.select(split, start, count)
         z = self._check_population(z, session.delta.z_dim)
+        key = (split, start, len(selected), z.tobytes()) if len(z) == 1 else None
         with self._compute_lock, torch.inference_mode():
-            population = torch.tensor(z, device=self.backbone.device)
-            prompts = session.delta.prompts(population)
-            params = session.delta.parameters(population)
+            if key in session.scored:
+                self.memo_hits += 1
+                session.scored.move_to_end(key)
+                return session.scored[key]
+            prompts, params = self._delta_of(session, z)
             logits = self._empty_logits(session, len(z), len(selected))
             tokens = self.bounds.inference
             for bucket, prefix in self.batcher.buckets(session, split, start, selected, tokens):
                 chunks = self.scorer.score_chunks(session, bucket, prompts, params, prefix, tokens,
                                                   _routing(split, start, bucket))
                 logits[:, bucket.index] = torch.cat([chunk for _, chunk in chunks])
-            return PopulationScores(logits, self._labels(selected))
+            scores = PopulationScores(logits, self._labels(selected))
+            if key is not None:
+                session.scored[key] = scores
+                if len(session.scored) > MAX_SCORED:
+                    session.scored.popitem(last=False)
+            return scores
+
+    def _delta_of(self, session: SessionState, z: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts and parameters of a population (inference): a single candidate of
+        the last population scored is taken from it (bit-exact: projections do not depend
+        on their population), a population computed and kept for its candidates."""
+        if len(z) == 1 and z.tobytes() in session.recent_rows:
+            return session.recent_rows[z.tobytes()]
+        population = torch.tensor(z, device=self.backbone.device)
+        prompts = session.delta.prompts(population)
+        params = session.delta.parameters(population)
+        if len(z) > 1:
+            session.recent_rows = {row.tobytes(): (prompts[i:i + 1], None if params is None else params[i:i + 1])
+                                   for i, row in enumerate(z)}
+        return prompts, params
+
+    def cache_report(self) -> str:
+        """What the caches saved, in words (GetInfo)."""
+        return f"{self.batcher.store.report()}; single-candidate scores reused: {self.memo_hits}"
 
     def gradient(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0,
                  loss: str = "ce") -> PopulationGradients:

@@ -46,6 +46,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             memory_plan=engine.memory_plan.reason,
             delta_forms=delta_forms(),
             kinds=[kind.to_message() for kind in kinds],
+            cache_report=engine.cache_report(),
         )
 
     def CreateSession(self, request, context):

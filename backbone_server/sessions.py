@@ -4,6 +4,7 @@ cached for it), and the registry that holds them."""
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -22,12 +23,19 @@ class SessionState:
     splits: dict[str, list[EncodedExample]]
     prefix_reuse: bool
     truncated_examples: int
-    # Keys and values of the candidate-independent tokens, per bucket (batching.py).
-    prefix_cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    prefix_cache_bytes: int = 0
+    # The content keys of the prefix states this session's buckets use (kept, shared with
+    # other sessions of the same texts, by the engine's PrefixStore in batching.py).
+    prefix_keys: set[bytes] = field(default_factory=set)
     # Padded device tensors of each evaluated range, built once: a generation then starts
     # its forwards without host work or host-to-device copies.
     bucket_cache: dict[tuple, list] = field(default_factory=dict)
+    # The prompts and parameters of the rows of the last population scored, by z's bytes:
+    # the generation's best, checked on dev next, needs no projection again.
+    recent_rows: dict[bytes, tuple] = field(default_factory=dict)
+    # Scores of single candidates already evaluated, by (split, start, count, z's bytes):
+    # a z scored again on the same examples (the final test of a run that never left z = 0,
+    # a dev check repeated) costs nothing.
+    scored: OrderedDict = field(default_factory=OrderedDict)
 
     def select(self, split: str, start: int, count: int) -> list[EncodedExample]:
         """The examples [start, start + count) of the split (count 0: to its end)."""

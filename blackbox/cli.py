@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from backbone_server.options import add_server_arguments
 from blackbox.client import BackboneClient, BackboneError
 from blackbox.runlog import RunDirError
-from blackbox.tasks import TaskError, list_tasks
+from blackbox.tasks import PLACEMENTS, TaskError, list_tasks
 
 
 def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) -> None:
@@ -44,8 +44,10 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--targets", "--lora-targets", default="",
                         help="comma-separated module-name suffixes a weight delta changes "
                              "(default: lora q_proj,v_proj or query,value; bias: every bias, or every norm)")
-    search.add_argument("--placement", choices=("before", "after"), default="before",
-                        help="prompt before the text (BBT) or after it (lets a causal backbone reuse the text)")
+    search.add_argument("--placement", choices=PLACEMENTS, default="before",
+                        help="prompt before the text (BBT), after it (a causal backbone then reuses the text), "
+                             "or tail: ahead of the template's last word before {mask} (e.g. 'Sentiment{prompt}:'), "
+                             "where a prefix leaves a causal model one token to run per candidate")
     search.add_argument("--projection", default="normal",
                         help="normal (BBT scaling), uniform, sparse, fastfood (large deltas), or identity "
                              "(z is the whole delta: --dim = prompt length x hidden size)")

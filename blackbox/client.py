@@ -61,6 +61,7 @@ class ModelInfo:
     memory_plan: str
     delta_forms: tuple[str, ...] = ()
     kinds: dict[str, KindInfo] = dataclasses.field(default_factory=dict)  # what each of delta_kinds takes
+    cache_report: str = ""
 
 
 @dataclass

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         fast_rows = full_rows
         expected = plain.evaluate(session.id, "train", z).ce_loss
     prefix_flops = 0.0
-    if fast_session.prefix_reuse and not fast_session.prefix_cache:  # over the cache budget: once per generation
+    if fast_session.prefix_reuse and not all(key in fast.batcher.store for key in fast_session.prefix_keys):  # over budget
         prefix_flops = generation_flops(backbone, [(0, len(e.before)) for e in fast_session.splits["train"]], 1)
 
     # The prefix kind at the same shapes, after the text: only the template's tail per candidate.

@@ -6,6 +6,7 @@ Pure Python (no torch) so that the client and the server can share it.
 from .data import ENV_VAR, SPLITS, Example, list_seeds, load_split, load_task_file, resolve_data_dir
 from .registry import (
     PLACEHOLDERS,
+    PLACEMENTS,
     DataQuirks,
     Task,
     TaskError,
@@ -19,6 +20,7 @@ from .registry import (
 __all__ = [
     "ENV_VAR",
     "PLACEHOLDERS",
+    "PLACEMENTS",
     "SPLITS",
     "DataQuirks",
     "Example",

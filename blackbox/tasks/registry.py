@@ -20,7 +20,7 @@ __all__ = [
 PLACEHOLDERS = ("text_a", "text_b", "mask", "prompt")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 ARCHITECTURES = ("masked", "causal")
-PLACEMENTS = ("before", "after")
+PLACEMENTS = ("before", "after", "tail")
 
 
 class TaskError(ValueError):
@@ -54,7 +54,10 @@ def validate_template(template: str, is_pair: bool) -> None:
 
 
 def place_prompt(template: str, placement: str) -> str:
-    """Insert the {prompt} placeholder at the start or right after the last text placeholder."""
+    """Insert the {prompt} placeholder: at the start ("before"), right after the last text
+    placeholder ("after"), or ahead of the last word or punctuation before {mask}
+    ("tail": "...Sentiment{prompt}: {mask}"), so that in a causal model only that one
+    piece of the template follows the prompt."""
     if placement not in PLACEMENTS:
         raise TaskError(f"unknown prompt placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
     if "{prompt}" in template:
@@ -63,6 +66,12 @@ def place_prompt(template: str, placement: str) -> str:
     if placement == "before":
         return "{prompt}" + template
     end = max(template.find(p) + len(p) for p in ("{text_a}", "{text_b}") if p in template)
+    if placement == "tail":
+        literal = template[end:template.index("{mask}")].rstrip()
+        last = re.search(r"(\s*\w+|[^\w\s]+)$", literal)
+        if last is not None:
+            at = end + last.start()
+            return template[:at] + "{prompt}" + template[at:]
     return template[:end] + "{prompt}" + template[end:]
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62lackbox/v1/backbone.proto\x12\x0b\x62lackbox.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xda\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x13\n\x0b\x64\x65lta_kinds\x18\x07 \x03(\t\x12\x18\n\x10projection_kinds\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\x03\x12\x19\n\x11gradients_enabled\x18\x0c \x01(\x08\x12\x13\n\x0bmemory_plan\x18\r \x01(\t\x12\x13\n\x0b\x64\x65lta_forms\x18\x0e \x03(\t\x12%\n\x05kinds\x18\x0f \x03(\x0b\x32\x16.blackbox.v1.DeltaKind\"\x86\x02\n\tDeltaKind\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x14\n\x0ctakes_prompt\x18\x03 \x01(\x08\x12\x11\n\trank_name\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_rank\x18\x05 \x01(\x05\x12\x15\n\rtakes_targets\x18\x06 \x01(\x08\x12\x13\n\x0bgated_roles\x18\x07 \x03(\t\x12\x11\n\tpeft_type\x18\x08 \x01(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x0f\n\x07mixable\x18\n \x01(\x08\x12\x15\n\rreuses_prefix\x18\x0b \x01(\x08\x12\x11\n\tkv_prompt\x18\x0c \x01(\x08\x12\x0c\n\x04note\x18\r \x01(\t\"8\n\x07\x45xample\x12\x0e\n\x06text_a\x18\x01 \x01(\t\x12\x0e\n\x06text_b\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x05\"=\n\x05Split\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.blackbox.v1.Example\"\xca\x01\n\tDeltaSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x15\n\rintrinsic_dim\x18\x03 \x01(\x05\x12\x12\n\nprojection\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x18\n\x10projection_scale\x18\x06 \x01(\x02\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x0f\n\x07targets\x18\x08 \x03(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x11\n\tpart_dims\x18\n \x03(\x05\"$\n\x06ZBlock\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x05\"\x99\x01\n\x14\x43reateSessionRequest\x12\"\n\x06splits\x18\x01 \x03(\x0b\x32\x12.blackbox.v1.Split\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x12\n\nverbalizer\x18\x03 \x03(\t\x12%\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x16.blackbox.v1.DeltaSpec\x12\x10\n\x08truncate\x18\x05 \x01(\x08\"\xc6\x02\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14verbalizer_token_ids\x18\x02 \x03(\x05\x12G\n\x0bsplit_sizes\x18\x03 \x03(\x0b\x32\x32.blackbox.v1.CreateSessionResponse.SplitSizesEntry\x12\x17\n\x0fprompt_position\x18\x04 \x01(\t\x12\x14\n\x0cprefix_reuse\x18\x05 \x01(\x08\x12\x1a\n\x12truncated_examples\x18\x06 \x01(\x05\x12\r\n\x05z_dim\x18\x07 \x01(\x05\x12%\n\x08z_blocks\x18\x08 \x03(\x0b\x32\x13.blackbox.v1.ZBlock\x1a\x31\n\x0fSplitSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x89\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x15\n\rreturn_logits\x18\x06 \x01(\x08\"\xd6\x01\n\x10\x45valuateResponse\x12$\n\x07\x63\x65_loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\'\n\nhinge_loss\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12#\n\x06logits\x18\x04 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x05\x12\x11\n\tserver_ms\x18\x06 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x80\x01\n\x0fGradientRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x0c\n\x04loss\x18\x06 \x01(\t\"\xa8\x01\n\x10GradientResponse\x12!\n\x04loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12!\n\x04grad\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x05\x12\x11\n\tserver_ms\x18\x05 \x01(\x01\x32\x89\x03\n\x08\x42\x61\x63kbone\x12>\n\x07GetInfo\x12\x1b.blackbox.v1.GetInfoRequest\x1a\x16.blackbox.v1.ModelInfo\x12V\n\rCreateSession\x12!.blackbox.v1.CreateSessionRequest\x1a\".blackbox.v1.CreateSessionResponse\x12G\n\x08\x45valuate\x12\x1c.blackbox.v1.EvaluateRequest\x1a\x1d.blackbox.v1.EvaluateResponse\x12S\n\x0c\x43loseSession\x12 .blackbox.v1.CloseSessionRequest\x1a!.blackbox.v1.CloseSessionResponse\x12G\n\x08Gradient\x12\x1c.blackbox.v1.GradientRequest\x1a\x1d.blackbox.v1.GradientResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62lackbox/v1/backbone.proto\x12\x0b\x62lackbox.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xf0\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x13\n\x0b\x64\x65lta_kinds\x18\x07 \x03(\t\x12\x18\n\x10projection_kinds\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\x03\x12\x19\n\x11gradients_enabled\x18\x0c \x01(\x08\x12\x13\n\x0bmemory_plan\x18\r \x01(\t\x12\x13\n\x0b\x64\x65lta_forms\x18\x0e \x03(\t\x12%\n\x05kinds\x18\x0f \x03(\x0b\x32\x16.blackbox.v1.DeltaKind\x12\x14\n\x0c\x63\x61\x63he_report\x18\x10 \x01(\t\"\x86\x02\n\tDeltaKind\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x14\n\x0ctakes_prompt\x18\x03 \x01(\x08\x12\x11\n\trank_name\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_rank\x18\x05 \x01(\x05\x12\x15\n\rtakes_targets\x18\x06 \x01(\x08\x12\x13\n\x0bgated_roles\x18\x07 \x03(\t\x12\x11\n\tpeft_type\x18\x08 \x01(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x0f\n\x07mixable\x18\n \x01(\x08\x12\x15\n\rreuses_prefix\x18\x0b \x01(\x08\x12\x11\n\tkv_prompt\x18\x0c \x01(\x08\x12\x0c\n\x04note\x18\r \x01(\t\"8\n\x07\x45xample\x12\x0e\n\x06text_a\x18\x01 \x01(\t\x12\x0e\n\x06text_b\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x05\"=\n\x05Split\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.blackbox.v1.Example\"\xca\x01\n\tDeltaSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x15\n\rintrinsic_dim\x18\x03 \x01(\x05\x12\x12\n\nprojection\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x18\n\x10projection_scale\x18\x06 \x01(\x02\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x0f\n\x07targets\x18\x08 \x03(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x11\n\tpart_dims\x18\n \x03(\x05\"$\n\x06ZBlock\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x05\"\x99\x01\n\x14\x43reateSessionRequest\x12\"\n\x06splits\x18\x01 \x03(\x0b\x32\x12.blackbox.v1.Split\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x12\n\nverbalizer\x18\x03 \x03(\t\x12%\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x16.blackbox.v1.DeltaSpec\x12\x10\n\x08truncate\x18\x05 \x01(\x08\"\xc6\x02\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14verbalizer_token_ids\x18\x02 \x03(\x05\x12G\n\x0bsplit_sizes\x18\x03 \x03(\x0b\x32\x32.blackbox.v1.CreateSessionResponse.SplitSizesEntry\x12\x17\n\x0fprompt_position\x18\x04 \x01(\t\x12\x14\n\x0cprefix_reuse\x18\x05 \x01(\x08\x12\x1a\n\x12truncated_examples\x18\x06 \x01(\x05\x12\r\n\x05z_dim\x18\x07 \x01(\x05\x12%\n\x08z_blocks\x18\x08 \x03(\x0b\x32\x13.blackbox.v1.ZBlock\x1a\x31\n\x0fSplitSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x89\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x15\n\rreturn_logits\x18\x06 \x01(\x08\"\xd6\x01\n\x10\x45valuateResponse\x12$\n\x07\x63\x65_loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\'\n\nhinge_loss\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12#\n\x06logits\x18\x04 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x05\x12\x11\n\tserver_ms\x18\x06 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x80\x01\n\x0fGradientRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x0c\n\x04loss\x18\x06 \x01(\t\"\xa8\x01\n\x10GradientResponse\x12!\n\x04loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12!\n\x04grad\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x05\x12\x11\n\tserver_ms\x18\x05 \x01(\x01\x32\x89\x03\n\x08\x42\x61\x63kbone\x12>\n\x07GetInfo\x12\x1b.blackbox.v1.GetInfoRequest\x1a\x16.blackbox.v1.ModelInfo\x12V\n\rCreateSession\x12!.blackbox.v1.CreateSessionRequest\x1a\".blackbox.v1.CreateSessionResponse\x12G\n\x08\x45valuate\x12\x1c.blackbox.v1.EvaluateRequest\x1a\x1d.blackbox.v1.EvaluateResponse\x12S\n\x0c\x43loseSession\x12 .blackbox.v1.CloseSessionRequest\x1a!.blackbox.v1.CloseSessionResponse\x12G\n\x08Gradient\x12\x1c.blackbox.v1.GradientRequest\x1a\x1d.blackbox.v1.GradientResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,35 +38,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=97
   _globals['_GETINFOREQUEST']._serialized_end=113
   _globals['_MODELINFO']._serialized_start=116
-  _globals['_MODELINFO']._serialized_end=462
-  _globals['_DELTAKIND']._serialized_start=465
-  _globals['_DELTAKIND']._serialized_end=727
-  _globals['_EXAMPLE']._serialized_start=729
-  _globals['_EXAMPLE']._serialized_end=785
-  _globals['_SPLIT']._serialized_start=787
-  _globals['_SPLIT']._serialized_end=848
-  _globals['_DELTASPEC']._serialized_start=851
-  _globals['_DELTASPEC']._serialized_end=1053
-  _globals['_ZBLOCK']._serialized_start=1055
-  _globals['_ZBLOCK']._serialized_end=1091
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1094
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1247
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=1250
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1576
-  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_start=1527
-  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_end=1576
-  _globals['_EVALUATEREQUEST']._serialized_start=1579
-  _globals['_EVALUATEREQUEST']._serialized_end=1716
-  _globals['_EVALUATERESPONSE']._serialized_start=1719
-  _globals['_EVALUATERESPONSE']._serialized_end=1933
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1935
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1976
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1978
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2000
-  _globals['_GRADIENTREQUEST']._serialized_start=2003
-  _globals['_GRADIENTREQUEST']._serialized_end=2131
-  _globals['_GRADIENTRESPONSE']._serialized_start=2134
-  _globals['_GRADIENTRESPONSE']._serialized_end=2302
-  _globals['_BACKBONE']._serialized_start=2305
-  _globals['_BACKBONE']._serialized_end=2698
+  _globals['_MODELINFO']._serialized_end=484
+  _globals['_DELTAKIND']._serialized_start=487
+  _globals['_DELTAKIND']._serialized_end=749
+  _globals['_EXAMPLE']._serialized_start=751
+  _globals['_EXAMPLE']._serialized_end=807
+  _globals['_SPLIT']._serialized_start=809
+  _globals['_SPLIT']._serialized_end=870
+  _globals['_DELTASPEC']._serialized_start=873
+  _globals['_DELTASPEC']._serialized_end=1075
+  _globals['_ZBLOCK']._serialized_start=1077
+  _globals['_ZBLOCK']._serialized_end=1113
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1116
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1269
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1272
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1598
+  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_start=1549
+  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_end=1598
+  _globals['_EVALUATEREQUEST']._serialized_start=1601
+  _globals['_EVALUATEREQUEST']._serialized_end=1738
+  _globals['_EVALUATERESPONSE']._serialized_start=1741
+  _globals['_EVALUATERESPONSE']._serialized_end=1955
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1957
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1998
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2000
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2022
+  _globals['_GRADIENTREQUEST']._serialized_start=2025
+  _globals['_GRADIENTREQUEST']._serialized_end=2153
+  _globals['_GRADIENTRESPONSE']._serialized_start=2156
+  _globals['_GRADIENTRESPONSE']._serialized_end=2324
+  _globals['_BACKBONE']._serialized_start=2327
+  _globals['_BACKBONE']._serialized_end=2720
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms", "kinds")
+    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms", "kinds", "cache_report")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ModelInfo(_message.Message):
     MEMORY_PLAN_FIELD_NUMBER: _ClassVar[int]
     DELTA_FORMS_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_REPORT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     hidden_size: int
@@ -52,7 +53,8 @@ class ModelInfo(_message.Message):
     memory_plan: str
     delta_forms: _containers.RepeatedScalarFieldContainer[str]
     kinds: _containers.RepeatedCompositeFieldContainer[DeltaKind]
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[DeltaKind, _Mapping]]] = ...) -> None: ...
+    cache_report: str
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[DeltaKind, _Mapping]]] = ..., cache_report: _Optional[str] = ...) -> None: ...
 
 class DeltaKind(_message.Message):
     __slots__ = ("name", "summary", "takes_prompt", "rank_name", "default_rank", "takes_targets", "gated_roles", "peft_type", "per_layer_z", "mixable", "reuses_prefix", "kv_prompt", "note")

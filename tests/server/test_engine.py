@@ -128,7 +128,7 @@ def test_prefix_reuse_gives_the_same_scores_as_full_rows(tiny_llama):
     np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=1e-5)
     # The second call reads the cached prefix states and must agree too.
     np.testing.assert_allclose(reuse.evaluate(with_reuse.id, "train", z).logits, a.logits, rtol=0, atol=1e-6)
-    assert with_reuse.prefix_cache
+    assert with_reuse.prefix_keys and all(key in reuse.batcher.store for key in with_reuse.prefix_keys)
 
 
 def test_the_prefix_path_uses_the_current_cache_api(tiny_llama):
@@ -141,6 +141,67 @@ def test_the_prefix_path_uses_the_current_cache_api(tiny_llama):
         warnings.simplefilter("error", FutureWarning)
         engine.evaluate(session.id, "train", population(3))
         engine.evaluate(session.id, "train", population(3))  # from the cached prefix states
+
+
+def forwards_of_the_body(backbone, monkeypatch) -> list[str]:
+    """From now on, which input each of the body's forwards gets ("ids": tokens ahead of
+    the prompt, "embeds": candidates' rows)."""
+    calls, body = [], backbone.body
+
+    def counted(*args, **kwargs):
+        calls.append("ids" if "input_ids" in kwargs else "embeds")
+        return body(*args, **kwargs)
+
+    monkeypatch.setattr(backbone, "body", counted)
+    return calls
+
+
+def test_sessions_over_the_same_texts_share_their_prefix_states(tiny_llama, monkeypatch):
+    engine = Engine(tiny_llama)
+    first, second = make_session(engine, "after"), make_session(engine, "after", seed=5)
+    z = population(3)
+    calls = forwards_of_the_body(tiny_llama, monkeypatch)
+    expected = engine.evaluate(first.id, "train", z).logits
+    ahead = calls.count("ids")
+    assert ahead >= 1 and engine.batcher.store.misses == ahead
+    calls.clear()
+    other = engine.evaluate(second.id, "train", z)  # another session (and seed), the same texts
+    assert "ids" not in calls and engine.batcher.store.hits == ahead
+    assert second.prefix_keys == first.prefix_keys
+    third = Engine(tiny_llama, prefix_reuse=False)  # the states are the model's, whoever computed them
+    np.testing.assert_allclose(other.logits, third.evaluate(make_session(third, "after", seed=5).id, "train", z).logits,
+                               rtol=0, atol=1e-5)
+    assert f"{ahead} hits" in engine.cache_report()
+    np.testing.assert_allclose(engine.evaluate(first.id, "train", z).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_a_candidate_scored_again_on_the_same_examples_is_not_recomputed(tiny_llama, monkeypatch):
+    engine = Engine(tiny_llama)
+    session = make_session(engine)
+    z = population(1)
+    once = engine.evaluate(session.id, "train", z, start=1)
+    calls = forwards_of_the_body(tiny_llama, monkeypatch)
+    again = engine.evaluate(session.id, "train", z.copy(), start=1)
+    assert calls == [] and engine.memo_hits == 1
+    np.testing.assert_array_equal(again.logits, once.logits)
+    engine.evaluate(session.id, "train", z, start=2)  # other examples: scored
+    engine.evaluate(session.id, "train", z + 1e-3, start=1)  # another z: scored
+    assert calls.count("embeds") == 2 and engine.memo_hits == 1
+
+
+def test_the_best_of_a_population_is_not_projected_again(tiny_llama, monkeypatch):
+    engine = Engine(tiny_llama)
+    session = make_session(engine, dim=6)
+    z = population(5)
+    whole = engine.evaluate(session.id, "train", z)
+    projections = []
+    prompts = session.delta.prompts
+    monkeypatch.setattr(session.delta, "prompts", lambda zs: projections.append(len(zs)) or prompts(zs))
+    alone = engine.evaluate(session.id, "train", z[3:4])
+    assert projections == []
+    np.testing.assert_allclose(alone.logits[0], whole.logits[3], rtol=0, atol=1e-6)
+    engine.evaluate(session.id, "train", population(1, seed=9))
+    assert projections == [1]
 
 
 def test_masked_models_never_reuse_a_prefix(tiny_roberta):

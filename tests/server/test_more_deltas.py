@@ -152,7 +152,7 @@ def test_adapter_turns_prefix_reuse_off(tiny_llama):
     assert not session.prefix_reuse
     scores = engine.evaluate(session.id, "train", np.zeros((1, 6), np.float32))
     np.testing.assert_allclose(scores.logits[0], plain_logits(tiny_llama, session), rtol=0, atol=1e-6)
-    assert not session.prefix_cache
+    assert not session.prefix_keys
 
 
 def test_deep_prompt_keeps_prefix_reuse_and_its_logits(tiny_llama):
@@ -164,7 +164,7 @@ def test_deep_prompt_keeps_prefix_reuse_and_its_logits(tiny_llama):
     z = population(5, scale=2.0)
     np.testing.assert_allclose(reused.evaluate(a.id, "train", z).logits, plain.evaluate(b.id, "train", z).logits,
                                rtol=0, atol=1e-5)
-    assert a.prefix_cache  # the prefix path really ran
+    assert a.prefix_keys  # the prefix path really ran
 
 
 @pytest.mark.parametrize("kind", KINDS)

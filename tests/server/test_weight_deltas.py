@@ -154,7 +154,7 @@ def test_weight_kinds_turn_prefix_reuse_off(tiny_llama, kind):
     assert not session.prefix_reuse
     scores = engine.evaluate(session.id, "train", np.zeros((1, 6), np.float32))
     np.testing.assert_allclose(scores.logits[0], plain_logits(tiny_llama, session), rtol=0, atol=1e-6)
-    assert not session.prefix_cache
+    assert not session.prefix_keys
 
 
 @pytest.mark.parametrize("kind", KINDS)
