@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--popsize", type=int, default=10)
     parser.add_argument("--dim", type=int, default=100)
     parser.add_argument("--prompt-length", type=int, default=10)
-    parser.add_argument("--placement", choices=("before", "after"), default="after")
+    parser.add_argument("--placement", choices=("before", "after", "tail"), default="after")
     args = parser.parse_args(argv)
 
     backbone = load_backbone(args.model, device=args.device)
