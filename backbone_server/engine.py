@@ -32,7 +32,7 @@ from backbone_server.batching import Batcher, Bucket
 from backbone_server.deltas import DeltaConfig, Routing, build_delta
 from backbone_server.encoding import TemplateEncoder
 from backbone_server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from backbone_server.memory import plan_memory
+from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
 from backbone_server.scoring import (
     LOSSES,
@@ -53,7 +53,7 @@ MAX_SCORED = 256  # single-candidate scores a session keeps
 
 class Engine:
     def __init__(self, backbone: Backbone, max_batch_tokens: int = 0, max_sessions: int = 64,
-                 prefix_cache_bytes: int = 512 * 2**20, prefix_reuse: bool = True,
+                 prefix_cache_bytes: int = 0, prefix_reuse: bool = True,
                  allow_gradients: bool = False):
         if max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must be positive (or 0 to derive it from free memory)")
@@ -64,7 +64,7 @@ class Engine:
         self.prefix_reuse = prefix_reuse
         self.allow_gradients = allow_gradients
         self.sessions = SessionRegistry(max_sessions)
-        self.batcher = Batcher(backbone, prefix_cache_bytes)
+        self.batcher = Batcher(backbone, prefix_cache_bytes or prefix_store_bytes(backbone))
         self.scorer = Scorer(backbone, self.bounds)
         self.memo_hits = 0
         # One forward at a time: concurrent forwards would only fight over the same cores.

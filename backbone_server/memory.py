@@ -29,6 +29,7 @@ CPU_BATCH_TOKENS = 8192
 GPU_BATCH_TOKENS_CAP = 1 << 20
 FREE_FRACTION = {"cuda": 0.6, "cpu": 0.25}
 SAFETY = 1.5
+PREFIX_STORE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,15 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def prefix_store_bytes(backbone, free_bytes: int | None = None) -> int:
+    """What the engine keeps of prefix states across calls and sessions, unless told:
+    PREFIX_STORE_FRACTION of the memory free now (so that a test split's text states, a
+    gigabyte for SmolLM2 and SST-2's 872 texts, survive from the zero-shot to the final
+    evaluation on a 24 GiB host)."""
+    free = free_memory(backbone.device) if free_bytes is None else free_bytes
+    return int(PREFIX_STORE_FRACTION * free)
 
 
 def plan_memory(backbone, requested_tokens: int = 0, free_bytes: int | None = None) -> MemoryPlan:

@@ -20,6 +20,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=0,
                         help="memory bound: (candidate, example) rows x tokens in one forward "
                              "(0: derived from free device memory, at most 8192 on a CPU; GetInfo reports the plan)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=0,
+                        help="memory for the text's keys and values kept across calls and sessions "
+                             "(0: 10%% of the memory free after loading; GetInfo's cache_report shows its use)")
     parser.add_argument("--no-prefix-reuse", action="store_true",
                         help="recompute the tokens before the prompt for every candidate (for comparison)")
     parser.add_argument("--allow-gradients", action="store_true",

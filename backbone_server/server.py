@@ -84,7 +84,7 @@ class RunningServer:
 def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto", dtype: str = "auto",
                   max_batch_tokens: int = 0, max_workers: int = 8, prefix_reuse: bool = True,
                   allow_gradients: bool = False, device_map: str | None = None,
-                  backbone=None) -> RunningServer:
+                  backbone=None, prefix_cache_mb: int = 0) -> RunningServer:
     """Starts a server on `address` (port 0 picks a free port) and loads `model` behind it.
 
     `device_map` ("auto": through accelerate, across all visible devices) replaces
@@ -119,7 +119,7 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
             loaded = backbone if backbone is not None else load_backbone(
                 model, device=device, dtype=dtype, device_map=device_map)
             servicer.engine = Engine(loaded, max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse,
-                                     allow_gradients=allow_gradients)
+                                     allow_gradients=allow_gradients, prefix_cache_bytes=prefix_cache_mb * 2**20)
             for name in ("", SERVICE_NAME):
                 health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving %s on %s (%s, %s)", model, port, loaded.device, loaded.dtype)
@@ -140,7 +140,8 @@ def serve(args: argparse.Namespace) -> int:
     """Runs until SIGINT/SIGTERM, then stops gracefully."""
     running = create_server(args.model, f"{args.host}:{args.port}", args.device, args.dtype,
                             args.max_batch_tokens, prefix_reuse=not args.no_prefix_reuse,
-                            allow_gradients=args.allow_gradients, device_map=args.device_map)
+                            allow_gradients=args.allow_gradients, device_map=args.device_map,
+                            prefix_cache_mb=args.prefix_cache_mb)
     print(f"backbone server listening on {args.host}:{running.port}; loading {args.model} ...", flush=True)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

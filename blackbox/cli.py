@@ -72,6 +72,9 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--max-wall-s", type=float, default=0.0,
                         help="start no generation after this many seconds of the run (0: no limit)")
     search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
+    search.add_argument("--test-limit", type=int, default=0,
+                        help="score test on a seeded subset of N examples, each label in its share (0: all; "
+                             "result.json records it)")
     backend = parser.add_argument_group("backbone")
     backend.add_argument("--server", help="HOST:PORT of a running backbone, or HOST:PORT,HOST:PORT,... of replicas "
                          "that share each population; without it an embedded one starts")
@@ -103,7 +106,7 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
         projection=args.projection, optimizer=optimizer, strategy=args.strategy,
         turn_generations=args.turn_generations, sigma=args.sigma, alpha=args.alpha,
         bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
-        max_wall_s=args.max_wall_s, truncate=args.truncate, out=args.out,
+        max_wall_s=args.max_wall_s, truncate=args.truncate, test_limit=args.test_limit, out=args.out,
     )
 
 

@@ -55,6 +55,8 @@ class TuneConfig:
     # Stop starting generations after this many seconds of the run (0: no limit).
     max_wall_s: float = 0.0
     truncate: bool = False
+    # Score test on a seeded subset of this many examples, each label in its share (0: all).
+    test_limit: int = 0
     out: str = "runs/tune"
 
     def __post_init__(self):
@@ -66,8 +68,8 @@ class TuneConfig:
             raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {generation})")
         if not self.sigma > 0 or not self.alpha > 0:
             raise ValueError("sigma and alpha must be > 0")
-        if self.patience < 0 or self.max_wall_s < 0:
-            raise ValueError("patience and max-wall-s must be >= 0 (0 turns them off)")
+        if self.patience < 0 or self.max_wall_s < 0 or self.test_limit < 0:
+            raise ValueError("patience, max-wall-s and test-limit must be >= 0 (0 turns them off)")
         if self.bound is not None and not self.bound > 0:
             raise ValueError("bound must be > 0")
         if self.mix and self.mix not in MIXES:

@@ -22,7 +22,7 @@ from blackbox.objective import Objective
 from blackbox.optim import Optimizer, optimizer_class
 from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
-from blackbox.tasks import get_task, load_split, place_prompt
+from blackbox.tasks import get_task, load_split, place_prompt, stratified_subset
 from blackbox.tune_config import TuneConfig, build_optimizer, check_resumable, delta_spec
 
 __all__ = ["RunState", "evaluate_split", "run_generation", "run_tune"]
@@ -183,6 +183,8 @@ def _prepare(config: TuneConfig, client: BackboneClient, resume: bool):
     template = place_prompt(task.template_for(info.architecture), config.placement)
     splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
               for split in ("train", "dev", "test")}
+    if config.test_limit:
+        splits["test"] = stratified_subset(splits["test"], config.test_limit, config.seed)
     if config.mix == "adamix":
         # The server routes "train" and "*-routed" splits to copies and merges the copies
         # elsewhere: these copies give the best z's routed and merged scores on both sets.
@@ -231,6 +233,7 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
         "test_loss": test_loss,
         "zero_shot_test_acc": state.zero_shot["test_acc"],
         "test_examples": session.split_sizes["test"],
+        "test_limit": config.test_limit,
         "test_note": task.test_note,
         "stop_reason": stop_reason,
         "wall_s": wall_s,

@@ -3,7 +3,7 @@
 Pure Python (no torch) so that the client and the server can share it.
 """
 
-from .data import ENV_VAR, SPLITS, Example, list_seeds, load_split, load_task_file, resolve_data_dir
+from .data import ENV_VAR, SPLITS, Example, list_seeds, load_split, load_task_file, resolve_data_dir, stratified_subset
 from .registry import (
     PLACEHOLDERS,
     PLACEMENTS,
@@ -34,5 +34,6 @@ __all__ = [
     "place_prompt",
     "register_task",
     "resolve_data_dir",
+    "stratified_subset",
     "validate_template",
 ]

@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from .registry import Task, TaskError, get_task
 
-__all__ = ["ENV_VAR", "SPLITS", "Example", "list_seeds", "load_split", "load_task_file", "resolve_data_dir"]
+__all__ = ["ENV_VAR", "SPLITS", "Example", "list_seeds", "load_split", "load_task_file", "resolve_data_dir",
+           "stratified_subset"]
 
 ENV_VAR = "BLACKBOX_DATA_DIR"
+SUBSET_SALT = 0x7E57  # keeps the subset's draws apart from other uses of the seed
 SPLITS = ("train", "dev", "test")
 
 # Sources name the same columns differently (GLUE, LM-BFF, rl-prompt, the SNLI test); first match wins.
@@ -76,6 +80,25 @@ def load_split(
     if not rest:
         raise TaskError(f"{task.name} has no test file and no seed besides {seed} to borrow dev files from")
     return [ex for s in rest for ex in _load_file(task, folder / f"{k}-{s}" / "dev.tsv", "dev")]
+
+
+def stratified_subset(examples: Sequence[Example], limit: int, seed: int) -> list[Example]:
+    """At most `limit` of `examples`, each label kept in its share (rounded, at least one
+    of a label that has any), drawn with `seed`, in their original order."""
+    if limit < 1:
+        raise TaskError(f"a subset needs at least one example, got a limit of {limit}")
+    if len(examples) <= limit:
+        return list(examples)
+    by_label: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_label.setdefault(example.label, []).append(index)
+    rng = np.random.default_rng([seed, SUBSET_SALT])
+    shares = {label: max(1, round(limit * len(indices) / len(examples))) for label, indices in by_label.items()}
+    while sum(shares.values()) > limit:  # rounding up, or many small labels, went over
+        largest = max(shares, key=shares.get)
+        shares[largest] -= 1
+    chosen = [i for label, indices in sorted(by_label.items()) for i in rng.choice(indices, shares[label], replace=False)]
+    return [examples[i] for i in sorted(chosen)]
 
 
 def load_task_file(

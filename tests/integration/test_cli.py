@@ -43,6 +43,13 @@ def test_a_model_that_does_not_load_is_one_error_line_and_no_traceback(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_test_limit_scores_a_stratified_subset(tmp_path):
+    out = tmp_path / "run"
+    assert main(TINY_RUN + ["--out", str(out), "--test-limit", "40"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["test_examples"] == 40 and result["test_limit"] == 40
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),

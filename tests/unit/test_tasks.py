@@ -378,3 +378,19 @@ def test_load_task_file_bad_extension(tmp_path):
 def test_package_does_not_import_torch():
     code = "import sys, blackbox.tasks; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT).returncode == 0
+
+
+def test_a_stratified_subset_keeps_each_label_in_its_share():
+    from blackbox.tasks import stratified_subset
+
+    examples = [Example(f"text {i}", None, 0 if i % 4 else 1) for i in range(400)]  # 300 of label 0, 100 of 1
+    subset = stratified_subset(examples, 40, seed=13)
+    assert len(subset) == 40 and sum(e.label for e in subset) == 10
+    assert subset == stratified_subset(examples, 40, seed=13) != stratified_subset(examples, 40, seed=21)
+    assert [examples.index(e) for e in subset] == sorted(examples.index(e) for e in subset)  # original order
+    assert stratified_subset(examples, 1000, seed=13) == examples
+    rare = [Example("a", None, 0)] * 99 + [Example("b", None, 1)]
+    assert {e.label for e in stratified_subset(rare, 10, seed=0)} == {0, 1}  # a label with any keeps one
+    with pytest.raises(TaskError, match="at least one"):
+        stratified_subset(examples, 0, seed=0)
+
