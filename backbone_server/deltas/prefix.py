@@ -131,7 +131,7 @@ class Prefix(Delta):
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         offsets = torch.cat([projection(self._layer_z(z, l)) for l, projection in enumerate(self.layer_projections)],
                             dim=1)
-        return offsets * self.scales + self.start
+        return torch.addcmul(self.start, offsets, self.scales)  # one pass over (P, D), not two
 
     def key_values(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the candidates' (p, kv_heads, n, head_dim) keys and values, in the model's dtype."""
