@@ -217,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
 
     plain = Engine(backbone, max_batch_tokens=args.max_batch_tokens, prefix_reuse=False)
     session = plain.create_session({"train": examples}, before, VERBALIZER, delta)
-    serial_ms = timed(lambda: [plain.evaluate(session.id, "train", z[i:i + 1]) for i in range(len(z))],
-                      args.repeats, device)
+    calls = iter(range(10**9))
+    # Each call new candidates: the engine does not score a candidate it has scored already.
+    serial_ms = timed(lambda: [plain.evaluate(session.id, "train", z[i:i + 1] + next(calls) * 1e-6)
+                               for i in range(len(z))], args.repeats, device)
     batched_ms = timed(lambda: plain.evaluate(session.id, "train", z), args.repeats, device)
     full_rows = [(0, e.length(n)) for e in session.splits["train"]]
     figures = {"config": args.config, "device": str(device), "dtype": str(dtype).removeprefix("torch."),

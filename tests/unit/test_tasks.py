@@ -300,6 +300,12 @@ def test_place_prompt():
     assert place_prompt(pair, "after") == "{text_a} ? {mask} , {text_b}{prompt}"
     assert place_prompt("{mask} News: {text_a}", "after") == "{mask} News: {text_a}{prompt}"
     assert place_prompt("{prompt} {text_a} {mask}", "after") == "{prompt} {text_a} {mask}"
+    # tail: ahead of the last word or punctuation before {mask}, so that one piece follows.
+    assert place_prompt(sst, "tail") == "{text_a} . It{prompt} was {mask} ."
+    assert place_prompt("Review: {text_a}\nSentiment: {mask}", "tail") == "Review: {text_a}\nSentiment{prompt}: {mask}"
+    assert place_prompt("{text_a} Topic: {mask}", "tail") == "{text_a} Topic{prompt}: {mask}"
+    assert place_prompt("{mask} News: {text_a}", "tail") == "{mask} News: {text_a}{prompt}"  # nothing between
+    assert place_prompt("{text_a}{mask}", "tail") == "{text_a}{prompt}{mask}"
     with pytest.raises(TaskError, match="unknown prompt placement"):
         place_prompt(sst, "middle")
 
