@@ -194,6 +194,29 @@ class Delta:
         return sum(size for _, size in self.z_blocks)
 
 
+class LayerBlocks:
+    """For kinds with `per_layer_z`: z is one block of intrinsic_dim coordinates per layer
+    ("layer0", "layer1", ...: BBTv2's layout for divide and conquer), or, without it, one z
+    that drives every layer. A kind sets `z_layers` to its number of layers."""
+
+    config: DeltaConfig
+    z_layers: int
+
+    @property
+    def z_blocks(self) -> list[tuple[str, int]]:
+        d = self.config.intrinsic_dim
+        if not self.config.per_layer_z:
+            return [("z", d)]
+        return [(f"layer{l}", d) for l in range(self.z_layers)]
+
+    def layer_z(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        """The coordinates of z that drive `layer`."""
+        if not self.config.per_layer_z:
+            return z
+        d = self.config.intrinsic_dim
+        return z[:, layer * d:(layer + 1) * d]
+
+
 class ProjectedWeights(Delta):
     """A kind whose per-candidate module parameters are `start + scales * P z`: P one
     seeded projection of unit spread (each output coordinate ~ N(0, 1) for z ~ N(0, I)),

@@ -46,8 +46,8 @@ import dataclasses
 
 import torch
 
-from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
-from backbone_server.deltas.exported import Exported, ExportRequest, folded_prefix_note, peft_load, plain_load, store
+from backbone_server.deltas.base import Delta, DeltaConfig, LayerBlocks, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, plain_load, prefix_tuning, store
 from backbone_server.deltas.hooks import forward_hooks, hidden_of, with_hidden
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
@@ -61,7 +61,7 @@ PROMPT_POSITIONS = ("in each encoded row, the n positions len(tokens ahead of {p
 
 
 @register_delta
-class DeepPrompt(Delta):
+class DeepPrompt(LayerBlocks, Delta):
     name = "deep-prompt"
     summary = "a soft prompt at {prompt} plus offsets added at the prompt positions entering every layer (BBTv2)"
     takes_prompt = True
@@ -75,6 +75,7 @@ class DeepPrompt(Delta):
         self.initial_token_ids = self.input.initial_token_ids
         layers = find_layers(backbone.body, backbone.num_layers)
         self.layers = layers[1:]
+        self.z_layers = len(layers)
         places = ModulePlaces(backbone)
         self.layer_modules = [places.path(layer) for layer in layers]
         self.layout = Layout.tiled(("prompt_offset", self.layer_modules[l], (config.prompt_length, self.hidden_size), l)
@@ -117,27 +118,13 @@ class DeepPrompt(Delta):
             raise InvalidArgument("could not measure the hidden states entering the layers for a deep prompt")
         return spreads
 
-    @property
-    def z_blocks(self) -> list[tuple[str, int]]:
-        d = self.config.intrinsic_dim
-        if not self.config.per_layer_z:
-            return [("z", d)]
-        return [(f"layer{l}", d) for l in range(1 + len(self.layers))]
-
-    def _layer_z(self, z: torch.Tensor, layer: int) -> torch.Tensor:
-        """The coordinates of z that drive `layer` (0: the input prompt)."""
-        if not self.config.per_layer_z:
-            return z
-        d = self.config.intrinsic_dim
-        return z[:, layer * d:(layer + 1) * d]
-
     def prompts(self, z: torch.Tensor) -> torch.Tensor:
-        return self.input.prompts(self._layer_z(z, 0))
+        return self.input.prompts(self.layer_z(z, 0))
 
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
         if not self.layer_projections:
             return z.new_zeros(z.shape[0], 0)
-        return torch.cat([projection(self._layer_z(z, l))
+        return torch.cat([projection(self.layer_z(z, l))
                           for l, projection in enumerate(self.layer_projections, start=1)], dim=1)
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
@@ -198,23 +185,8 @@ class DeepPrompt(Delta):
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
         with self.patched(self.parameters(z), slots):
             cache = backbone.body(inputs_embeds=embeds, attention_mask=mask, use_cache=True).cache
-        rows = []
-        for layer in cache.layers:  # keys, values: (1, kv_heads, k + n, head_dim)
-            for states in (layer.keys, layer.values):
-                rows.append(states[0].transpose(0, 1).reshape(k + n, -1))
-        _, kv_heads, _, head_dim = cache.layers[0].keys.shape
-        adapter = {
-            "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": request.base_model,
-            "revision": None, "inference_mode": True, "num_virtual_tokens": k + n,
-            "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
-            "num_layers": backbone.num_layers, "encoder_hidden_size": backbone.hidden_size,
-            "prefix_projection": False, "modules_to_save": None,
-        }
-        how = f"{peft_load(backbone)}; {folded_prefix_note(tuple(ahead), 'keys and values')}" if ahead \
-            else peft_load(backbone)
-        return Exported(self.name, {"prompt_embeddings": store(torch.cat(rows, dim=1))}, adapter, how,
-                        f"{self.description}, as the keys and values of a {k + n}-token prefix",
-                        prompt={**(request.placement or {}), "folded_prefix": ahead})
+        return prefix_tuning(self.name, [(layer.keys, layer.values) for layer in cache.layers], request, ahead,
+                             f"{self.description}, as the keys and values of a {k + n}-token prefix")
 
 
 def offset_hook(offsets: torch.Tensor, positions: torch.Tensor, p: int, rows: int):

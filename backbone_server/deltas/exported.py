@@ -73,6 +73,27 @@ def folded_prefix_note(fold_prefix: tuple[int, ...], what: str) -> str:
             "(add_special_tokens=False for a BOS)")
 
 
+def prefix_tuning(kind: str, states: list[tuple[torch.Tensor, torch.Tensor]], request: ExportRequest,
+                  ahead: list[int], description: str) -> Exported:
+    """PEFT's PREFIX_TUNING of per-layer (1, kv_heads, k, head_dim) keys and values, the
+    first len(`ahead`) of them those of the template's tokens `ahead` of the prompt: the
+    prefix embedding holds, per virtual token, every layer's keys then values."""
+    backbone = request.backbone
+    _, kv_heads, k, head_dim = states[0][0].shape
+    rows = [state[0].transpose(0, 1).reshape(k, -1) for pair in states for state in pair]
+    adapter = {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": request.base_model,
+        "revision": None, "inference_mode": True, "num_virtual_tokens": k,
+        "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
+        "num_layers": backbone.num_layers, "encoder_hidden_size": backbone.hidden_size,
+        "prefix_projection": False, "modules_to_save": None,
+    }
+    how = f"{peft_load(backbone)}; {folded_prefix_note(tuple(ahead), 'keys and values')}" if ahead \
+        else peft_load(backbone)
+    return Exported(kind, {"prompt_embeddings": store(torch.cat(rows, dim=1))}, adapter, how, description,
+                    prompt={**(request.placement or {}), "folded_prefix": list(ahead)})
+
+
 def prompt_placement(backbone, template: str, prompt_length: int) -> dict:
     """Where the run's template puts the soft prompt: its position relative to the texts,
     the tokens ahead of it when those do not depend on the example (the tokenizer's BOS,

@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
-from backbone_server.deltas.exported import Exported, ExportRequest, folded_prefix_note, peft_load, store
+from backbone_server.deltas.base import Delta, DeltaConfig, LayerBlocks, register_delta
+from backbone_server.deltas.exported import Exported, ExportRequest, prefix_tuning
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
 from backbone_server.deltas.soft_prompt import initial_prompt_token_ids
@@ -51,7 +51,7 @@ LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * s
 
 
 @register_delta
-class Prefix(Delta):
+class Prefix(LayerBlocks, Delta):
     name = "prefix"
     summary = ("keys and values of prompt_length virtual tokens at every layer (prefix tuning), attended to "
                "where the template says {prompt}, never run")
@@ -71,6 +71,7 @@ class Prefix(Delta):
                                                           n, config.seed)
         initial = self._initial_states(backbone)  # per layer: (K0, V0), (kv_heads, n, head_dim)
         layers = find_layers(backbone.body, backbone.num_layers)
+        self.z_layers = len(layers)
         places = ModulePlaces(backbone)
         shape = tuple(initial[0][0].shape)
         self.layout = Layout.tiled(piece for l, layer in enumerate(layers) for piece in (
@@ -115,21 +116,8 @@ class Prefix(Delta):
                                   f"{backbone.num_layers} layers; a prefix needs one per layer")
         return states
 
-    @property
-    def z_blocks(self) -> list[tuple[str, int]]:
-        d = self.config.intrinsic_dim
-        if not self.config.per_layer_z:
-            return [("z", d)]
-        return [(f"layer{l}", d) for l in range(len(self.layer_projections))]
-
-    def _layer_z(self, z: torch.Tensor, layer: int) -> torch.Tensor:
-        if not self.config.per_layer_z:
-            return z
-        d = self.config.intrinsic_dim
-        return z[:, layer * d:(layer + 1) * d]
-
     def parameters(self, z: torch.Tensor) -> torch.Tensor:
-        offsets = torch.cat([projection(self._layer_z(z, l)) for l, projection in enumerate(self.layer_projections)],
+        offsets = torch.cat([projection(self.layer_z(z, l)) for l, projection in enumerate(self.layer_projections)],
                             dim=1)
         return torch.addcmul(self.start, offsets, self.scales)  # one pass over (P, D), not two
 
@@ -157,20 +145,6 @@ class Prefix(Delta):
             cache = backbone.body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).cache
             states = [(torch.cat([layer.keys, k], dim=2), torch.cat([layer.values, v], dim=2))
                       for layer, (k, v) in zip(cache.layers, states)]
-        k = len(ahead) + self.prompt_length
-        kv_heads, head_dim = states[0][0].shape[1], states[0][0].shape[3]
-        rows = [state[0].transpose(0, 1).reshape(k, -1) for pair in states for state in pair]
-        adapter = {
-            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": request.base_model,
-            "revision": None, "inference_mode": True, "num_virtual_tokens": k,
-            "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1, "num_attention_heads": kv_heads,
-            "num_layers": backbone.num_layers, "encoder_hidden_size": backbone.hidden_size,
-            "prefix_projection": False, "modules_to_save": None,
-        }
-        how = f"{peft_load(backbone)}; {folded_prefix_note(tuple(ahead), 'keys and values')}" if ahead \
-            else peft_load(backbone)
-        return Exported(self.name, {"prompt_embeddings": store(torch.cat(rows, dim=1))}, adapter, how,
-                        self.description + (f", after the keys and values of {len(ahead)} folded tokens"
-                                            if ahead else ""),
-                        prompt={**placement, "folded_prefix": ahead})
+        return prefix_tuning(self.name, states, request, ahead, self.description
+                             + (f", after the keys and values of {len(ahead)} folded tokens" if ahead else ""))
 
