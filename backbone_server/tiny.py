@@ -3,6 +3,11 @@
 No file is downloaded: the tokenizer is a WordPiece vocabulary of common English words
 (every verbalizer and template word of the built-in tasks among them) plus single
 characters, so any text tokenizes and each verbalizer word is a single token.
+
+Three architectures, one per way the delta kinds find and hook modules: a Llama (Linear
+projections without biases, RMSNorm, rotary positions), a RoBERTa masked LM (biased
+Linear modules, LayerNorm, learned positions offset by the padding index) and a GPT-2
+(Conv1D projections with their weights stored (in, out), a fused c_attn).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import threading
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -21,6 +28,11 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+
+# Tokens every tiny model takes. The tokenizer spells a word outside its vocabulary letter
+# by letter, so the built-in tasks' texts run long: the longest (a DBPedia test text) is
+# about 3,050 tokens, RTE's 860, SST-2's 180; 4096 leaves room for a prompt.
+MAX_LENGTH = 4096
 
 # Weights are drawn from torch's global generator (the model classes offer no other), so
 # two servers loading tiny models at once in one process would interleave their draws.
@@ -90,7 +102,7 @@ def build_tiny_llama(seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=MAX_LENGTH,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -108,10 +120,36 @@ def build_tiny_roberta(seed: int = 0):
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=130,  # RoBERTa offsets positions by pad_token_id + 1
+        # RoBERTa's positions start after the padding index: pad_token_id + 1 of them are never used.
+        max_position_embeddings=MAX_LENGTH + tokenizer.pad_token_id + 1,
         type_vocab_size=1,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     return _seeded(lambda: RobertaForMaskedLM(config), seed), tokenizer
+
+
+def build_tiny_gpt2(seed: int = 0):
+    """A 2-layer GPT-2 (Conv1D projections, learned positions, tied embeddings) with random weights."""
+    tokenizer = build_tokenizer("causal")
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_inner=128,
+        n_layer=2,
+        n_head=4,
+        n_positions=MAX_LENGTH,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return _seeded(lambda: GPT2LMHeadModel(config), seed), tokenizer
+
+
+BUILDERS = {"tiny-llama": build_tiny_llama, "tiny-roberta": build_tiny_roberta, "tiny-gpt2": build_tiny_gpt2}
+
+
+def build_tiny(name: str, seed: int = 0):
+    """(model, tokenizer) of the tiny model `name` (one of backbone_server.models.TINY_MODELS)."""
+    return BUILDERS[name](seed)

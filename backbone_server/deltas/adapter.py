@@ -25,9 +25,12 @@ Where (module-name suffixes, `targets`; each built delta's `description` says it
   dropout, the residual addition and the LayerNorm: exactly Houlsby's placement.
   (Hooking the `attention.output` / `output` modules themselves would put the adapter
   after the LayerNorm.)
+* GPT-2: the outputs of each layer's `attn.c_proj` and `mlp.c_proj` Conv1D modules, the
+  same placement (the attention and feed-forward output projections, before dropout and
+  the residual addition).
 
-`targets` picks other modules instead; a Linear's adapter has the Linear's output width,
-any other module's the model's hidden size.
+`targets` picks other modules instead; a projection's (Linear, Conv1D) adapter has its
+output width, any other module's the model's hidden size.
 
 While the engine runs a chunk of p candidates (rows laid out candidate-major, p * B
 rows), a forward hook computes every candidate's adapter in two batched matmuls:
@@ -59,9 +62,9 @@ from torch import nn
 from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
 from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, plain_load, store
 from backbone_server.deltas.hooks import forward_hooks
-from backbone_server.deltas.modules import default_targets, find_modules
+from backbone_server.deltas.modules import default_targets, features, find_modules, is_projection
 
-DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"))
+DEFAULT_TARGETS = (("self_attn", "mlp"), ("attention.output.dense", "output.dense"), ("attn.c_proj", "mlp.c_proj"))
 
 
 def _any_module(module: nn.Module) -> bool:
@@ -87,8 +90,7 @@ class Adapter(ProjectedWeights):
         self.description = (f"bottleneck adapter (size {m}, gelu) on the output of each of "
                             f"{len(self.modules)} modules ({', '.join(targets)})")
         scale = config.projection_scale
-        widths = [module.out_features if isinstance(module, nn.Linear) else self.hidden_size
-                  for _, module in self.modules]
+        widths = [features(module)[1] if is_projection(module) else self.hidden_size for _, module in self.modules]
         self._targets = self._build_factors(config, backbone, [  # W_down starts at W_d0, W_up at zero
             (module, ("adapter_down", (m, width), scale / width ** 0.5), ("adapter_up", (width, m), scale / m ** 0.5))
             for (_, module), width in zip(self.modules, widths)

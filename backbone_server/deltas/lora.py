@@ -1,7 +1,8 @@
 """LoRA from the intrinsic subspace: every candidate gets its own low-rank update
-delta_W = B A of chosen Linear modules, with A and B generated from z.
+delta_W = B A of chosen projections (Linear modules, or GPT-2's Conv1D), with A and B
+generated from z.
 
-For each target Linear (in -> out) and rank r, a candidate's parameters hold A (r x in,
+For each target projection (in -> out) and rank r, a candidate's parameters hold A (r x in,
 segment "lora_A") and B (out x r, "lora_B"): A = A0 + (its block of P z), B = (its block
 of P z), with ONE projection P of size D = sum over targets of r * (in + out) and A0 a
 fixed matrix drawn from the session's seed (LoRA's own start: A random, B zero). So z = 0
@@ -19,8 +20,12 @@ which gives the entries of B A0 about projection_scale * std(W) (the base weight
 spread, as BBT scales prompts to the embeddings'), and the A block perturbs A0 by
 projection_scale / sqrt(in).
 
+The hook reads the projection's input and adds to its output, so a Conv1D (weight stored
+as (in, out)) takes the same update as a Linear.
+
 Defaults: rank 4; targets the attention query and value projections, found by name
-suffix (q_proj / v_proj for Llama-like models, query / value for BERT-like ones).
+suffix (q_proj / v_proj for Llama-like models, query / value for BERT-like ones, GPT-2's
+fused query-key-value c_attn, PEFT's default there).
 
 All these spreads are then multiplied by base_scale = 0.15: at the full spreads a random
 z ~ N(0, I) raises SmolLM2's SST-2 train CE from 0.62 to 2.1 on average (the model is
@@ -28,30 +33,35 @@ broken), at 0.15 by about as much as BBT's soft-prompt scaling moves it (see
 scripts/probe_scale.py and docs/performance.md).
 
 Export: PEFT's LORA, `lora_A.weight` and `lora_B.weight` per target, with lora_alpha = r
-(scaling 1): PEFT's update x A^T B^T is the engine's.
+(scaling 1): PEFT's update x A^T B^T is the engine's. PEFT's factors have these shapes for
+a Conv1D too; its `fan_in_fan_out` (set for Conv1D targets, as PEFT wants for GPT-2) only
+says how to merge B A into the transposed weight.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from backbone_server.deltas.base import DeltaConfig, ProjectedWeights, register_delta
 from backbone_server.deltas.exported import Exported, ExportRequest, peft_key, peft_load, store
 from backbone_server.deltas.hooks import forward_hooks
-from backbone_server.deltas.modules import default_targets, find_modules
+from backbone_server.deltas.modules import (
+    PROJECTIONS,
+    default_targets,
+    features,
+    find_modules,
+    is_conv1d,
+    is_projection,
+    type_names,
+)
 
-DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"))
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",))
 
 
 @register_delta
 class LoRA(ProjectedWeights):
     name = "lora"
-    summary = "a rank-r update B A of the weight of chosen Linear modules (LoRA)"
+    summary = "a rank-r update B A of the weight of chosen Linear (or Conv1D) modules (LoRA)"
     rank_name = "rank"
     default_rank = 4
     gated_roles = ("lora_B",)  # the update B A x is linear in B
@@ -62,18 +72,19 @@ class LoRA(ProjectedWeights):
         super().__init__(config, backbone)
         self.rank = r = config.rank or self.default_rank
         body = backbone.body
-        targets = config.targets or default_targets(body, DEFAULT_TARGETS, _is_linear, "Linear modules", "LoRA")
-        self.modules = find_modules(body, targets, _is_linear, "Linear modules")
-        self.description = (f"rank-{r} update B A of the weight of each of {len(self.modules)} Linear "
-                            f"modules ({', '.join(targets)})")
+        targets = config.targets or default_targets(body, DEFAULT_TARGETS, is_projection, PROJECTIONS, "LoRA")
+        self.modules = find_modules(body, targets, is_projection, PROJECTIONS)
+        self.conv1d = any(is_conv1d(module) for _, module in self.modules)
+        self.description = (f"rank-{r} update B A of the weight of each of {len(self.modules)} "
+                            f"{type_names(self.modules)} modules ({', '.join(targets)})")
         scale = config.projection_scale
-        self._targets = self._build_factors(config, backbone, [  # A starts at A0, B at zero
-            (module,
-             ("lora_A", (r, module.in_features), scale / module.in_features ** 0.5),
-             ("lora_B", (module.out_features, r),
-              scale * module.weight.float().std().item() * (module.in_features / r) ** 0.5))
-            for _, module in self.modules
-        ])
+        factors = []
+        for _, module in self.modules:  # A starts at A0, B at zero
+            width_in, width_out = features(module)
+            spread = module.weight.float().std().item()
+            factors.append((module, ("lora_A", (r, width_in), scale / width_in ** 0.5),
+                            ("lora_B", (width_out, r), scale * spread * (width_in / r) ** 0.5)))
+        self._targets = self._build_factors(config, backbone, factors)
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         hooks = []
@@ -94,7 +105,7 @@ class LoRA(ProjectedWeights):
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM" if causal else None,
             "base_model_name_or_path": request.base_model, "revision": None, "inference_mode": True,
             "r": self.rank, "lora_alpha": self.rank, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
-            "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+            "target_modules": modules, "bias": "none", "fan_in_fan_out": self.conv1d,
             "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         }
