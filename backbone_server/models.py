@@ -1,12 +1,16 @@
-"""Loading a frozen backbone: the bundled GGUF model, a local Hugging Face folder, or a
-tiny random model; masked and causal LMs end up behind one `Backbone` record.
+"""Loading a frozen backbone: the bundled GGUF model, a local Hugging Face folder, a local
+GGUF file, or a tiny random model; masked and causal LMs end up behind one `Backbone`
+record.
 
 Dispatch is on what the model *is* (its config and the model classes that accept it),
-never on its name, so any local masked or causal LM folder works.
+never on its name, so any local masked or causal LM folder works. A GGUF file (the
+bundled one included) is dequantised once into a safetensors folder under `cache_dir()`
+(`gguf_folder`) and loaded from there like any folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -24,7 +28,7 @@ from backbone_server.errors import InvalidArgument, NotFound
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "smollm2-135m"
-TINY_MODELS = ("tiny-llama", "tiny-roberta")
+TINY_MODELS = ("tiny-llama", "tiny-roberta", "tiny-gpt2")  # built in code: backbone_server.tiny
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,30 +83,46 @@ def bundled_gguf_path() -> Path:
 
 
 def bundled_model_folder() -> Path:
-    """A safetensors copy of the bundled model, converted from GGUF on first use.
+    """The safetensors copy of the bundled model (`gguf_folder` of its GGUF file)."""
+    return gguf_folder(bundled_gguf_path())
 
-    Dequantising the GGUF takes ~25 s on a CPU; the copy loads in about a second. The
-    copy is built from the config alone so that no GGUF quantisation settings leak into
-    it, and written to a temporary folder first so a killed conversion leaves no half
-    copy behind.
+
+def gguf_folder(gguf: Path) -> Path:
+    """A safetensors copy of the model in the GGUF file `gguf`, converted on first use.
+
+    Dequantising a GGUF takes a while (~25 s for the bundled 135M model on a CPU); the copy
+    loads in about a second. Each file gets its own folder under `cache_dir()`, named
+    after the file and a digest of its resolved path, size and modification time, so a
+    file replaced in place is converted again rather than answered with the old copy (a
+    content hash would read gigabytes at every start). The copy is built from the config
+    alone so that no GGUF quantisation settings leak into it, and written to a temporary
+    folder first so a killed conversion leaves no half copy behind.
     """
-    target = cache_dir() / BUNDLED_MODEL
+    gguf = Path(gguf).expanduser().resolve()
+    if not gguf.is_file():
+        raise NotFound(f"no GGUF file {gguf}")
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / f"{gguf.stem}-{digest}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    gguf = bundled_gguf_path()
     log.info("converting %s to safetensors under %s (first use only)", gguf.name, target)
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.for_model(**{
+    try:  # the metadata: transformers says which architecture or tokenizer it cannot read
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as error:
+        raise InvalidArgument(f"transformers cannot load the GGUF file {gguf}: {error}") from None
+    auto = AutoModelForMaskedLM if _architecture_of(config) == "masked" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    clean = auto.from_config(AutoConfig.for_model(**{
         k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")
-    })
-    clean = AutoModelForCausalLM.from_config(config)
+    }))
     clean.load_state_dict(loaded.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_MODEL}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         clean.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -113,6 +133,22 @@ def bundled_model_folder() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("converted in %.1f s", time.perf_counter() - started)
     return target
+
+
+def model_folder(name: str) -> Path:
+    """The Hugging Face folder the model `name` loads from: the bundled model's or a GGUF
+    file's converted copy, or the folder itself (the tiny models have none)."""
+    if name == BUNDLED_MODEL:
+        return bundled_model_folder()
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        return gguf_folder(path)
+    if path.is_dir():
+        return path
+    raise NotFound(
+        f"unknown model {name!r}: use {BUNDLED_MODEL}, {', '.join(TINY_MODELS)}, the path of a local "
+        "Hugging Face model folder (with its config.json) or the path of a .gguf file"
+    )
 
 
 def _architecture_of(config) -> str:
@@ -188,12 +224,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_backbone(name: str, device: str = "auto", dtype: str = "auto",
                   device_map: str | dict | None = None) -> Backbone:
-    """Loads `name`: smollm2-135m, tiny-llama, tiny-roberta, or a local model folder.
+    """Loads `name`: smollm2-135m, a tiny model, a local model folder or a local .gguf file.
 
-    `device_map` (e.g. "auto", through accelerate) places a model folder or the bundled
-    model across the visible devices, for models larger than one GPU; it replaces
-    `device`, and inputs then go to the device of the input embeddings. The tiny models
-    are built in code and ignore it.
+    `device_map` (e.g. "auto", through accelerate) places a model loaded from a folder (a
+    GGUF file's converted copy included) across the visible devices, for models larger
+    than one GPU; it replaces `device`, and inputs then go to the device of the input
+    embeddings. The tiny models are built in code and ignore it.
     """
     if device_map is not None and device != "auto":
         raise InvalidArgument(f"--device {device} and --device-map {device_map} exclude each other; "
@@ -201,22 +237,15 @@ def load_backbone(name: str, device: str = "auto", dtype: str = "auto",
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if name in TINY_MODELS:
-        from backbone_server.tiny import build_tiny_llama, build_tiny_roberta
+        from backbone_server.tiny import build_tiny
 
         if device_map is not None:
             log.info("%s is built in code; device map %r ignored", name, device_map)
             device_map = None
-        model, tokenizer = build_tiny_llama() if name == "tiny-llama" else build_tiny_roberta()
-        architecture = "causal" if name == "tiny-llama" else "masked"
-    elif name == BUNDLED_MODEL:
-        model, tokenizer, architecture = _load_folder(bundled_model_folder(), torch_dtype, device_map)
-    elif Path(name).expanduser().is_dir():
-        model, tokenizer, architecture = _load_folder(Path(name).expanduser(), torch_dtype, device_map)
+        model, tokenizer = build_tiny(name)
+        architecture = _architecture_of(model.config)
     else:
-        raise NotFound(
-            f"unknown model {name!r}: use {BUNDLED_MODEL}, {', '.join(TINY_MODELS)} "
-            "or the path of a local Hugging Face model folder"
-        )
+        model, tokenizer, architecture = _load_folder(model_folder(name), torch_dtype, device_map)
     return wrap_backbone(name, model, tokenizer, architecture, None if device_map else torch_device, torch_dtype)
 
 

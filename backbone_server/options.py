@@ -8,7 +8,8 @@ import argparse
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
-                        help="smollm2-135m (bundled), tiny-llama, tiny-roberta, or a local HF model folder")
+                        help="smollm2-135m (bundled), tiny-llama, tiny-roberta, tiny-gpt2, a local HF model "
+                             "folder or a local .gguf file")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=50051, help="port to bind (0 picks a free one)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

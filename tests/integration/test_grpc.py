@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from backbone_server.server import create_server
+from backbone_server.tiny import MAX_LENGTH
 from blackbox.client import BackboneClient, BackboneError, DeltaSpec
 from blackbox.tasks import Example
 from blackbox.v1 import backbone_pb2 as pb
@@ -48,7 +49,7 @@ def test_get_info_describes_the_model(client):
     assert info.hidden_size == 64 and info.num_layers == 2
     assert {"prompt", "deep-prompt", "lora", "adapter", "bias"} <= set(info.delta_kinds)
     assert [form.split(":")[0] for form in info.delta_forms][:3] == ["KIND+KIND[+KIND...]", "unipelt", "adamix[M]"]
-    assert info.max_length == 512
+    assert info.max_length == MAX_LENGTH
     assert info.max_batch_tokens > 0 and str(info.max_batch_tokens) in info.memory_plan
 
 
@@ -98,7 +99,7 @@ def test_error_statuses(server, session, client):
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = code_of(lambda: client.create_session({"train": []}, TEMPLATE, ["bad", "great"], DeltaSpec(prompt_length=3, intrinsic_dim=4)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    long_text = [Example("good " * 600, None, 1)]
+    long_text = [Example("good " * (MAX_LENGTH + 100), None, 1)]
     code, message = code_of(lambda: client.create_session({"train": long_text}, TEMPLATE, ["bad", "great"],
                                                           DeltaSpec(prompt_length=3, intrinsic_dim=4)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "truncate" in message

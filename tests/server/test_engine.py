@@ -98,7 +98,8 @@ def test_nonzero_z_changes_the_logits(tiny_backbone):
     session = make_session(engine)
     zero = engine.evaluate(session.id, "train", np.zeros((1, 6), np.float32))
     moved = engine.evaluate(session.id, "train", population(1, scale=3.0))
-    assert np.abs(moved.logits - zero.logits).max() > 1e-3
+    # Zero if z were ignored; how far a random tiny model moves depends on its draw.
+    assert np.abs(moved.logits - zero.logits).max() > 1e-4
 
 
 @pytest.mark.parametrize("max_batch_tokens", [0, 40, 1])
@@ -282,9 +283,9 @@ def test_bad_sessions_are_refused(tiny_llama, splits, message):
 
 def test_text_longer_than_the_model_is_refused_or_truncated(tiny_roberta):
     engine = Engine(tiny_roberta)
-    long_text = " ".join(["good"] * 400)
+    long_text = " ".join(["good"] * (tiny_roberta.max_length + 100))
     config = DeltaConfig("prompt", prompt_length=4, intrinsic_dim=3)
-    with pytest.raises(InvalidArgument, match="more than the model's 129"):
+    with pytest.raises(InvalidArgument, match=f"more than the model's {tiny_roberta.max_length}"):
         engine.create_session({"train": [(long_text, "", 1)]}, "{text_a} It was {mask}", VERBALIZER, config)
     session = engine.create_session({"train": [(long_text, "", 1)]}, "{text_a} It was {mask}", VERBALIZER,
                                     config, truncate=True)
