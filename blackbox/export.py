@@ -34,17 +34,19 @@ def delta_spec_of_run(config: dict, kinds: Mapping[str, KindInfo] | None = None)
 
 
 def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, device: str = "cpu",
-               dtype: str | None = None, fold_prefix: bool = False, overwrite: bool = False) -> dict:
+               dtype: str | None = None, fold_prefix: bool | None = None, overwrite: bool = False) -> dict:
     """Exports the best z of a finished run folder; returns the manifest.
 
     The model is the run's (or `model`), loaded in the run's dtype unless `dtype` says
     otherwise (the delta's scales are taken from the weights as loaded). A model built in
-    code (tiny-llama, tiny-roberta) is saved in `out/base` so the export loads on its own.
+    code (tiny-llama, tiny-roberta, tiny-gpt2) is saved in `out/base` so the export loads on
+    its own; a GGUF model's adapter names its converted safetensors folder as its base.
+    `fold_prefix`: see `backbone_server.export.materialise` (None: wherever it applies).
     """
     from backbone_server.deltas import DeltaConfig
     from backbone_server.errors import ServiceError
     from backbone_server.export import BASE_FOLDER, export_delta, save_base, write_manifest
-    from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, bundled_model_folder, load_backbone
+    from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, load_backbone, model_folder
 
     run_dir, out = Path(run_dir), Path(out)
     try:
@@ -62,10 +64,8 @@ def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, d
         backbone = load_backbone(name, device=device, dtype=dtype or result.get("dtype") or "float32")
         if name in TINY_MODELS:
             base_model = str((out / BASE_FOLDER).resolve())
-        elif name == BUNDLED_MODEL:
-            base_model = str(bundled_model_folder())
-        else:
-            base_model = str(Path(name).expanduser().resolve())
+        else:  # PEFT loads its base from a folder: a GGUF file's is its converted copy
+            base_model = str(model_folder(name).resolve())
         manifest = export_delta(backbone, DeltaConfig(**dataclasses.asdict(spec)), z, out,
                                 template=run_config.get("template"), run_config=run_config,
                                 base_model=base_model, fold_prefix=fold_prefix, overwrite=overwrite)

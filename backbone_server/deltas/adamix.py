@@ -97,7 +97,7 @@ class AdaMixDelta(Delta):
 
     def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
         """AdaMix's inference form: the copies' parameters averaged into one module."""
-        if request.fold_prefix is not None:
+        if request.fold_prefix:
             raise InvalidArgument("only a soft or deep prompt can fold the tokens ahead of it")
         merged = self.parameters(z)[0].view(self.num_copies, self.size).mean(dim=0)
         exported = self.copies[0].export_parameters(merged, request)

@@ -269,7 +269,7 @@ class ProjectedWeights(Delta):
         return params if self.start is None else params + self.start
 
     def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
-        if request.fold_prefix is not None:
+        if request.fold_prefix:
             raise InvalidArgument("only a soft or deep prompt can fold the tokens ahead of it")
         return self.export_parameters(self.parameters(z)[0], request)
 

@@ -32,12 +32,13 @@ alone: the median over the prompt positions of each position's standard deviatio
 across channels (the median keeps an attention-sink position with a few huge channels
 from setting the scale).
 
-Export: blackbox's own BLACKBOX_DEEP_PROMPT (the input prompt and every layer's offsets;
-`backbone_server.export.apply_deep_prompt` applies them), exact everywhere. In a causal
-model whose template puts the prompt ahead of the texts, `fold_prefix` exports PEFT's
-PREFIX_TUNING instead: the prompt's keys and values at every layer depend on nothing
-after them, so for one z they are constants, computed here for (the template's constant
-tokens ahead of the prompt, then the prompt), which PEFT feeds as past keys and values.
+Export: in a causal model whose template puts the prompt ahead of the texts, PEFT's
+PREFIX_TUNING (the default there; `fold_prefix`): the prompt's keys and values at every
+layer depend on nothing after them, so for one z they are constants, computed here for
+(the template's constant tokens ahead of the prompt, then the prompt), which PEFT feeds
+as past keys and values. Elsewhere (masked models, a prompt after the text; or with
+`fold_prefix` False) blackbox's own BLACKBOX_DEEP_PROMPT, exact everywhere: the input
+prompt and every layer's offsets, which `backbone_server.export.apply_deep_prompt` applies.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import dataclasses
 import torch
 
 from backbone_server.deltas.base import Delta, DeltaConfig, LayerBlocks, register_delta
-from backbone_server.deltas.exported import Exported, ExportRequest, plain_load, prefix_tuning, store
+from backbone_server.deltas.exported import Exported, ExportRequest, plain_load, prefix_tuning, store, tokens_to_fold
 from backbone_server.deltas.hooks import forward_hooks, hidden_of, with_hidden
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
@@ -141,8 +142,13 @@ class DeepPrompt(LayerBlocks, Delta):
         return forward_hooks(hooks, pre=True)
 
     def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
-        if request.fold_prefix is not None:
-            return self._export_prefix(z, request)
+        # A masked model reads the prompt and the text both ways, so the prompt's keys and
+        # values depend on the text: no prefix holds them.
+        ahead = tokens_to_fold(request, "" if request.backbone.architecture == "causal" else
+                               "a deep prompt becomes a PEFT prefix only in a causal model, and this one is masked; "
+                               "export it without --fold-prefix (blackbox's own format, exact)")
+        if ahead is not None:
+            return self._export_prefix(z, request, list(ahead))
         backbone = request.backbone
         n = self.prompt_length
         params = self.parameters(z)[0]
@@ -168,14 +174,10 @@ class DeepPrompt(LayerBlocks, Delta):
                   "prompt_positions": PROMPT_POSITIONS}
         return Exported(self.name, tensors, adapter, how, self.description, list(self.layer_modules), prompt=prompt)
 
-    def _export_prefix(self, z: torch.Tensor, request: ExportRequest) -> Exported:
-        """The keys and values of (the tokens ahead, then the deep prompt) at every layer,
+    def _export_prefix(self, z: torch.Tensor, request: ExportRequest, ahead: list[int]) -> Exported:
+        """The keys and values of (the tokens `ahead`, then the deep prompt) at every layer,
         in the layout of PEFT's prefix-tuning embedding (per layer: keys, then values)."""
-        backbone, ahead = request.backbone, list(request.fold_prefix)
-        if backbone.architecture != "causal":
-            raise InvalidArgument("a deep prompt becomes a PEFT prefix only in a causal model: a masked model reads "
-                                  "the prompt and the text both ways, so the prompt's keys and values depend on the "
-                                  "text; export it without --fold-prefix (blackbox's own format, exact)")
+        backbone = request.backbone
         device = backbone.embeddings.weight.device
         prompt = self.prompts(z)  # (1, n, h)
         ids = torch.tensor(ahead, dtype=torch.long, device=device)

@@ -14,6 +14,7 @@ import torch
 
 from backbone_server.deltas.layout import Segment
 from backbone_server.encoding import TemplateEncoder
+from backbone_server.errors import InvalidArgument
 
 PEFT_PREFIX = "base_model.model."
 
@@ -22,14 +23,17 @@ PEFT_PREFIX = "base_model.model."
 class ExportRequest:
     """What an export is for: the backbone it was tuned on, the base model the adapter
     names (base_model_name_or_path), the run's template and where it puts the prompt
-    (`prompt_placement`, for prompt kinds; None when not known), and, to fold the
-    template's constant tokens ahead of the prompt into the export, their ids."""
+    (`prompt_placement`, for prompt kinds; None when not known), and whether a prompt
+    kind folds the template's constant tokens ahead of the prompt (a BOS) into its
+    virtual tokens (`tokens_to_fold`): True: fold, or refuse where it cannot; None (the
+    default): fold wherever it can, since only then does PEFT's prompt, which comes
+    before the whole input, reproduce the engine's; False: never."""
 
     backbone: object
     base_model: str | None = None
     template: str | None = None
     placement: dict | None = None
-    fold_prefix: tuple[int, ...] | None = None
+    fold_prefix: bool | None = None
 
 
 @dataclass
@@ -43,8 +47,14 @@ class Exported:
     how_to_load: str
     description: str = ""
     modules: list[str] = field(default_factory=list)  # the module paths it changes (deep prompt: its layers)
-    reproduces_engine: bool = True  # loading it as `how_to_load` says gives the engine's scores
+    # Why loading it as `how_to_load` says does not give the engine's scores, and what
+    # would; None: it does.
+    why_not_reproduced: str | None = None
     prompt: dict | None = None  # prompt kinds: where the prompt goes (the manifest's "prompt")
+
+    @property
+    def reproduces_engine(self) -> bool:
+        return self.why_not_reproduced is None
 
 
 def store(tensor: torch.Tensor) -> torch.Tensor:
@@ -65,6 +75,31 @@ def plain_load(backbone) -> str:
 
 def peft_load(backbone) -> str:
     return f"peft.PeftModel.from_pretrained(transformers.{model_class(backbone)}.from_pretrained(BASE), THIS_FOLDER)"
+
+
+# Where `prompt_placement`'s prompt_position puts the prompt, in words for the user.
+POSITION_WORDS = {"start": "ahead of the texts", "middle": "between the texts",
+                  "end": "after the text, as --placement after or tail put it"}
+
+
+def tokens_to_fold(request: ExportRequest, cannot_fold: str = "") -> tuple[int, ...] | None:
+    """The ids of the template's constant tokens ahead of the prompt that a prompt kind's
+    export folds in (maybe none: `()`), or None when it does not fold. `cannot_fold` is
+    the kind's own reason it cannot fold here ("": it can); True in `request.fold_prefix`
+    turns any reason into a refusal."""
+    placement = request.placement
+    if placement is None:
+        cannot_fold = "it needs the run's template, which was not given"
+    elif placement["tokens_before_prompt"] is None:
+        cannot_fold = (f"the run's template puts text ahead of the prompt (the prompt is "
+                       f"{POSITION_WORDS[placement['prompt_position']]})")
+    if request.fold_prefix is False:
+        return None
+    if cannot_fold:
+        if request.fold_prefix:
+            raise InvalidArgument(f"cannot fold the tokens ahead of the prompt into the export: {cannot_fold}")
+        return None
+    return tuple(placement["tokens_before_prompt"])
 
 
 def folded_prefix_note(fold_prefix: tuple[int, ...], what: str) -> str:

@@ -134,7 +134,10 @@ class Prefix(LayerBlocks, Delta):
                                   "positions and PEFT's differ, and the engine's scores would not be reproduced")
         if placement is None:
             raise InvalidArgument("exporting a prefix needs the run's template, to place it as PEFT does")
-        ahead = request.fold_prefix if request.fold_prefix is not None else placement["tokens_before_prompt"]
+        if request.fold_prefix is False:
+            raise InvalidArgument("a prefix exports only with the template's tokens ahead of it folded in: PEFT's "
+                                  "prefix tuning comes before the whole input; drop --no-fold-prefix")
+        ahead = placement["tokens_before_prompt"]
         if ahead is None:
             raise InvalidArgument("the run's template puts text ahead of the prefix; PEFT's prefix tuning comes "
                                   "before the whole input, so only a prefix that precedes the texts exports")

@@ -1,9 +1,10 @@
 """Soft prompt from the intrinsic subspace (BBT): prompt = A z + p0.
 
-Export: PEFT's PROMPT_TUNING, `prompt_embeddings` (n x h), the prompt as the engine
-splices it; PEFT prepends it to the whole input, which reproduces the engine exactly
-when the prompt is the first thing of the template, or when the template's constant
-tokens ahead of it (a BOS) are folded into the exported vectors (`fold_prefix`).
+Export: PEFT's PROMPT_TUNING, `prompt_embeddings`: the prompt as the engine splices it
+(n x h), after the embeddings of the template's constant tokens ahead of it (a BOS),
+folded in by default. PEFT prepends the virtual tokens to the whole input, so that
+reproduces the engine exactly; a prompt after the text (`--placement after`, `tail`)
+never does, and goes out unfolded with the reason and the exact way (`splice_prompt`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import re
 import torch
 
 from backbone_server.deltas.base import Delta, DeltaConfig, register_delta
-from backbone_server.deltas.exported import Exported, ExportRequest, folded_prefix_note, peft_load, store
+from backbone_server.deltas.exported import (
+    POSITION_WORDS,
+    Exported,
+    ExportRequest,
+    folded_prefix_note,
+    peft_load,
+    store,
+    tokens_to_fold,
+)
 from backbone_server.projection import make_projection
 
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
@@ -77,7 +86,8 @@ class SoftPrompt(Delta):
         return (offsets + self.initial_prompt).to(self.dtype)
 
     def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
-        backbone, fold = request.backbone, request.fold_prefix
+        backbone = request.backbone
+        fold = tokens_to_fold(request)
         prompt = self.prompts(z)[0]  # (n, h) in the model's dtype, as the engine splices it
         if fold:
             ids = torch.tensor(list(fold), device=backbone.embeddings.weight.device)
@@ -93,22 +103,29 @@ class SoftPrompt(Delta):
             "num_layers": config.num_hidden_layers, "prompt_tuning_init": "RANDOM",
             "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "modules_to_save": None,
         }
-        placement = request.placement
+        load = peft_load(backbone)
         return Exported(
-            self.name, {"prompt_embeddings": store(prompt)}, adapter, _how_to_load(backbone, placement, fold),
-            self.description,
-            reproduces_engine=bool(placement and (placement["prompt_first"] or fold is not None)),
-            prompt={**(placement or {}), "folded_prefix": list(fold or [])},
+            self.name, {"prompt_embeddings": store(prompt)}, adapter,
+            f"{load}; {folded_prefix_note(fold, 'embeddings')}" if fold else load, self.description,
+            why_not_reproduced=None if fold is not None else _why_not_reproduced(request),
+            prompt={**(request.placement or {}), "folded_prefix": list(fold or [])},
         )
 
 
-def _how_to_load(backbone, placement: dict | None, fold: tuple[int, ...] | None) -> str:
-    load = peft_load(backbone)
-    if fold:
-        return f"{load}; {folded_prefix_note(fold, 'embeddings')}"
-    if placement and not placement["prompt_first"]:
-        ahead = placement["tokens_before_prompt"]
-        return (f"{load}; PEFT puts the virtual tokens before the whole input, while the run's template had "
-                f"{'tokens ' + str(ahead) if ahead else 'text'} ahead of the prompt, so the PEFT model does not "
-                "reproduce the tuned scores exactly (export with --fold-prefix where the prompt precedes the texts)")
-    return load
+def _why_not_reproduced(request: ExportRequest) -> str | None:
+    """Why PEFT's prompt tuning of the unfolded prompt differs from the engine: it puts the
+    virtual tokens before the whole input, the engine where the template says {prompt}."""
+    placement = request.placement
+    splice = ("to score as the run did, put the vectors where the template says {prompt} yourself: "
+              "model(inputs_embeds=backbone_server.export.splice_prompt(model, ids, "
+              "backbone_server.export.load_prompt(THIS_FOLDER), P)), with n placeholder ids at those positions P")
+    if placement is None:
+        return f"the run's template was not given, so where the run put the prompt is not known; {splice}"
+    if placement["prompt_first"]:
+        return None
+    if placement["tokens_before_prompt"] is None:
+        return (f"PEFT puts the virtual tokens before the whole input, but the run's prompt was "
+                f"{POSITION_WORDS[placement['prompt_position']]}, which no PEFT prompt reproduces; {splice}")
+    return (f"exported without the template's tokens ahead of the prompt ({placement['tokens_before_prompt']}), "
+            "so PEFT puts the vectors before them and scores differ from the run's; export again without "
+            "--no-fold-prefix for the exact form")

@@ -1,7 +1,8 @@
 """Using an export on a plain model, for the formats PEFT has no type for: the user side
 of `blackbox export`. Each `apply_*` installs hooks on an ordinary transformers model
 that reproduce the engine's scores for the delta of one z; `splice_prompt` and
-`load_prompt` put a deep prompt's input vectors into `inputs_embeds`.
+`load_prompt` put a deep prompt's input vectors (or a soft prompt's, where PEFT cannot
+place it) into `inputs_embeds`.
 
 These are a separate, single-model implementation from the engine's batched hooks on
 purpose: the export tests check one against the other.
@@ -47,13 +48,13 @@ class Hooks:
         self.remove()
 
 
-def _read_export(folder: str | Path, peft_type: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_export(folder: str | Path, *peft_types: str) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
     adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if adapter.get("peft_type") != peft_type:
-        raise InvalidArgument(f"{folder} holds a {adapter.get('peft_type')} adapter, not {peft_type}")
+    if adapter.get("peft_type") not in peft_types:
+        raise InvalidArgument(f"{folder} holds a {adapter.get('peft_type')} adapter, not {' or '.join(peft_types)}")
     return adapter, load_file(str(folder / ADAPTER_WEIGHTS))
 
 
@@ -107,8 +108,10 @@ def _adapter_hook(down: torch.Tensor, up: torch.Tensor):
 
 
 def load_prompt(folder: str | Path) -> torch.Tensor:
-    """The input prompt vectors (n x h, float32) of a BLACKBOX_DEEP_PROMPT export."""
-    return _read_export(folder, "BLACKBOX_DEEP_PROMPT")[1]["prompt_embeddings"]
+    """The input prompt vectors (n x h, float32) of a BLACKBOX_DEEP_PROMPT export, or the
+    virtual tokens of a PROMPT_TUNING one: for `splice_prompt`, which puts them where the
+    template said {prompt}, as PEFT cannot for a prompt after the text."""
+    return _read_export(folder, "BLACKBOX_DEEP_PROMPT", "PROMPT_TUNING")[1]["prompt_embeddings"]
 
 
 def _prompt_positions(positions, rows: int, n: int, device) -> torch.Tensor:

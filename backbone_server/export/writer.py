@@ -2,14 +2,16 @@
 
 * `materialise(backbone, config, z)` builds the delta of `config` and has its kind export
   the single vector z (`Delta.export`, in the kind's module): named float32 tensors, the
-  adapter config and how to load it. PEFT's own types where PEFT has the kind and the
-  export is exact (LORA; PROMPT_TUNING; a deep prompt ahead of the texts of a causal
-  model as PREFIX_TUNING keys and values), the same layout with blackbox's own
+  adapter config, how to load it and, where that does not give the engine's scores, why.
+  PEFT's own types where PEFT has the kind and the export is exact (LORA; PROMPT_TUNING
+  with the template's tokens ahead of the prompt folded in; a deep prompt ahead of the
+  texts of a causal model as PREFIX_TUNING keys and values), the same layout with blackbox's own
   `peft_type` otherwise (BLACKBOX_ADAPTER, BLACKBOX_BIAS, BLACKBOX_DEEP_PROMPT, applied
   by `backbone_server.export.runtime`). "adamixM:KIND" goes out as KIND with the copies
   merged; combinations are refused.
 * `export_delta(...)` writes the folder: adapter_config.json, adapter_model.safetensors
-  (float32) and blackbox_export.json (the run's settings, z's norm, the files, how to load).
+  (float32) and blackbox_export.json (the run's settings, z's norm, the files, how to load,
+  whether that reproduces the engine and why not, warnings).
 
 Pure torch and safetensors: PEFT is needed only to load the result, not to write it.
 """
@@ -35,23 +37,25 @@ from backbone_server.models import Backbone
 EXPORT_FORMAT = 1
 
 
-def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.Tensor,
-                fold_prefix: list[int] | None = None, *, base_model: str | None = None,
-                template: str | None = None, placement: dict | None = None) -> Exported:
+def materialise(backbone: Backbone, config: DeltaConfig, z: np.ndarray | torch.Tensor, *,
+                template: str | None = None, fold_prefix: bool | None = None,
+                base_model: str | None = None) -> Exported:
     """The delta of `config` on `backbone` for one z (d,), as stored tensors.
 
-    `fold_prefix` (prompt kinds only): token ids put ahead of the prompt (a soft prompt:
-    their embeddings; a deep prompt: PEFT prefix keys and values with theirs), so that
-    PEFT's virtual tokens (prepended to the whole input) equal the tokens ahead of
-    {prompt} followed by the prompt.
+    `template` (the run's) places a prompt kind's prompt; `fold_prefix` (prompt kinds):
+    whether the template's constant tokens ahead of {prompt} go into the export (a soft
+    prompt: their embeddings; a deep prompt: PEFT prefix keys and values with theirs), so
+    that PEFT's virtual tokens, prepended to the whole input, equal those tokens followed
+    by the prompt. None (the default): wherever the kind can; True: or refuse; False: never.
     """
     check_exportable(config)
     delta = build_delta(config, backbone)
     z = torch.as_tensor(np.asarray(z, dtype=np.float32))
     if z.shape != (delta.z_dim,) or not torch.isfinite(z).all():
         raise InvalidArgument(f"z must be {delta.z_dim} finite numbers, got shape {tuple(z.shape)}")
-    request = ExportRequest(backbone, base_model, template, placement,
-                            None if fold_prefix is None else tuple(fold_prefix))
+    placement = prompt_placement(backbone, template, config.prompt_length) \
+        if _is_prompt_kind(config) and template else None
+    request = ExportRequest(backbone, base_model, template, placement, fold_prefix)
     with torch.no_grad():
         return delta.export(z[None].to(backbone.device), request)
 
@@ -75,30 +79,34 @@ def _prepare_folder(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _warnings(item: Exported, config: DeltaConfig, z: np.ndarray) -> list[str]:
+    """What the user must know before using the export (`blackbox export` prints them)."""
+    warnings = []
+    if item.why_not_reproduced is not None:
+        warnings.append(f"loaded as how_to_load says, this export does not reproduce the run's scores: "
+                        f"{item.why_not_reproduced}")
+    if not np.any(z):
+        # z = 0 is where every run starts, and what it scores as zero-shot: a best z of
+        # zeros means no candidate ever beat that start on dev.
+        untuned = ("it is the untuned initial prompt, which scores as the run's zero-shot did"
+                   if config.prompt_length else "the adapter changes nothing: at z = 0 its delta is zero")
+        warnings.append(f"z is all zeros (|z| = 0: the run never beat its zero-shot start), so nothing tuned is "
+                        f"exported: {untuned}")
+    return warnings
+
+
 def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: str | Path, *,
                  template: str | None = None, run_config: dict | None = None, base_model: str | None = None,
-                 fold_prefix: bool = False, overwrite: bool = False) -> dict:
+                 fold_prefix: bool | None = None, overwrite: bool = False) -> dict:
     """Writes the delta of `config` for z as an adapter folder; returns the manifest.
 
-    `template` (the run's) is needed for a soft prompt's placement and for `fold_prefix`;
-    `base_model` is recorded as base_model_name_or_path.
+    `template` (the run's) places a prompt kind's prompt; `fold_prefix` as `materialise`
+    takes it; `base_model` is recorded as base_model_name_or_path.
     """
     from safetensors.torch import save_file
 
     z = np.asarray(z, dtype=np.float32)
-    placement = prompt_placement(backbone, template, config.prompt_length) \
-        if _is_prompt_kind(config) and template else None
-    folded = None
-    if fold_prefix:
-        if placement is None:
-            raise InvalidArgument("folding the tokens ahead of the prompt needs a soft or deep prompt and its "
-                                  "template")
-        if placement["tokens_before_prompt"] is None:
-            raise InvalidArgument("the run's template puts text ahead of the prompt; only the constant tokens "
-                                  "of a prompt that precedes the texts can be folded into it")
-        folded = placement["tokens_before_prompt"]
-    item = materialise(backbone, config, z, fold_prefix=folded, base_model=base_model, template=template,
-                       placement=placement)
+    item = materialise(backbone, config, z, template=template, fold_prefix=fold_prefix, base_model=base_model)
     out = Path(out)
     _prepare_folder(out, overwrite)
     save_file(item.tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", "blackbox_kind": item.kind})
@@ -120,7 +128,9 @@ def export_delta(backbone: Backbone, config: DeltaConfig, z: np.ndarray, out: st
         "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST],
         "prompt": item.prompt,
         "reproduces_engine": item.reproduces_engine,
+        "why_not_reproduced": item.why_not_reproduced,
         "how_to_load": item.how_to_load,
+        "warnings": _warnings(item, config, z),
     }
     write_manifest(out, manifest)
     return manifest

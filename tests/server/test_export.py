@@ -107,16 +107,18 @@ def test_prompt_placement(tiny_llama, tiny_roberta):
     assert prompt_placement(tiny_roberta, template_for(tiny_roberta), 4)["tokens_before_prompt"] == [bos]
 
 
-def test_prompt_export_with_the_prefix_folded_reproduces_the_engine(tiny_backbone, tmp_path):
+def test_prompt_export_folds_the_prefix_by_default_and_reproduces_the_engine(tiny_backbone, tmp_path):
     """PEFT prepends the virtual tokens to the whole input. With the constant tokens ahead
-    of {prompt} (the BOS) folded into the virtual tokens and the rest fed as input ids,
-    PEFT's input is exactly the engine's."""
+    of {prompt} (the BOS) folded into the virtual tokens, by default, and the rest fed as
+    input ids, PEFT's input is exactly the engine's."""
     config = DeltaConfig("prompt", prompt_length=4, intrinsic_dim=DIM, seed=3)
     z = random_z()
     template = template_for(tiny_backbone)
     session, expected = engine_logits(tiny_backbone, config, z, template)
-    manifest = export_delta(tiny_backbone, config, z, tmp_path / "folded", template=template, fold_prefix=True)
-    assert manifest["reproduces_engine"] and manifest["prompt"]["folded_prefix"] == [tiny_backbone.tokenizer.bos_token_id]
+    bos = tiny_backbone.tokenizer.bos_token_id
+    manifest = export_delta(tiny_backbone, config, z, tmp_path / "folded", template=template)
+    assert manifest["reproduces_engine"] and manifest["why_not_reproduced"] is None and not manifest["warnings"]
+    assert manifest["prompt"]["folded_prefix"] == manifest["prompt"]["tokens_before_prompt"] == [bos]
     adapter = json.loads((tmp_path / "folded" / ADAPTER_CONFIG).read_text())
     assert adapter["peft_type"] == "PROMPT_TUNING" and adapter["num_virtual_tokens"] == 5
 
@@ -124,16 +126,46 @@ def test_prompt_export_with_the_prefix_folded_reproduces_the_engine(tiny_backbon
     # Positions: the engine's read position counts the BOS and the prompt, as PEFT's output does.
     tuned = model_logits(model, session, lambda e: list(e.after))
     np.testing.assert_allclose(tuned, expected, rtol=0, atol=1e-5)
+    assert export_delta(tiny_backbone, config, z, tmp_path / "asked", template=template,
+                        fold_prefix=True)["tensors"] == manifest["tensors"]
 
-    # Unfolded: the prompt as tuned (n vectors), flagged as not reproducing the engine.
-    plain = export_delta(tiny_backbone, config, z, tmp_path / "plain", template=template)
+    # Not folded (--no-fold-prefix): the prompt as tuned (n vectors), flagged with the reason.
+    plain = export_delta(tiny_backbone, config, z, tmp_path / "plain", template=template, fold_prefix=False)
     assert not plain["reproduces_engine"] and not plain["prompt"]["prompt_first"]
-    assert "does not reproduce" in plain["how_to_load"]
-    folded_tensor = materialise(tiny_backbone, config, z, fold_prefix=[tiny_backbone.tokenizer.bos_token_id])
-    unfolded_tensor = materialise(tiny_backbone, config, z)
+    assert "--no-fold-prefix" in plain["why_not_reproduced"] and plain["why_not_reproduced"] in plain["warnings"][0]
+    folded_tensor = materialise(tiny_backbone, config, z, template=template)
+    unfolded_tensor = materialise(tiny_backbone, config, z, template=template, fold_prefix=False)
     torch.testing.assert_close(folded_tensor.tensors["prompt_embeddings"][1:],
                                unfolded_tensor.tensors["prompt_embeddings"], rtol=0, atol=0)
     peft.PeftModel.from_pretrained(fresh_model(tiny_backbone), tmp_path / "plain")  # loads
+
+
+def test_a_prompt_after_the_text_says_peft_cannot_reproduce_it_and_how_to(tiny_llama, tmp_path):
+    """`--placement after` (or tail): PEFT's prepended prompt can never stand where the
+    run's did. The export says so, without pointing at --fold-prefix, and splicing the
+    vectors at {prompt} as it says reproduces the engine."""
+    n = 3
+    config = DeltaConfig("prompt", prompt_length=n, intrinsic_dim=DIM, seed=3)
+    z = random_z()
+    template = template_for(tiny_llama, "after")
+    session, expected = engine_logits(tiny_llama, config, z, template)
+    manifest = export_delta(tiny_llama, config, z, tmp_path / "after", template=template)
+    why = manifest["why_not_reproduced"]
+    assert not manifest["reproduces_engine"] and manifest["prompt"]["folded_prefix"] == []
+    assert "after the text" in why and "--placement after or tail" in why and "splice_prompt" in why
+    assert manifest["warnings"] == [f"loaded as how_to_load says, this export does not reproduce the run's scores: "
+                                    f"{why}"]
+    assert "fold-prefix" not in json.dumps(manifest)
+
+    model = fresh_model(tiny_llama)
+    rows = []
+    for example in session.splits["train"]:
+        at = list(range(len(example.before), len(example.before) + n))
+        embeds = splice_prompt(model, list(example.before) + [0] * n + list(example.after),
+                               load_prompt(tmp_path / "after"), at)
+        with torch.no_grad():
+            rows.append(model(inputs_embeds=embeds).logits[0, example.read, session.verbalizer_ids])
+    np.testing.assert_allclose(torch.stack(rows).numpy(), expected, rtol=0, atol=1e-5)
 
 
 def test_fold_prefix_is_refused_when_text_precedes_the_prompt(tiny_llama, tmp_path):
@@ -233,8 +265,12 @@ def test_deep_prompt_export_reproduces_the_engine(tiny_backbone, tmp_path, place
     z = random_z()
     template = template_for(tiny_backbone, placement)
     session, expected = engine_logits(tiny_backbone, config, z, template)
+    # By default, PEFT's prefix tuning where it is exact (test_deep_prompt_as_a_peft_prefix_...).
+    causal_before = tiny_backbone.architecture == "causal" and placement == "before"
+    assert materialise(tiny_backbone, config, z, template=template).adapter_config["peft_type"] == \
+        ("PREFIX_TUNING" if causal_before else "BLACKBOX_DEEP_PROMPT")
     folder = tmp_path / "deep"
-    manifest = export_delta(tiny_backbone, config, z, folder, template=template)
+    manifest = export_delta(tiny_backbone, config, z, folder, template=template, fold_prefix=False)
     assert manifest["peft_type"] == "BLACKBOX_DEEP_PROMPT" and manifest["reproduces_engine"]
     assert json.loads((folder / MANIFEST).read_text())["kind"] == "deep-prompt"
     assert manifest["prompt"]["template"] == template and manifest["prompt"]["prompt_length"] == n
@@ -266,7 +302,8 @@ def test_deep_prompt_export_reproduces_the_engine(tiny_backbone, tmp_path, place
 @pytest.mark.parametrize("per_layer_z", [False, True])
 def test_deep_prompt_as_a_peft_prefix_reproduces_the_engine(tiny_llama, tmp_path, per_layer_z):
     """Causal model, prompt ahead of the texts: the prompt's keys and values at every
-    layer are constants, and PEFT's prefix tuning (the BOS folded in) reproduces the engine."""
+    layer are constants, and PEFT's prefix tuning (the BOS folded in), the default export
+    there, reproduces the engine."""
     n = 4
     config = DeltaConfig("deep-prompt", prompt_length=n, intrinsic_dim=DIM, seed=3, per_layer_z=per_layer_z)
     layers = tiny_llama.num_layers
@@ -274,7 +311,7 @@ def test_deep_prompt_as_a_peft_prefix_reproduces_the_engine(tiny_llama, tmp_path
     template = template_for(tiny_llama)
     session, expected = engine_logits(tiny_llama, config, z, template)
     folder = tmp_path / "prefix"
-    manifest = export_delta(tiny_llama, config, z, folder, template=template, fold_prefix=True)
+    manifest = export_delta(tiny_llama, config, z, folder, template=template)
     bos = tiny_llama.tokenizer.bos_token_id
     assert manifest["peft_type"] == "PREFIX_TUNING" and manifest["reproduces_engine"]
     assert manifest["prompt"]["folded_prefix"] == [bos] and "keys and values" in manifest["how_to_load"]
@@ -292,7 +329,7 @@ def test_deep_prompt_as_a_peft_prefix_reproduces_the_engine(tiny_llama, tmp_path
     # Not just the input prompt: PEFT's prompt tuning of the same input vectors scores otherwise.
     soft = tmp_path / "soft"
     export_delta(tiny_llama, DeltaConfig("prompt", prompt_length=n, intrinsic_dim=DIM, seed=3),
-                 z[:DIM], soft, template=template, fold_prefix=True)
+                 z[:DIM], soft, template=template)
     soft_logits = model_logits(peft.PeftModel.from_pretrained(fresh_model(tiny_llama), soft).eval(), session,
                                lambda e: list(e.after))
     assert np.abs(soft_logits - expected).max() > 1e-3
@@ -325,7 +362,10 @@ def test_prefix_export_is_refused_where_peft_differs(tiny_llama, tiny_roberta, t
         export_delta(tiny_roberta, config, random_z(), tmp_path / "b", template=template_for(tiny_roberta))
     with pytest.raises(InvalidArgument, match="needs the run's template"):
         export_delta(tiny_llama, config, random_z(), tmp_path / "c")
-    assert not any((tmp_path / name).exists() for name in "abc")
+    with pytest.raises(InvalidArgument, match="drop --no-fold-prefix"):
+        export_delta(tiny_llama, config, random_z(), tmp_path / "d", template=template_for(tiny_llama),
+                     fold_prefix=False)
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_deep_prompt_prefix_is_refused_where_it_cannot_be_exact(tiny_llama, tiny_roberta, tmp_path):
@@ -382,10 +422,27 @@ def test_deep_prompt_hooks_leave_decoding_steps_alone(tiny_llama, tmp_path):
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind, prompt_length, says", [("lora", 0, "the adapter changes nothing"),
+                                                       ("prompt", 2, "the untuned initial prompt")])
+def test_a_zero_z_is_flagged_as_exporting_nothing_tuned(tiny_llama, tmp_path, kind, prompt_length, says):
+    """A run that never beat zero-shot keeps z = 0: the export is its untuned start."""
+    config = DeltaConfig(kind, prompt_length=prompt_length, intrinsic_dim=DIM, seed=3)
+    manifest = export_delta(tiny_llama, config, np.zeros(DIM, np.float32), tmp_path / "zero",
+                            template=template_for(tiny_llama))
+    assert manifest["z_norm"] == 0 and manifest["reproduces_engine"]
+    assert len(manifest["warnings"]) == 1 and "z is all zeros" in manifest["warnings"][0]
+    assert says in manifest["warnings"][0]
+    assert not export_delta(tiny_llama, config, random_z(), tmp_path / "tuned",
+                            template=template_for(tiny_llama))["warnings"]
+
+
 def test_refusals(tiny_llama, tmp_path):
     config = DeltaConfig("lora", prompt_length=0, intrinsic_dim=DIM)
     with pytest.raises(InvalidArgument, match="6 finite numbers"):
         materialise(tiny_llama, config, np.zeros(5, np.float32))
+    with pytest.raises(InvalidArgument, match="only a soft or deep prompt can fold"):
+        materialise(tiny_llama, config, random_z(), fold_prefix=True)
+    assert materialise(tiny_llama, config, random_z(), fold_prefix=False).reproduces_engine  # nothing to fold
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     with pytest.raises(InvalidArgument, match="not empty"):
@@ -432,3 +489,10 @@ def test_cli_exports_a_tuned_run(tmp_path, capsys):
     assert main(["export", "--run", str(run), "--out", str(out), "--model", "tiny-llama", "--overwrite"]) == 0
     assert main(["export", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "e2")]) == 2
     assert "holds no finished run" in capsys.readouterr().err
+
+    # A run that never beat its zero-shot start exports z = 0: the command says so.
+    np.save(run / "best_z.npy", np.zeros_like(np.load(run / "best_z.npy")))
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "zero"), "--model", "tiny-llama"]) == 0
+    printed = capsys.readouterr()
+    assert "warning: z is all zeros" in printed.err and "the adapter changes nothing" in printed.err
+    assert "warning" not in printed.out
