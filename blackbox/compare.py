@@ -46,8 +46,7 @@ def compare(base: TuneConfig, optimizers: list[str], client: BackboneClient, sho
         writer.writeheader()
         writer.writerows(rows)
     (out / "compare.md").write_text(markdown_table(rows))
-    plot_comparison({r["optimizer"]: Path(r["files"]["log"]) for r in results}, out / "compare.png",
-                    title=f"{base.task} seed {base.seed}: d={base.dim}, popsize {base.popsize}, budget {base.budget}")
+    plot_comparison(results, out / "compare.png")
     return rows
 
 

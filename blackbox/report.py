@@ -1,30 +1,162 @@
-"""Plots of runs: train loss and dev accuracy against API calls."""
+"""Plots of runs: train loss and accuracy against API calls.
+
+What a plot shows is built first as data (`Panels`: `curve_panels` for one run's
+curve.png, `comparison_panels` for compare.png) and then drawn (`draw`), so that the
+tests check what a reader will see without reading pixels back.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from blackbox.runlog import read_log
 
+# Shapes that tell lines apart where they overlap; a run's line keeps its shape on both panels.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+# Series closer than this share of their panel's range look like one line.
+COINCIDE_TOLERANCE = 1e-3
 
-def _loss_and_accuracy_axes():
+
+@dataclass
+class Series:
+    """One thing drawn on a panel: a `line`, a `step` line, `points`, a `level` (a
+    horizontal line at y[0], across the panel) or a `mark` (one highlighted point)."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    kind: str = "line"
+    marker: str | None = None
+    marker_phase: float = 0.0  # where along the marker spacing its first marker sits (0 to 1)
+    dashed: bool = False
+
+
+@dataclass
+class Panels:
+    """A figure: its title and the series of the loss panel and of the accuracy panel."""
+
+    title: str
+    loss: list[Series] = field(default_factory=list)
+    accuracy: list[Series] = field(default_factory=list)
+    loss_label: str = "train loss"
+    accuracy_label: str = "accuracy"
+
+
+def z_size(result: dict[str, Any]) -> str:
+    """z's real size: the server's `z_dim` and its blocks (divide and conquer over layers
+    or parts), not the `--dim` asked for, which is one block's."""
+    blocks = result.get("z_blocks") or []
+    d = f"d={result.get('z_dim', result.get('dim'))}"
+    if len(blocks) <= 1:
+        return d
+    sizes = {block["size"] for block in blocks}
+    if len(sizes) == 1:
+        return f"{d} ({len(blocks)} blocks of {sizes.pop()})"
+    parts = " + ".join(f"{block['name']} {block['size']}" for block in blocks)
+    return f"{d} ({parts})"
+
+
+def run_title(result: dict[str, Any]) -> str:
+    return (f"{result['task']} seed {result['seed']}: {result['model']}, {result['delta']}, "
+            f"{result['strategy']} {result['optimizer']}, {z_size(result)}")
+
+
+def running_min(values: list[float]) -> list[float]:
+    return list(itertools.accumulate(values, min))
+
+
+def curve_panels(records: list[dict[str, Any]], result: dict[str, Any]) -> Panels:
+    """One run (log.jsonl `records`, result.json's `result`): the population's mean and
+    best train loss per generation and the best so far; the dev checks, the best dev
+    accuracy so far, the zero-shot test accuracy (z = 0) and the final test accuracy of
+    the z chosen on dev, so that a reader sees what tuning gained."""
+    calls = [r["api_calls"] for r in records]
+    best = [r["train_loss"] for r in records]
+    checked = [r for r in records if r.get("dev_acc") is not None]
+    dev_calls = [r["api_calls"] for r in checked]
+    panels = Panels(run_title(result), loss=[
+        Series("population mean", calls, [r["train_loss_mean"] for r in records]),
+        Series("generation best", calls, best),
+        Series("best so far", calls, running_min(best), kind="step"),
+    ], accuracy=[
+        Series("generation best on dev", dev_calls, [r["dev_acc"] for r in checked], kind="points"),
+        Series("best dev so far", dev_calls, [r["best_dev_acc"] for r in checked], kind="step"),
+    ])
+    if result.get("zero_shot_test_acc") is not None:
+        panels.accuracy.append(Series(f"zero-shot test ({result['zero_shot_test_acc']:.4f})", [],
+                                      [result["zero_shot_test_acc"]], kind="level", dashed=True))
+    if result.get("test_acc") is not None:
+        panels.accuracy.append(Series(f"final test, best-on-dev z ({result['test_acc']:.4f})",
+                                      [calls[-1] if calls else 0], [result["test_acc"]], kind="mark"))
+    return panels
+
+
+def coinciding(series: dict[str, tuple[list[float], list[float]]]) -> dict[str, str]:
+    """Each series that lies on an earlier one (same x, y within COINCIDE_TOLERANCE of
+    the values' range), mapped to the first such earlier series."""
+    values = [y for _, ys in series.values() for y in ys]
+    tolerance = COINCIDE_TOLERANCE * ((max(values) - min(values)) if values else 0.0) or 1e-12
+    found: dict[str, str] = {}
+    names = list(series)
+    for i, name in enumerate(names):
+        x, y = series[name]
+        for earlier in names[:i]:
+            ex, ey = series[earlier]
+            if x == ex and len(y) == len(ey) and all(abs(a - b) <= tolerance for a, b in zip(y, ey)):
+                found[name] = found.get(earlier, earlier)
+                break
+    return found
+
+
+def comparison_title(results: list[dict[str, Any]]) -> str:
+    """The shared setting; an optimizer whose population differs (the white-box gradient
+    takes one step per generation) is named with its own."""
+    first = results[0]
+    popsizes = [result["popsize"] for result in results]
+    common = max(popsizes, key=popsizes.count)
+    others = ", ".join(f"{r['optimizer']} {r['popsize']}" for r in results if r["popsize"] != common)
+    return (f"{first['task']} seed {first['seed']}: {first['model']}, {first['delta']}, {first['strategy']}, "
+            f"{z_size(first)}, popsize {common}{f' ({others})' if others else ''}, budget {first['budget']}")
+
+
+def comparison_panels(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> Panels:
+    """Several runs of one setting (result.json's result and log.jsonl's records, one per
+    optimizer): each run's best train loss per generation and best dev accuracy so far,
+    in its own marker shape. A line that lies on another's (two optimizers that made the
+    same steps) is drawn dashed over it and says so in the legend, or it would vanish."""
+    panels = Panels(comparison_title([result for result, _ in runs]),
+                    loss_label="train loss (generation best)", accuracy_label="best dev accuracy so far")
+    for panel, key, kind in ((panels.loss, "train_loss", "line"), (panels.accuracy, "best_dev_acc", "step")):
+        series = {result["optimizer"]: ([r["api_calls"] for r in records], [r[key] for r in records])
+                  for result, records in runs}
+        on = coinciding(series)
+        for i, ((name, (x, y)), marker) in enumerate(zip(series.items(), itertools.cycle(MARKERS))):
+            label = f"{name} (coincides with {on[name]})" if name in on else name
+            # Staggered markers: lines that lie on each other still show every shape.
+            panel.append(Series(label, x, y, kind=kind, marker=marker, marker_phase=i / len(series),
+                                dashed=name in on))
+    return panels
+
+
+def draw(panels: Panels, out_png: str | os.PathLike) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, acc_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for axis in (loss_axis, acc_axis):
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, series_list, label in zip(axes, (panels.loss, panels.accuracy),
+                                        (panels.loss_label, panels.accuracy_label)):
+        for series in series_list:
+            _draw_series(axis, series)
         axis.set_xlabel("API calls")
-    return plt, figure, loss_axis, acc_axis
-
-
-def _save(plt, figure, axes, out_png: str | os.PathLike, title: str) -> Path:
-    for axis in axes:
-        axis.legend()
-    if title:
-        figure.suptitle(title)
+        axis.set_ylabel(label)
+        axis.legend(fontsize="small")
+    figure.suptitle(panels.title)
     figure.tight_layout()
     out = Path(out_png)
     figure.savefig(out, dpi=120)
@@ -32,31 +164,34 @@ def _save(plt, figure, axes, out_png: str | os.PathLike, title: str) -> Path:
     return out
 
 
-def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> Path:
-    """One run: population mean and best train loss, dev checks and the best so far."""
-    plt, figure, loss_axis, acc_axis = _loss_and_accuracy_axes()
-    records = read_log(log_path)
-    calls = [r["api_calls"] for r in records]
-    loss_axis.plot(calls, [r["train_loss_mean"] for r in records], label="population mean", alpha=0.6)
-    loss_axis.plot(calls, [r["train_loss"] for r in records], label="generation best")
-    loss_axis.set_ylabel("train loss")
-    checked = [r for r in records if r.get("dev_acc") is not None]
-    acc_axis.plot([r["api_calls"] for r in checked], [r["dev_acc"] for r in checked], ".", alpha=0.5,
-                  label="generation best on dev")
-    acc_axis.step([r["api_calls"] for r in checked], [r["best_dev_acc"] for r in checked], where="post",
-                  label="best so far")
-    acc_axis.set_ylabel("dev accuracy")
-    return _save(plt, figure, (loss_axis, acc_axis), out_png, title)
+def _draw_series(axis, series: Series) -> None:
+    style = {"label": series.label, "linestyle": "--" if series.dashed else "-"}
+    if series.marker:
+        # A marker on every point hides the line on long runs; about a dozen along it suffice.
+        every = max(1, len(series.x) // 12)
+        style.update(marker=series.marker, markevery=(int(series.marker_phase * every), every),
+                     markerfacecolor="none")
+    if series.kind == "line":
+        axis.plot(series.x, series.y, **style)
+    elif series.kind == "step":
+        axis.step(series.x, series.y, where="post", **style)
+    elif series.kind == "points":
+        axis.plot(series.x, series.y, ".", alpha=0.5, label=series.label)
+    elif series.kind == "level":
+        axis.axhline(series.y[0], color="grey", linewidth=1, **style)
+    elif series.kind == "mark":
+        axis.plot(series.x, series.y, "*", markersize=14, color="crimson", label=series.label)
+        axis.annotate(f"{series.y[0]:.4f}", (series.x[0], series.y[0]), textcoords="offset points",
+                      xytext=(-8, 8), ha="right", color="crimson")
+    else:
+        raise ValueError(f"unknown series kind {series.kind!r}")
 
 
-def plot_comparison(logs: dict[str, Path], out_png: str | os.PathLike, title: str = "") -> Path:
-    """One line per run: best train loss per generation and best dev accuracy so far."""
-    plt, figure, loss_axis, acc_axis = _loss_and_accuracy_axes()
-    for name, log_path in logs.items():
-        records = read_log(log_path)
-        calls = [r["api_calls"] for r in records]
-        loss_axis.plot(calls, [r["train_loss"] for r in records], label=name)
-        acc_axis.step(calls, [r["best_dev_acc"] for r in records], where="post", label=name)
-    loss_axis.set_ylabel("train loss (generation best)")
-    acc_axis.set_ylabel("best dev accuracy so far")
-    return _save(plt, figure, (loss_axis, acc_axis), out_png, title)
+def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """curve.png of one run: its log.jsonl and its result.json's `result` (see `curve_panels`)."""
+    return draw(curve_panels(read_log(log_path), result), out_png)
+
+
+def plot_comparison(results: list[dict[str, Any]], out_png: str | os.PathLike) -> Path:
+    """compare.png of several runs' results (each with its log at result["files"]["log"])."""
+    return draw(comparison_panels([(result, read_log(result["files"]["log"])) for result in results]), out_png)
