@@ -165,9 +165,11 @@ class TemplateEncoder:
         excess = sum(map(len, segments)) + self.prompt_length - self.max_length
         if excess > 0:
             if not truncate:
+                opening = " ".join(text_a.split()[:8])
                 raise InvalidArgument(
-                    f"example {index} needs {excess + self.max_length} tokens with the prompt, more than "
-                    f"the model's {self.max_length}; shorten it or create the session with truncate=true"
+                    f"example {index} (\"{opening} ...\") needs {excess + self.max_length} tokens with the "
+                    f"prompt, more than the model's {self.max_length}; shorten it or create the session with "
+                    "truncate=true"
                 )
             truncated = True
             while excess > 0:

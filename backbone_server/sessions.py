@@ -65,7 +65,10 @@ def encode_splits(encoder: TemplateEncoder, splits: dict[str, list[tuple[str, st
         for index, (text_a, text_b, label) in enumerate(examples):
             if not 0 <= label < classes:
                 raise InvalidArgument(f"split {name!r}, example {index}: label {label} is not in 0..{classes - 1}")
-            encoded[name].append(encoder.encode(text_a, text_b, label, truncate, index))
+            try:
+                encoded[name].append(encoder.encode(text_a, text_b, label, truncate, index))
+            except InvalidArgument as error:
+                raise InvalidArgument(f"split {name!r}, {error}") from None
     return encoded
 
 

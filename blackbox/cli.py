@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+from typing import Any
 from contextlib import ExitStack, contextmanager
 
 from backbone_server.options import add_server_arguments
@@ -14,17 +16,26 @@ from blackbox.client import BackboneClient, BackboneError
 from blackbox.runlog import RunDirError
 from blackbox.tasks import PLACEMENTS, TaskError, list_tasks
 
+# Seconds to wait for a --server to answer and serve: long enough for a server that is
+# still loading a small model, short enough that a wrong address fails while one watches.
+DEFAULT_TIMEOUT_S = 30.0
+
 
 def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) -> None:
     task = parser.add_argument_group("task")
     task.add_argument("--task", default="sst2", help=f"one of: {', '.join(list_tasks())}")
-    task.add_argument("--seed", type=int, default=13, help="k-shot split seed (13, 21, 42); also seeds the search")
+    task.add_argument("--seed", type=int, default=13,
+                      help="k-shot split seed (the data has 13, 21 and 42); also seeds the search unless --search-seed")
     task.add_argument("--k", type=int, default=16, help="examples per class in the k-shot split")
     task.add_argument("--data-dir", help="data folder (default: $BLACKBOX_DATA_DIR, else ../shared/data)")
     search = parser.add_argument_group("search")
     search.add_argument("--budget", type=int,
                         help="API calls, one candidate on the train set = one (default 8000; on --resume, the run's own)")
-    search.add_argument("--popsize", type=int, default=20)
+    search.add_argument("--popsize", type=int, default=20,
+                        help="candidates per generation, scored in one batched call (each one API call)")
+    search.add_argument("--search-seed", type=int,
+                        help="seeds the random projection and the optimizer (default: --seed), to measure the "
+                             "search's own spread on one k-shot split")
     search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
     search.add_argument("--delta", default="prompt",
                         help="what z generates: prompt (soft prompt), deep-prompt (BBTv2: every layer), lora, "
@@ -56,6 +67,9 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                             help="comma-separated optimizers, each run with the same task, delta and budget")
     else:
         search.add_argument("--optimizer", default="cma", help="cma, sep-cma, ng:NAME, mezo, or the white-box gradient")
+    search.add_argument("--optimizer-option", action="append", default=[], metavar="KEY=VALUE", dest="optimizer_options",
+                        help="an optimizer setting, e.g. lr=0.5 (mezo), CMA_active=False (cma); repeat for several; "
+                             "`blackbox optimizers` lists each optimizer's")
     search.add_argument("--strategy", choices=("joint", "divide-and-conquer"), default="joint",
                         help="joint: one optimizer over all of z; divide-and-conquer (BBTv2): one optimizer per "
                              "block of z, taking turns (deep-prompt: one block of --dim per layer; a combination: "
@@ -65,7 +79,9 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--sigma", type=float, default=1.0, help="initial step size")
     search.add_argument("--alpha", type=float, default=1.0, help="BBT's projection scale")
     search.add_argument("--bound", type=float, help="box bound on every coordinate of z")
-    search.add_argument("--loss", choices=("ce", "hinge"), default="ce")
+    search.add_argument("--loss", choices=("ce", "hinge"), default="ce",
+                        help="what the search minimises on train: cross-entropy over the verbalizer words, or BBT's "
+                             "multi-class hinge")
     search.add_argument("--dev-every", type=int, default=1, help="check the generation's best on dev every N generations")
     search.add_argument("--patience", type=int, default=0,
                         help="stop after N generations without a better dev accuracy (0: off)")
@@ -75,10 +91,17 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--test-limit", type=int, default=0,
                         help="score test on a seeded subset of N examples, each label in its share (0: all; "
                              "result.json records it)")
+    search.add_argument("--no-zero-shot", dest="zero_shot_test", action="store_false",
+                        help="skip scoring z = 0 on test before the search (result.json then has no zero-shot test "
+                             "accuracy)")
     backend = parser.add_argument_group("backbone")
     backend.add_argument("--server", help="HOST:PORT of a running backbone, or HOST:PORT,HOST:PORT,... of replicas "
                          "that share each population; without it an embedded one starts")
-    backend.add_argument("--model", default="smollm2-135m", help="model of the embedded server")
+    backend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                         help="seconds to wait for --server to answer and serve its model")
+    backend.add_argument("--model", default="smollm2-135m",
+                         help="model of the embedded server: smollm2-135m (bundled), tiny-llama, tiny-roberta, "
+                              "a local Hugging Face folder or a .gguf file (on --resume: the run's)")
     backend.add_argument("--device", default="auto", help="device of the embedded server")
     backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
     backend.add_argument("--device-map", help="'auto' spreads the embedded server's model over all GPUs "
@@ -94,27 +117,49 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     output.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _config_values(args: argparse.Namespace, names: set[str] | None = None) -> dict[str, Any]:
+    """TuneConfig fields from the parsed options (only `names` among them, if given)."""
+    from blackbox.tune_config import TuneConfig, parse_optimizer_options
+
+    fields = {field.name for field in dataclasses.fields(TuneConfig)}
+    values = {name: getattr(args, name) for name in vars(args) if name in fields and (names is None or name in names)}
+    if "mix" in values:
+        values["mix"] = values["mix"] or ""
+    if "optimizer_options" in values:
+        values["optimizer_options"] = parse_optimizer_options(values["optimizer_options"])
+    if values.get("budget", 0) is None:
+        values.pop("budget")
+    return values
+
+
 def _config_from_args(args: argparse.Namespace, optimizer: str):
     from blackbox.tune_config import TuneConfig
 
-    return TuneConfig(
-        task=args.task, seed=args.seed, k=args.k, data_dir=args.data_dir,
-        budget=args.budget if args.budget is not None else TuneConfig.budget,
-        popsize=args.popsize, dim=args.dim, prompt_length=args.prompt_length, delta=args.delta,
-        rank=args.rank, targets=args.targets, mix=args.mix or "", adamix_copies=args.adamix_copies,
-        part_dims=args.part_dims, placement=args.placement,
-        projection=args.projection, optimizer=optimizer, strategy=args.strategy,
-        turn_generations=args.turn_generations, sigma=args.sigma, alpha=args.alpha,
-        bound=args.bound, loss=args.loss, dev_every=args.dev_every, patience=args.patience,
-        max_wall_s=args.max_wall_s, truncate=args.truncate, test_limit=args.test_limit, out=args.out,
-    )
+    return TuneConfig(**{**_config_values(args), "optimizer": optimizer})
+
+
+# Options that set up the embedded server; a --server has its own.
+_EMBEDDED_ONLY = ("model", "device", "dtype", "device_map", "max_batch_tokens")
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """Refuses options that would do nothing in the mode chosen."""
+    if args.server is not None:
+        ignored = [f"--{name.replace('_', '-')}" for name in _EMBEDDED_ONLY if name in args.given]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} {'sets' if len(ignored) == 1 else 'set'} up the embedded server; the backbone at {args.server} hosts "
+                             "its own model on its own device: drop them, or drop --server")
+    elif "timeout" in args.given:
+        raise ValueError("--timeout bounds the wait for --server; the embedded server loads its model first")
 
 
 def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) -> BackboneClient:
     """A ready client: to --server (a ReplicaPool when it lists several), or to an
     embedded server that `stack` stops."""
     address = args.server
+    timeout = args.timeout
     if address is None:
+        timeout = DEFAULT_TIMEOUT_S  # it is serving already
         from blackbox.embedded import embedded_server
         from blackbox.optim import optimizer_class
 
@@ -130,8 +175,24 @@ def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) 
         client = stack.enter_context(ReplicaPool(addresses))
     else:
         client = stack.enter_context(BackboneClient(addresses[0] if addresses else address))
-    client.wait_ready()
+    if args.server is not None:
+        print(f"connecting to the backbone at {args.server} (up to {timeout:g} s, --timeout) ...",
+              file=sys.stderr, flush=True)
+    client.wait_ready(timeout=timeout, on_wait=lambda heard: print(f"  waiting: {heard}", file=sys.stderr, flush=True)
+                      if args.server is not None else None)
     return client
+
+
+def _check_before_loading(config, optimizers: list[str]):
+    """Everything that can be checked without a server, so that a mistake costs no model
+    load: the task, its seed and data, the settings, each optimizer and its options."""
+    from blackbox.tune_config import build_optimizer
+    from blackbox.tuner import load_run_data
+
+    data = load_run_data(config)
+    for name in optimizers:
+        build_optimizer(dataclasses.replace(config, optimizer=name))
+    return data
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -140,16 +201,23 @@ def _tune(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    config = resume_config(args.out, args.budget) if args.resume else _config_from_args(args, args.optimizer)
-    if args.resume and args.data_dir:
-        config = dataclasses.replace(config, data_dir=args.data_dir)
+    if args.resume:
+        config = resume_config(args.out, changes=_config_values(args, args.given - {"out"}))
+        if args.server is None and "model" not in args.given:
+            from blackbox.runlog import RunLog
+
+            args.model = RunLog.read_checkpoint(args.out)["model"]  # the run's own
+    else:
+        config = _config_from_args(args, args.optimizer)
+    data = _check_before_loading(config, [config.optimizer])
     with ExitStack() as stack:
         client = _connect(args, stack, [config.optimizer])
         result = run_tune(config, client, show_progress=not args.quiet, overwrite=args.overwrite,
-                          resume=args.resume)
+                          resume=args.resume, data=data)
+    zero_shot = result["zero_shot_test_acc"]
     print(
         f"{result['task']} seed {result['seed']} on {result['model']}: zero-shot test acc "
-        f"{result['zero_shot_test_acc']:.4f} -> tuned {result['test_acc']:.4f} "
+        f"{'not scored' if zero_shot is None else f'{zero_shot:.4f}'} -> tuned {result['test_acc']:.4f} "
         f"(best dev {result['best_dev_acc']:.4f}; {result['api_calls']} API calls, "
         f"{result['generations']} generations, {result['wall_s']:.0f} s; stopped by {result['stop_reason']})"
     )
@@ -162,6 +230,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     config = _config_from_args(args, optimizers[0] if optimizers else "cma")
+    _check_before_loading(config, optimizers)
     with ExitStack() as stack:
         client = _connect(args, stack, optimizers)
         rows = compare(config, optimizers, client, show_progress=not args.quiet, overwrite=args.overwrite)
@@ -189,8 +258,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     with BackboneClient(args.server) as client:
-        client.wait_ready(timeout=args.timeout)
+        client.wait_ready(timeout=args.timeout,
+                          on_wait=lambda heard: print(f"waiting for {args.server}: {heard}", file=sys.stderr, flush=True))
         print(json.dumps(dataclasses.asdict(client.get_info()), indent=2))
+    return 0
+
+
+def _optimizers(args: argparse.Namespace) -> int:
+    from blackbox.optim import available_optimizers, optimizer_class
+
+    for name in available_optimizers():
+        cls = optimizer_class(name.replace("<NAME>", "NGOpt"))
+        print(f"{name}: {cls.describe().splitlines()[0]}")
+        for option, default in cls.describe_options().items():
+            print(f"    {option} = {default}")
+    print("set one with --optimizer-option KEY=VALUE (repeat for several)")
     return 0
 
 
@@ -212,11 +294,31 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported the {manifest['kind']} delta of {args.run_dir} ({manifest['peft_type']}, |z| = "
           f"{manifest['z_norm']:.4g}) to {args.out}: {', '.join(manifest['files'])}")
     print(f"load: {manifest['how_to_load']}")
+    for warning in manifest["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Help that ends with each option's default, where it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or "default" in text or default is argparse.SUPPRESS
+                or default is None or default == "" or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Commands(argparse._SubParsersAction):
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return super().add_parser(name, formatter_class=_HelpWithDefaults, allow_abbrev=False, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blackbox", description="Gradient-free black-box tuning of language models")
+    parser.register("action", "parsers", _Commands)
     commands = parser.add_subparsers(dest="command", required=True)
     tune = commands.add_parser("tune", help="tune a delta on a task through a backbone server")
     _tune_arguments(tune)
@@ -229,8 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=_serve)
     info = commands.add_parser("info", help="describe the model a running server hosts")
     info.add_argument("--server", required=True, help="HOST:PORT")
-    info.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
+    info.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                      help="seconds to wait for the server to answer and serve its model")
     info.set_defaults(run=_info)
+    optimizers = commands.add_parser("optimizers", help="list the optimizers and the options each takes")
+    optimizers.set_defaults(run=_optimizers)
     tasks = commands.add_parser("tasks", help="list the built-in tasks")
     tasks.set_defaults(run=_tasks)
     export = commands.add_parser("export", help="write a run's tuned delta (best_z.npy) as adapter weights (PEFT layout)")
@@ -239,23 +344,54 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="the model to build the delta on (default: the run's)")
     export.add_argument("--device", default="cpu", help="device to materialise on")
     export.add_argument("--dtype", help="dtype to load the model in (default: the run's)")
-    export.add_argument("--fold-prefix", action="store_true",
-                        help="soft prompt: put the template's tokens ahead of the prompt (e.g. BOS) into the "
-                             "exported virtual tokens, so PEFT's prepended prompt reproduces the run exactly; "
-                             "deep prompt (causal model, prompt ahead of the texts): export PEFT prefix tuning, "
-                             "the keys and values of those tokens and the prompt at every layer")
+    export.add_argument("--fold-prefix", action=argparse.BooleanOptionalAction, default=None,
+                        help="put the template's constant tokens ahead of the prompt (e.g. BOS) into the exported "
+                             "virtual tokens, so that PEFT's prompt, which comes before the whole input, reproduces "
+                             "the run exactly: a soft prompt with their embeddings, a deep prompt (causal model) as "
+                             "PEFT prefix tuning. Default: wherever that applies (not to a prompt after the text); "
+                             "--fold-prefix: fail where it does not; --no-fold-prefix: the prompt vectors alone, as "
+                             "tuned (a deep prompt: blackbox's own format)")
     export.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
     export.set_defaults(run=_export)
     return parser
 
 
+def _given_options(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> set[str]:
+    """The options the user typed (by dest), whatever their values: argparse only fills a
+    default where the namespace has no value yet, so a namespace of markers keeps the
+    marker exactly where nothing was typed. (A list, so that `append` options can copy it.)"""
+    unset = type("Unset", (list,), {})()
+    command = parser._subparsers._group_actions[0].choices[args.command]
+    probe = argparse.Namespace(**{name: unset for name in vars(args)})
+    command.parse_args(argv[argv.index(args.command) + 1:], namespace=probe)
+    return {name for name, value in vars(probe).items() if value is not unset}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = _given_options(parser, argv, args)
     try:
-        return args.run(args)
-    except (BackboneError, TaskError, RunDirError, ValueError, RuntimeError, TimeoutError) as error:
+        if args.command in ("tune", "compare"):
+            _check_mode(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader gone away shows here, where it is handled
+        return code
+    except BackboneError as error:
+        hint = ""
+        if "truncate=true" in error.details:
+            hint = "; pass --truncate to cut such texts to the model's length"
+        print(f"error: {error}{hint}", file=sys.stderr)
+        return 2
+    except (TaskError, RunDirError, ValueError, RuntimeError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # A reader that stopped early (`blackbox info ... | head`) is not an error; keep the
+        # interpreter from reporting the closed pipe again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -86,20 +86,32 @@ class BackboneClient:
         except grpc.RpcError as error:
             raise BackboneError(error.code(), error.details(), self.address, method) from None
 
-    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> None:
-        """Waits until the server reports SERVING (it may still be loading its model)."""
+    def wait_ready(self, timeout: float = 30.0, poll: float = 0.5, on_wait: Callable[[str], None] | None = None) -> None:
+        """Waits until the server reports SERVING (it may still be loading its model).
+
+        `on_wait` hears, once per change, what the server answers meanwhile ("no answer
+        yet: UNAVAILABLE", "NOT_SERVING"), so a person sees what the wait is for.
+        """
         deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
+        last = heard = ""
+        while True:
             try:
-                status = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                status = self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                            timeout=max(0.1, min(5.0, deadline - time.monotonic()))).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.RpcError as error:
-                last = f"{error.code().name}: {error.details()}"
-            time.sleep(poll)
-        raise TimeoutError(f"backbone at {self.address} not ready after {timeout:.0f} s ({last})")
+                last = f"no answer yet: {error.code().name}"
+            if on_wait is not None and last != heard:
+                on_wait(last)
+                heard = last
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(poll, left))
+        raise TimeoutError(f"no backbone server ready at {self.address} after {timeout:g} s ({last}); "
+                           "check the address and that `blackbox serve` runs there, or raise --timeout")
 
     def get_info(self) -> ModelInfo:
         info = self._call("GetInfo", pb.GetInfoRequest(), timeout=30)

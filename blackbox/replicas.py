@@ -126,9 +126,14 @@ class ReplicaPool:
             raise caller_error
         return results, failed
 
-    def wait_ready(self, timeout: float = 600.0, poll: float = 0.5) -> None:
+    def wait_ready(self, timeout: float = 30.0, poll: float = 0.5,
+                   on_wait: Callable[[str], None] | None = None) -> None:
         """Waits until every replica serves, then checks they all host the same model."""
-        list(self._executor.map(lambda client: client.wait_ready(timeout, poll), self.clients))
+        def wait(client: BackboneClient) -> None:
+            client.wait_ready(timeout, poll, None if on_wait is None else
+                              lambda heard: on_wait(f"{client.address}: {heard}"))
+
+        list(self._executor.map(wait, self.clients))
         self.get_info()
 
     def get_info(self) -> ModelInfo:

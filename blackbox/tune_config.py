@@ -3,8 +3,10 @@ the optimizer they build; resuming a stored run with the settings it had."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from blackbox.client import DeltaForm, DeltaSpec, KindInfo
@@ -21,6 +23,7 @@ STRATEGIES = ("joint", "divide-and-conquer")
 @dataclass
 class TuneConfig:
     task: str = "sst2"
+    # The k-shot split's seed; also the search's unless `search_seed` is given.
     seed: int = 13
     k: int = 16
     data_dir: str | None = None
@@ -42,6 +45,11 @@ class TuneConfig:
     placement: str = "before"
     projection: str = "normal"
     optimizer: str = "cma"
+    # The optimizer's own settings (`blackbox optimizers` lists them), e.g. {"lr": 0.5}.
+    optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Seeds the projection and the optimizer; None: the split's seed, so that a split's
+    # search can be repeated with other draws.
+    search_seed: int | None = None
     strategy: str = "joint"
     # divide-and-conquer: generations of one block's optimizer before the next block's turn.
     turn_generations: int = 1
@@ -57,9 +65,15 @@ class TuneConfig:
     truncate: bool = False
     # Score test on a seeded subset of this many examples, each label in its share (0: all).
     test_limit: int = 0
+    # Score z = 0 on test before the search (the zero-shot baseline; off saves a test pass).
+    zero_shot_test: bool = True
     out: str = "runs/tune"
 
     def __post_init__(self):
+        if self.search_seed is None:
+            self.search_seed = self.seed
+        if self.search_seed < 0 or self.seed < 0:
+            raise ValueError("seed and search-seed must be >= 0")
         for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -132,7 +146,7 @@ def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo]) -> DeltaSpec:
         per_layer_z = True
     # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
     return DeltaSpec(kind=str(form), prompt_length=config.prompt_length if has_prompt else 0,
-                     intrinsic_dim=config.dim, projection=config.projection, seed=config.seed,
+                     intrinsic_dim=config.dim, projection=config.projection, seed=config.search_seed,
                      projection_scale=config.alpha / config.sigma, rank=config.rank,
                      targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),
                      per_layer_z=per_layer_z,
@@ -149,31 +163,78 @@ def build_optimizer(config: TuneConfig, blocks: list[tuple[str, int]] | None = N
     bounds = (-config.bound, config.bound) if config.bound else None
     plans_budget = "budget" in optimizer_class(config.optimizer).option_defaults
     if config.strategy == "divide-and-conquer":
-        inner_options = {"budget": max(1, config.budget // len(blocks))} if plans_budget else None
+        planned = {"budget": max(1, config.budget // len(blocks))} if plans_budget else {}
         return DivideAndConquer(
-            f"divide-and-conquer:{config.optimizer}", dim, config.popsize, config.seed, sigma0=config.sigma,
+            f"divide-and-conquer:{config.optimizer}", dim, config.popsize, config.search_seed, sigma0=config.sigma,
             bounds=bounds, options={"blocks": [size for _, size in blocks], "inner": config.optimizer,
-                                    "turn_generations": config.turn_generations, "inner_options": inner_options},
+                                    "turn_generations": config.turn_generations,
+                                    "inner_options": {**planned, **config.optimizer_options} or None},
         )
-    return make_optimizer(config.optimizer, dim=dim, popsize=config.popsize, seed=config.seed,
-                          sigma0=config.sigma, bounds=bounds,
-                          options={"budget": config.budget} if plans_budget else None)
+    planned = {"budget": config.budget} if plans_budget else {}
+    return make_optimizer(config.optimizer, dim=dim, popsize=config.popsize, seed=config.search_seed,
+                          sigma0=config.sigma, bounds=bounds, options={**planned, **config.optimizer_options} or None)
 
 
-def resume_config(out: str, budget: int | None = None) -> TuneConfig:
-    """The configuration of the run stored in `out`, with a new budget if given."""
-    stored = RunLog.read_checkpoint(out)["config"]
-    return TuneConfig(**{**stored, "out": out, **({"budget": budget} if budget is not None else {})})
+def parse_optimizer_options(pairs: list[str]) -> dict[str, Any]:
+    """`--optimizer-option KEY=VALUE` pairs as a dict; VALUE is read as a Python literal
+    (0.5, True, (0.9, 0.99), 'adam') where it is one, else kept as text (adam)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--optimizer-option takes KEY=VALUE, got {pair!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        options[key.strip()] = value
+    return options
 
 
-# Settings a resumed run may change: the budget may grow, the folder may have moved.
-RESUMABLE_CHANGES = ("budget", "out", "data_dir", "max_wall_s")
+# Settings a resumed run may change: its limits (the budget may grow), where its files are.
+RESUMABLE_CHANGES = ("budget", "max_wall_s", "patience", "out", "data_dir")
+
+
+def resume_config(out: str, budget: int | None = None, changes: Mapping[str, Any] | None = None) -> TuneConfig:
+    """The configuration of the run stored in `out`, with a new budget if given.
+
+    `changes` are the settings a user gave on resuming (TuneConfig field -> value): any
+    that differs from the run's own, other than RESUMABLE_CHANGES, is refused with the
+    list of differences, as is a budget below the calls already spent or one that leaves
+    a finished run nothing to do.
+    """
+    checkpoint = RunLog.read_checkpoint(out)
+    stored = _stored_config(checkpoint["config"])
+    changes = {**(changes or {}), **({"budget": budget} if budget is not None else {})}
+    unknown = sorted(set(changes) - set(stored))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    differing = [f"{key.replace('_', '-')} {stored[key]!r} -> {value!r}" for key, value in changes.items()
+                 if key not in RESUMABLE_CHANGES and stored[key] != value]
+    if differing:
+        raise ValueError(f"cannot resume {out} with other settings than its own ({'; '.join(differing)}); "
+                         "only --budget, --max-wall-s, --patience and --data-dir may change. Start a new run "
+                         "in another --out for other settings")
+    config = TuneConfig(**{**stored, **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}, "out": out})
+    spent = checkpoint["api_calls"]
+    if config.budget < spent:
+        raise ValueError(f"--budget {config.budget} is below the {spent} API calls {out} has spent already; "
+                         f"give at least {spent}")
+    if (Path(out) / "result.json").exists() and config == TuneConfig(**{**stored, "out": out}):
+        raise ValueError(f"{out} holds a finished run ({spent} of {config.budget} API calls, result.json); "
+                         "resume it with a larger --budget (or other --max-wall-s / --patience) to go on")
+    return config
+
+
+def _stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's settings, with those added since it was written at the values that
+    reproduce it."""
+    return {**dataclasses.asdict(TuneConfig(seed=stored.get("seed", TuneConfig.seed))), **stored}
 
 
 def check_resumable(stored_config: dict[str, Any], stored_model: str, config: TuneConfig, model: str) -> None:
     """Refuses to resume a run stored with `stored_config` on `stored_model` as `config` on `model`."""
-    # Settings added since the checkpoint was written hold their defaults there.
-    stored = {**dataclasses.asdict(TuneConfig()), **stored_config}
+    stored = _stored_config(stored_config)
     now = dataclasses.asdict(config)
     changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]

@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from blackbox.client import BackboneClient, BackboneError, Session
 from blackbox.objective import Objective
 from blackbox.optim import Optimizer, optimizer_class
+from blackbox.progress import Progress
 from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
-from blackbox.tasks import get_task, load_split, place_prompt, stratified_subset
+from blackbox.tasks import Example, Task, get_task, load_split, place_prompt, stratified_subset
 from blackbox.tune_config import TuneConfig, build_optimizer, check_resumable, delta_spec
 
-__all__ = ["RunState", "evaluate_split", "run_generation", "run_tune"]
+__all__ = ["RunData", "RunState", "evaluate_split", "load_run_data", "run_generation", "run_tune"]
 
 # Test splits are scored in slices so that long evaluations show progress.
 EVAL_SLICE = 256
@@ -55,16 +55,40 @@ class RunState:
         return cls(**{field.name: checkpoint[field.name] for field in dataclasses.fields(cls)})
 
 
-def evaluate_split(session: Session, split: str, z: np.ndarray, label: str, show: bool) -> tuple[float, float]:
-    """Accuracy and mean CE of one candidate on a whole split, in slices with a progress bar."""
+@dataclass
+class RunData:
+    """A run's task and the examples of its splits, read before any server is asked."""
+
+    task: Task
+    splits: dict[str, list[Example]]
+
+
+def load_run_data(config: TuneConfig) -> RunData:
+    """The task and splits `config` names; TaskError for a bad name, seed or data folder."""
+    task = get_task(config.task)
+    splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
+              for split in ("train", "dev", "test")}
+    if config.test_limit:
+        splits["test"] = stratified_subset(splits["test"], config.test_limit, config.seed)
+    if config.mix == "adamix":
+        # The server routes "train" and "*-routed" splits to copies and merges the copies
+        # elsewhere: these copies give the best z's routed and merged scores on both sets.
+        splits.update({"train-merged": splits["train"], "test-routed": splits["test"]})
+    return RunData(task, splits)
+
+
+def evaluate_split(session: Session, split: str, z: np.ndarray, label: str,
+                   progress: Progress | None = None) -> tuple[float, float]:
+    """Accuracy and mean CE of one candidate on a whole split, in slices; with `progress`,
+    as a phase called `label`."""
     size = session.split_sizes[split]
     correct = loss = 0.0
-    with tqdm(total=size, desc=label, unit="ex", disable=not show, leave=False) as bar:
+    with (progress or Progress(silent=True)).phase(label, size, "example", f"{size} {split} examples") as phase:
         for start in range(0, size, EVAL_SLICE):
             scores = session.evaluate(split, z[None, :], start=start, count=EVAL_SLICE)
             correct += float(scores.accuracy[0]) * scores.num_examples
             loss += float(scores.ce_loss[0]) * scores.num_examples
-            bar.update(scores.num_examples)
+            phase.update(scores.num_examples)
     return correct / size, loss / size
 
 
@@ -110,14 +134,17 @@ def run_generation(state: RunState, optimizer: Optimizer, objective: Objective, 
 
 def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = True,
              overwrite: bool = False, resume: bool = False,
-             zero_shot: dict[str, float] | None = None) -> dict[str, Any]:
+             zero_shot: dict[str, float] | None = None, data: RunData | None = None) -> dict[str, Any]:
     """Runs (or with `resume`, continues) the tuning run that `config` describes.
 
     `zero_shot` ({"test_acc", "dev_acc", "dev_loss"} of z = 0, as returned in the result
     under that key) skips re-scoring the starting point when a caller already did.
+    `data` is the run's `load_run_data(config)`, when the caller has read it already.
+    Every phase is said on stderr; `show_progress` adds progress bars.
     """
     started = time.perf_counter()
-    task, info, template, splits, checkpoint = _prepare(config, client, resume)
+    progress = Progress(bars=show_progress)
+    task, info, template, splits, checkpoint = _prepare(config, client, resume, data)
     spec = delta_spec(config, info.kinds)
     # The server checks the delta before the run folder is touched.
     session = client.create_session(splits, template, task.verbalizer, spec, truncate=config.truncate)
@@ -138,14 +165,15 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
             state = RunState.from_checkpoint(checkpoint)
             state.config = dataclasses.asdict(config)  # the settings it goes on with: a new budget
             started -= state.elapsed_s
-            if show_progress:
-                tqdm.write(f"resuming {config.out} after generation {state.generation} ({state.api_calls} API calls)")
+            progress.say(f"resuming {config.out} after generation {state.generation} ({state.api_calls} API calls)")
         else:
-            state = _start(config, info.model_name, session, optimizer, zero_shot, show_progress)
+            state = _start(config, info.model_name, session, optimizer, zero_shot, progress)
         objective = Objective(session, "train", config.loss)
         calls_per_generation = optimizer.popsize * optimizer.calls_per_candidate
-        with tqdm(total=config.budget, initial=state.api_calls, desc=f"{config.task} {config.optimizer}",
-                  unit="call", disable=not show_progress) as bar:
+        generations = (config.budget - state.api_calls) // calls_per_generation
+        with progress.phase(f"search ({config.optimizer})", config.budget, "call",
+                            f"up to {generations} generations of {calls_per_generation} API calls",
+                            done=state.api_calls) as phase:
             while (stop_reason := _stop_reason(config, optimizer, state, calls_per_generation,
                                                time.perf_counter() - started)) is None:
                 record = run_generation(state, optimizer, objective, session, config.dev_every)
@@ -153,11 +181,13 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                 record["elapsed_s"] = state.elapsed_s
                 run.log_generation(record)
                 run.write_checkpoint(state.checkpoint())
-                bar.update(calls_per_generation)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{state.best_dev_acc:.3f}")
+                phase.update(calls_per_generation)
+                phase.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{state.best_dev_acc:.3f}")
+        progress.say(f"search stopped by {stop_reason} after {state.generation} generations: best dev acc "
+                     f"{state.best_dev_acc:.4f} (generation {state.best_generation})")
 
-        test_acc, test_loss = evaluate_split(session, "test", state.best_z, "test", show_progress)
-        adamix = _adamix_scores(session, state.best_z, test_acc, show_progress) if config.mix == "adamix" else None
+        test_acc, test_loss = evaluate_split(session, "test", state.best_z, "test (best z)", progress)
+        adamix = _adamix_scores(session, state.best_z, test_acc, progress) if config.mix == "adamix" else None
     finally:
         # Best effort: a server that went away must not hide the error that ended the run.
         with contextlib.suppress(BackboneError):
@@ -167,28 +197,20 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     result = _result(config, task, info, spec, session, optimizer, state, test_acc=test_acc, test_loss=test_loss,
                      adamix=adamix, stop_reason=stop_reason, wall_s=time.perf_counter() - started)
     result_path = run.write_result(result, state.best_z)
-    plot_curve(run.log_path, run.dir / "curve.png",
-               title=f"{task.name} seed {config.seed}: {result['model']}, {config.optimizer}, d={config.dim}")
+    plot_curve(run.log_path, run.dir / "curve.png", result)
     result["zero_shot"] = state.zero_shot
     result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
     return result
 
 
-def _prepare(config: TuneConfig, client: BackboneClient, resume: bool):
+def _prepare(config: TuneConfig, client: BackboneClient, resume: bool, data: RunData | None):
     """The task, the server's account of itself, the template, the splits to upload and
     (resuming) the checkpoint: all checked before the run folder is touched, so a refused
     run loses nothing."""
-    task = get_task(config.task)
+    data = data or load_run_data(config)
+    task, splits = data.task, data.splits
     info = client.get_info()
     template = place_prompt(task.template_for(info.architecture), config.placement)
-    splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
-              for split in ("train", "dev", "test")}
-    if config.test_limit:
-        splits["test"] = stratified_subset(splits["test"], config.test_limit, config.seed)
-    if config.mix == "adamix":
-        # The server routes "train" and "*-routed" splits to copies and merges the copies
-        # elsewhere: these copies give the best z's routed and merged scores on both sets.
-        splits.update({"train-merged": splits["train"], "test-routed": splits["test"]})
     if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
@@ -217,6 +239,8 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
         "prefix_reuse": session.prefix_reuse,
         "projection": config.projection,
         "optimizer": config.optimizer,
+        "optimizer_options": config.optimizer_options,
+        "search_seed": config.search_seed,
         "strategy": config.strategy,
         "loss": config.loss,
         "dim": config.dim,
@@ -242,29 +266,32 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
 
 
 def _start(config: TuneConfig, model: str, session: Session, optimizer: Optimizer,
-           zero_shot: dict[str, float] | None, show: bool) -> RunState:
-    """A new run's state: z = 0 scored on test and dev (unless given), the best so far."""
+           zero_shot: dict[str, float] | None, progress: Progress) -> RunState:
+    """A new run's state: z = 0 scored on dev, and on test unless the run says no (or the
+    caller gave the scores); the best so far."""
     zero = np.zeros(session.z_dim, dtype=np.float32)
     if zero_shot is None:
-        test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", show)
-        dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", False)
+        test_acc = None
+        if config.zero_shot_test:
+            test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", progress)
+        # Dev is small and the search's first bar: z = 0 is where the best-on-dev starts.
+        dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev")
         zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
-    if show:
-        tqdm.write(f"zero-shot (z = 0): test acc {zero_shot['test_acc']:.4f}, dev acc {zero_shot['dev_acc']:.4f}")
+    test = "not scored (--no-zero-shot)" if zero_shot["test_acc"] is None else f"{zero_shot['test_acc']:.4f}"
+    progress.say(f"zero-shot (z = 0): test acc {test}, dev acc {zero_shot['dev_acc']:.4f}")
     return RunState(config=dataclasses.asdict(config), model=model, optimizer=optimizer.state_dict(),
                     zero_shot=zero_shot, best_z=zero, best_dev_acc=zero_shot["dev_acc"],
                     best_dev_loss=zero_shot["dev_loss"])
 
 
-def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, show: bool) -> dict[str, float]:
+def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, progress: Progress) -> dict[str, float]:
     """AdaMix's two ways to use the copies, for the best z: routed (each example to its
     copy, as in the search) and merged (the copies' average, what dev and test use)."""
-    test_acc_routed, _ = evaluate_split(session, "test-routed", z, "test (routed)", show)
+    test_acc_routed, _ = evaluate_split(session, "test-routed", z, "test (routed)", progress)
     routed, merged = (session.evaluate(split, z[None, :]) for split in ("train", "train-merged"))
     scores = {"train_acc_routed": float(routed.accuracy[0]), "train_acc_merged": float(merged.accuracy[0]),
               "test_acc_routed": test_acc_routed, "test_acc_merged": test_acc_merged}
-    if show:
-        tqdm.write("adamix, routed vs merged copies: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    progress.say("adamix, routed vs merged copies: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return scores
 
 

@@ -153,6 +153,8 @@ class BaseOptimizer(ABC):
     # Set when the method has its own generation size (one point per gradient step).
     fixed_popsize: ClassVar[int | None] = None
     option_defaults: ClassVar[Mapping[str, Any]] = {}
+    # What each option means, for `blackbox optimizers` (options without a line are listed bare).
+    option_help: ClassVar[Mapping[str, str]] = {}
     min_popsize: ClassVar[int] = 1
     isolate_global_rng: ClassVar[bool] = False
 
@@ -183,6 +185,21 @@ class BaseOptimizer(ABC):
         self._rng_sandbox = GlobalRNGSandbox(self.seed) if self.isolate_global_rng else None
         with self._compute_context():
             self._setup()
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line on the method: its class docstring's first line, else its module's."""
+        import sys
+
+        text = cls.__doc__ or sys.modules[cls.__module__].__doc__ or cls.__name__
+        return text.strip().splitlines()[0]
+
+    @classmethod
+    def describe_options(cls) -> dict[str, str]:
+        """Option -> its default and meaning, as `--optimizer-option KEY=VALUE` takes them."""
+        described = {name: f"{default!r}" + (f": {cls.option_help[name]}" if name in cls.option_help else "")
+                     for name, default in cls.option_defaults.items()}
+        return {**described, **{name: text for name, text in cls.option_help.items() if name not in described}}
 
     # ------------------------------------------------------------------ subclass hooks
 

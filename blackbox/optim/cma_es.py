@@ -17,6 +17,7 @@ optimizer should not pay.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -37,6 +38,18 @@ def _pycma_option_names() -> set[str]:
 class _PycmaOptimizer(BaseOptimizer):
     min_popsize = 2  # pycma needs at least two recombination weights
     fixed_options: ClassVar[dict[str, Any]] = {}
+    # pycma takes any of its CMAOptions; these are the ones a tuning run most often sets.
+    option_help = {
+        "CMA_active": "True: active CMA (negative covariance update); False: plain rank-mu",
+        "CMA_diagonal": "True: diagonal covariance throughout (what sep-cma fixes); N: for the first N generations",
+        "CMA_elitist": "False; True keeps the best point in the population",
+        "tolfun": "1e-11: stop once the losses of recent generations differ by less",
+        "(any other)": "every key of pycma's cma.CMAOptions() but popsize, seed, bounds and randn",
+    }
+
+    @classmethod
+    def describe_options(cls) -> dict[str, str]:
+        return {name: text for name, text in super().describe_options().items() if name not in cls.fixed_options}
 
     def _resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         given_by_us = set(_CONTROLLED) | set(self.fixed_options)
@@ -62,7 +75,18 @@ class _PycmaOptimizer(BaseOptimizer):
         }
         if self.bounds is not None:
             opts["bounds"] = list(self.bounds)
-        self.es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self.sigma0, opts)
+        with warnings.catch_warnings(record=True) as heard:
+            warnings.simplefilter("always")
+            self.es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self.sigma0, opts)
+        # pycma only warns about an option value it cannot read ("Flase"), then runs on
+        # with a guess; a tuning run must not spend its budget on a typo.
+        unreadable = sorted({str(w.message).split(" is not a safe string")[0] for w in heard
+                             if "is not a safe string" in str(w.message)})
+        if unreadable:
+            raise ValueError(f"{self.name}: pycma cannot read the option value(s) {', '.join(unreadable)} (use a "
+                             "number, True, False, or an expression of N and popsize)")
+        for warning in heard:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
     def _ask(self) -> np.ndarray:
         return np.asarray(self.es.ask())

@@ -35,6 +35,9 @@ class GradientDescent(BaseOptimizer):
     fixed_popsize = 1
     option_defaults = {"method": "adam", "lr": None, "betas": (0.9, 0.999), "eps": 1e-8, "momentum": 0.0,
                        "weight_decay": 0.0}
+    option_help = {"method": "adam or sgd", "lr": "step size (None: 0.1 x --sigma)", "betas": "Adam's (beta1, beta2)",
+                   "eps": "Adam's denominator guard", "momentum": "SGD's heavy-ball momentum",
+                   "weight_decay": "L2 on z"}
 
     def _resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
         options = super()._resolve_options(options)

@@ -136,6 +136,8 @@ def _misaligned_cma(optimizer: Any, popsize: int, depth: int = 0) -> tuple[int, 
 @register_optimizer(PREFIX, family=True)
 class NevergradOptimizer(BaseOptimizer):
     option_defaults = {"budget": None, "bounds_method": "bouncing"}
+    option_help = {"budget": "candidate evaluations the method plans for (a tuning run sets its own budget)",
+                   "bounds_method": "how a --bound box is kept: bouncing, clipping, arctan, tanh, ..."}
     isolate_global_rng = True
 
     def _resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:

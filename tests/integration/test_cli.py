@@ -121,6 +121,26 @@ def test_prefix_tunes_end_to_end_layer_by_layer_and_exports(tmp_path):
     assert manifest["peft_type"] == "PREFIX_TUNING" and manifest["reproduces_engine"]
 
 
+def test_exporting_a_prompt_after_the_text_says_why_peft_differs(tmp_path, capsys):
+    """TINY_RUN puts the prompt after the text: no PEFT prompt reproduces it, and the hint
+    says so instead of suggesting --fold-prefix; a prompt before the text is exact."""
+    for placement in ("after", "before"):
+        run, adapter = tmp_path / placement, tmp_path / f"{placement}-adapter"
+        tune = [a if a != "after" else placement for a in TINY_RUN]
+        assert main(tune + ["--out", str(run), "--delta", "prompt"]) == 0
+        capsys.readouterr()
+        assert main(["export", "--run", str(run), "--out", str(adapter), "--model", "tiny-llama"]) == 0
+        printed = capsys.readouterr()
+        manifest = json.loads((adapter / "blackbox_export.json").read_text())
+        if placement == "after":
+            assert not manifest["reproduces_engine"] and "after the text" in manifest["why_not_reproduced"]
+            assert "warning: loaded as how_to_load says, this export does not reproduce" in printed.err
+            assert "after the text" in printed.err and "fold-prefix" not in printed.err + printed.out
+        else:
+            assert manifest["reproduces_engine"] and manifest["prompt"]["folded_prefix"]
+            assert "does not reproduce" not in printed.err
+
+
 def test_deep_prompt_tunes_end_to_end_with_prefix_reuse(tmp_path):
     out = tmp_path / "run"
     assert main(TINY_RUN + ["--out", str(out), "--delta", "deep-prompt"]) == 0
