@@ -176,7 +176,17 @@ def _load_folder(folder: Path, dtype: torch.dtype, device_map: str | dict | None
     architecture = _architecture_of(config)
     auto = AutoModelForMaskedLM if architecture == "masked" else AutoModelForCausalLM
     placement = {} if device_map is None else {"device_map": device_map}
-    model = auto.from_pretrained(folder, dtype=dtype, **placement)
+    # A local folder loads in about a second: a bar for it is noise in the client's output
+    # (and in a server's log, which says the load took).
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model = auto.from_pretrained(folder, dtype=dtype, **placement)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, architecture
 

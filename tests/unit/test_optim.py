@@ -59,7 +59,7 @@ CONVERGENCE = [
     ("ng:OnePlusOne", 10, 60, {}, 1e-3),  # ~1e-5 .. 1e-4
     ("ng:TwoPointsDE", 20, 60, {}, 0.1),  # DE is slow on a sphere: ~5e-3 .. 3e-2
     ("ng:NGOpt", 10, 40, {"budget": 400}, 1e-2),  # picks CMA here: ~1e-3
-    ("mezo", 20, 150, {}, 1e-2),  # default lr=1e-2: ~1e-3
+    ("mezo", 20, 150, {"lr": 1e-2}, 1e-2),  # ~1e-3 (the default lr is for tuning losses, far flatter)
     ("mezo", 20, 60, {"lr": 0.05, "momentum": 0.5}, 1e-3),
 ]
 
@@ -124,7 +124,7 @@ def test_duplicate_registration_raises(monkeypatch):
         ("cma", {"CMA_diag": True}, r"'CMA_diag'.*did you mean.*'CMA_diagonal'"),
         ("cma", {"popsize": 4}, "make_optimizer's own arguments"),
         ("sep-cma", {"CMA_diagonal": False}, "set by make_optimizer's own arguments"),
-        ("mezo", {"learning_rate": 0.1}, r"'learning_rate'.*allowed options: eps, lr, momentum, weight_decay"),
+        ("mezo", {"learning_rate": 0.1}, r"'learning_rate'.*allowed options: eps, lr, lr_decay, momentum, weight_decay"),
         ("ng:OnePlusOne", {"budgte": 10}, r"'budgte'.*allowed options: bounds_method, budget"),
         ("ng:OnePlusOne", {"bounds_method": "clipping"}, "needs bounds"),
     ],
@@ -272,6 +272,26 @@ def test_mezo_is_two_sided_spsa():
     np.testing.assert_allclose(centers, np.tile(-lr * g, (q, 1)), rtol=1e-9, atol=1e-12)
     center = centers[0]
     assert not np.allclose(z_next[:q] - center, z[:q])  # fresh directions each generation
+
+
+def test_mezo_default_step_moves_a_loss_as_flat_as_a_tuning_loss():
+    """On SST-2 (bundled model, a prefix at d = 100) the train loss falls by about |g|^2 per
+    step of lr 1, i.e. |g| ~ 0.04 per unit of z. The old default lr 1e-2 moved z by about
+    1e-3 a generation there and left the loss flat; the default must move z by units of
+    the search scale in a few dozen generations, and not explode."""
+    d, q = 100, 10
+    gradient = np.random.default_rng(1).standard_normal(d)
+    gradient *= 0.04 / np.linalg.norm(gradient)
+
+    def travelled(options):
+        opt = make_optimizer("mezo", d, 2 * q, seed=0, options=options)
+        run(opt, 30, objective=lambda z: 0.74 - z @ gradient)
+        return float(np.linalg.norm(opt.x))
+
+    assert 1.0 < travelled({}) < 100.0
+    assert travelled({"lr": 1e-2}) < 0.05
+    # The schedule slows the steps down: lr / (1 + lr_decay * t).
+    assert travelled({"lr_decay": 1.0}) < 0.5 * travelled({})
 
 
 def test_mezo_stops_when_diverged():
