@@ -2,10 +2,11 @@
 progress bar inside it unless the run is quiet.
 
 A phase is one stretch of work with a known size: scoring a split, the search. Its
-first line names it and its size and, when a rate is known, the time it will take; a
-phase whose time cannot be guessed at its start says it once its first step is done.
-Its last line gives the time it took. Rates are kept per unit ("example", "call"), so
-the final test pass is estimated from the zero-shot one.
+first line names it and its size; once its first step is done, it says how long the
+rest will take (when that is worth a line); its last line gives the time it took. The
+estimate is the phase's own: an earlier phase's rate misleads, as the server keeps the
+texts' keys and values from the zero-shot pass and the final test pass runs many times
+faster.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ WORTH_SAYING_S = 5.0
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
+    if seconds < 600:
+        return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
@@ -37,18 +40,16 @@ class Phase:
         self.done = self._first = done
         self._bar = bar
         self._started = time.perf_counter()
-        self._estimated = unit in progress.rates
+        self._estimated = False
 
     def update(self, units: int) -> None:
         self.done += units
         if self._bar is not None:
             self._bar.update(units)
         elapsed = time.perf_counter() - self._started
-        if elapsed > 0:
-            self._progress.rates[self.unit] = (self.done - self._first) / elapsed
-        if not self._estimated and self.done < self.total:
+        if not self._estimated and self.done < self.total and self.done > self._first:
             self._estimated = True
-            left = (self.total - self.done) / self._progress.rates[self.unit]
+            left = (self.total - self.done) * elapsed / (self.done - self._first)
             if left >= WORTH_SAYING_S:
                 self._progress.say(f"{self.name}: about {_duration(left)} left ({self.done - self._first} of "
                                    f"{self.total - self._first} {self.unit}s took {_duration(elapsed)})")
@@ -69,7 +70,6 @@ class Progress:
         self.bars = bars and not silent
         self.stream = stream
         self.silent = silent
-        self.rates: dict[str, float] = {}  # units per second, by unit
 
     def say(self, line: str) -> None:
         if self.silent:
@@ -82,10 +82,7 @@ class Progress:
     @contextmanager
     def phase(self, name: str, total: int, unit: str, what: str = "", done: int = 0) -> Iterator[Phase]:
         """Runs a phase of `total` units (`done` of them already, on a resume)."""
-        guess = ""
-        if unit in self.rates and (total - done) / self.rates[unit] >= WORTH_SAYING_S:
-            guess = f", about {_duration((total - done) / self.rates[unit])}"
-        self.say(f"{name}: {what or f'{total - done} {unit}s'}{guess}")
+        self.say(f"{name}: {what or f'{total - done} {unit}s'}")
         with tqdm(total=total, initial=done, desc=name, unit=unit, leave=False, file=self.stream,
                   disable=not self.bars) as bar:
             phase = Phase(self, name, total, unit, done, bar if self.bars else None)
