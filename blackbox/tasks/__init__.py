@@ -1,4 +1,5 @@
-"""Few-shot classification tasks: definitions, prompt templates and data loading.
+"""Few-shot classification tasks: definitions, prompt templates, data loading, and tasks
+from the user's own task files (taskfile.py).
 
 Pure Python (no torch) so that the client and the server can share it.
 """
@@ -16,6 +17,7 @@ from .registry import (
     register_task,
     validate_template,
 )
+from .taskfile import FileTask, describe_task_file, task_from_file
 
 __all__ = [
     "ENV_VAR",
@@ -24,8 +26,10 @@ __all__ = [
     "SPLITS",
     "DataQuirks",
     "Example",
+    "FileTask",
     "Task",
     "TaskError",
+    "describe_task_file",
     "get_task",
     "list_seeds",
     "list_tasks",
@@ -35,5 +39,6 @@ __all__ = [
     "register_task",
     "resolve_data_dir",
     "stratified_subset",
+    "task_from_file",
     "validate_template",
 ]

@@ -144,8 +144,9 @@ def _seeds(folder: Path, k: int) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, fields) rows; quotes are left alone, CRLF and a BOM are not."""
+def _read_tsv(path: Path, header: bool = True) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, fields) rows; quotes are left alone, CRLF and a BOM are not.
+    Without a header line the header is the positions of the first row's fields ("0", "1", ...)."""
     try:
         content = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -159,21 +160,26 @@ def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     lines = [(no, line) for no, line in lines if line.strip()]
     if not lines:
         raise TaskError(f"{path} is empty")
-    header = [name.strip() for name in lines[0][1].split("\t")]
+    if header:
+        names, lines = [name.strip() for name in lines[0][1].split("\t")], lines[1:]
+    else:
+        names = [str(position) for position in range(len(lines[0][1].split("\t")))]
     rows = []
-    for no, line in lines[1:]:
+    for no, line in lines:
         fields = line.split("\t")
-        if len(fields) > len(header) >= 2:
+        if len(fields) > len(names) >= 2:
             # The label is the last field; the surplus belongs to the field before it
             # (a literal tab in a DBPedia text, SNLI's extra annotator labels before gold_label).
-            cut = len(header) - 2
+            cut = len(names) - 2
             fields = fields[:cut] + ["\t".join(fields[cut:-1]), fields[-1]]
-        if len(fields) != len(header):
-            raise TaskError(f"{path}:{no}: {len(fields)} tab-separated fields, the header has {len(header)}")
+        if len(fields) != len(names):
+            missing = f" (no field {names[len(fields)]!r})" if len(fields) < len(names) else ""
+            raise TaskError(f"{path}:{no}: {len(fields)} tab-separated fields, "
+                            f"{'the header has' if header else 'the first row has'} {len(names)}{missing}")
         rows.append((no, fields))
     if not rows:
         raise TaskError(f"{path} has a header but no examples")
-    return header, rows
+    return names, rows
 
 
 def _load_file(task: Task, path: Path, split: str) -> list[Example]:
@@ -201,9 +207,10 @@ def _column(header: list[str], candidates: Sequence[str], path: Path) -> int:
     raise TaskError(f"{path}: header {header} has none of the columns {', '.join(candidates)}")
 
 
-def _field(record: dict, column: str, where: str) -> Any:
+def _field(record: dict, column: str, where: str, role: str = "") -> Any:
     if record.get(column) is None:
-        raise TaskError(f"{where}: no value for column {column!r} (columns: {', '.join(map(str, record))})")
+        raise TaskError(f"{where}: no value for column {column!r}{f' ({role})' if role else ''} "
+                        f"(columns: {', '.join(map(str, record))})")
     return record[column]
 
 
@@ -221,8 +228,14 @@ def _text(raw: Any, where: str, quoted: bool = False, escapes: bool = False) -> 
     return text
 
 
-def _label_id(raw: str, labels: Sequence[str] | None, where: str) -> int:
+def _label_id(raw: str, labels: Sequence[str] | None, where: str, exact: bool = False) -> int:
+    """The class id of a label: an id 0..n-1 or one of `labels`; `exact`: only one of
+    `labels`, spelled as there (a task file's labels are the values of its data, digits too)."""
     raw = raw.strip()
+    if exact:
+        if labels is None or raw not in labels:
+            raise TaskError(f"{where}: unknown label {raw!r}; expected one of {', '.join(map(repr, labels or ()))}")
+        return list(labels).index(raw)
     if re.fullmatch(r"-?\d+", raw):
         label = int(raw)
         if label < 0 or (labels is not None and label >= len(labels)):
@@ -236,25 +249,50 @@ def _label_id(raw: str, labels: Sequence[str] | None, where: str) -> int:
     return list(labels).index(raw)
 
 
-def _csv_records(path: Path) -> Iterable[tuple[int, dict]]:
+def _csv_records(path: Path, header: bool = True) -> Iterable[tuple[int, dict]]:
+    """(line number where the row starts, record) per row, standard CSV quoting; a record
+    maps the header's names, or without a header the positions "0", "1", ..., to the row's
+    fields (None where a row is short)."""
+    reader, start = None, 1
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            records = []
+            reader = csv.reader(handle)
+            names, records, end = None, [], 0
             for row in reader:
-                if None in row:  # DictReader's key for fields beyond the header
-                    raise TaskError(f"{path}:{reader.line_num}: more fields than the header has")
-                records.append((reader.line_num, row))
+                start, end = end + 1, reader.line_num
+                if not row:  # a blank line
+                    continue
+                if header and names is None:
+                    names = row
+                    continue
+                if not header:
+                    records.append((start, {str(position): field for position, field in enumerate(row)}))
+                    continue
+                if len(row) > len(names):
+                    raise TaskError(f"{path}:{start}: more fields than the header has")
+                records.append((start, {name: row[i] if i < len(row) else None for i, name in enumerate(names)}))
             return records
     except FileNotFoundError:
         raise TaskError(f"missing data file {path}") from None
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path} is not UTF-8: {err}") from None
+    except csv.Error as err:
+        raise TaskError(f"{path}:{start}: not readable as CSV ({err})") from None
+    except OSError as err:
+        raise TaskError(f"cannot read {path}: {err}") from None
 
 
-def _jsonl_records(path: Path) -> Iterable[tuple[int, dict]]:
+def _jsonl_records(path: Path, arrays: bool = False) -> Iterable[tuple[int, dict]]:
+    """(line number, record) per JSON object; with `arrays`, JSON arrays as records of
+    their positions ("0", "1", ...) instead."""
     try:
         lines = path.read_text(encoding="utf-8-sig").split("\n")
     except FileNotFoundError:
         raise TaskError(f"missing data file {path}") from None
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path} is not UTF-8: {err}") from None
+    except OSError as err:
+        raise TaskError(f"cannot read {path}: {err}") from None
     records = []
     for no, line in enumerate(lines, start=1):
         if not line.strip():
@@ -263,7 +301,10 @@ def _jsonl_records(path: Path) -> Iterable[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise TaskError(f"{path}:{no}: not valid JSON ({err.msg})") from None
+        if arrays and isinstance(record, list):
+            record = {str(position): value for position, value in enumerate(record)}
         if not isinstance(record, dict):
-            raise TaskError(f"{path}:{no}: expected a JSON object, got {type(record).__name__}")
+            raise TaskError(f"{path}:{no}: expected a JSON {'array or ' if arrays else ''}object, "
+                            f"got {type(record).__name__}")
         records.append((no, record))
     return records
