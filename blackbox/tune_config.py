@@ -23,6 +23,10 @@ STRATEGIES = ("joint", "divide-and-conquer")
 @dataclass
 class TuneConfig:
     task: str = "sst2"
+    # A task of the user's own, read from this JSON task file instead of `task` (which the
+    # command line then sets to the file's task name); kept as an absolute path, so that a
+    # resumed run finds it from anywhere.
+    task_file: str | None = None
     # The k-shot split's seed; also the search's unless `search_seed` is given.
     seed: int = 13
     k: int = 16
@@ -70,15 +74,18 @@ class TuneConfig:
     out: str = "runs/tune"
 
     def __post_init__(self):
+        self.task_file = str(Path(self.task_file).expanduser().resolve()) if self.task_file else None
         if self.search_seed is None:
             self.search_seed = self.seed
         if self.search_seed < 0 or self.seed < 0:
             raise ValueError("seed and search-seed must be >= 0")
-        for name in ("budget", "popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
+        if self.budget < 0:
+            raise ValueError(f"budget must be >= 0 (0: score the starting point z = 0 only), got {self.budget}")
+        for name in ("popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         generation = optimizer_class(self.optimizer).fixed_popsize or self.popsize
-        if self.budget < generation:
+        if 0 < self.budget < generation:
             raise ValueError(f"budget {self.budget} is smaller than one generation (popsize {generation})")
         if not self.sigma > 0 or not self.alpha > 0:
             raise ValueError("sigma and alpha must be > 0")

@@ -64,10 +64,18 @@ class RunData:
 
 
 def load_run_data(config: TuneConfig) -> RunData:
-    """The task and splits `config` names; TaskError for a bad name, seed or data folder."""
-    task = get_task(config.task)
-    splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
-              for split in ("train", "dev", "test")}
+    """The task and splits `config` names, or its task file holds; TaskError for a bad name,
+    seed, data folder or task file. A task file's paths are its own (not under data_dir),
+    and the seed picks a seed folder only in its k-shot folder form."""
+    from blackbox.tasks import task_from_file
+
+    if config.task_file:
+        task = task_from_file(config.task_file)
+        splits = task.read_splits(seed=config.seed, k=config.k)
+    else:
+        task = get_task(config.task)
+        splits = {split: load_split(task, split, seed=config.seed, k=config.k, data_dir=config.data_dir)
+                  for split in ("train", "dev", "test")}
     if config.test_limit:
         splits["test"] = stratified_subset(splits["test"], config.test_limit, config.seed)
     if config.mix == "adamix":

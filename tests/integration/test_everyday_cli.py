@@ -232,3 +232,11 @@ def test_search_seed_varies_the_search_on_one_split(tmp_path):
     # The k-shot split stays the seed's: the same examples, drawn once.
     assert _result(default)["seed"] == _result(other)["seed"] == 13 and _result(other)["search_seed"] == 99
     assert json.loads((other / "config.json").read_text())["search_seed"] == 99
+
+
+def test_budget_zero_scores_the_starting_point_alone(tmp_path):
+    code, out = _run(tmp_path, "--budget", "0", "--delta", "bias")
+    assert code == 0
+    result = _result(out)
+    assert result["api_calls"] == 0 and result["generations"] == 0 and result["stop_reason"] == "budget"
+    assert result["test_acc"] == result["zero_shot_test_acc"]
