@@ -144,17 +144,22 @@ def _seeds(folder: Path, k: int) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 file's text (a BOM dropped), or a TaskError naming the `what` and why."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise TaskError(f"missing {what} {path}") from None
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{what} {path} is not UTF-8: {err}") from None
+    except OSError as err:
+        raise TaskError(f"cannot read {what} {path}: {err}") from None
+
+
 def _read_tsv(path: Path, header: bool = True) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, fields) rows; quotes are left alone, CRLF and a BOM are not.
     Without a header line the header is the positions of the first row's fields ("0", "1", ...)."""
-    try:
-        content = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise TaskError(f"missing data file {path}") from None
-    except UnicodeDecodeError as err:
-        raise TaskError(f"{path} is not UTF-8: {err}") from None
-    except OSError as err:
-        raise TaskError(f"cannot read {path}: {err}") from None
+    content = read_text(path, "data file")
     # Split on "\n" only: str.splitlines would also break texts at \x0b, \x1c, \u2028 and the like.
     lines = [(no, line.removesuffix("\r")) for no, line in enumerate(content.split("\n"), start=1)]
     lines = [(no, line) for no, line in lines if line.strip()]

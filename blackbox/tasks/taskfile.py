@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import SPLITS, Example, _csv_records, _field, _jsonl_records, _label_id, _read_tsv, _seeds, _text
+from .data import SPLITS, Example, _csv_records, _field, _jsonl_records, _label_id, _read_tsv, _seeds, _text, read_text
 from .registry import PLACEHOLDERS, Task, TaskError, get_task, place_prompt, validate_template
 
 __all__ = ["FORMATS", "FileTask", "describe_task_file", "task_from_file"]
@@ -130,14 +130,7 @@ def task_from_file(path: str | Path) -> FileTask:
     """The task a JSON task file describes, its data files checked for existence (their
     rows are read by `FileTask.read_splits`)."""
     source = Path(path).expanduser().resolve()
-    try:
-        text = source.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise TaskError(f"missing task file {source}") from None
-    except UnicodeDecodeError as err:
-        raise TaskError(f"task file {source} is not UTF-8: {err}") from None
-    except OSError as err:
-        raise TaskError(f"cannot read task file {source}: {err}") from None
+    text = read_text(source, "task file")
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as err:
