@@ -102,20 +102,8 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--no-zero-shot", dest="zero_shot_test", action="store_false",
                         help="skip scoring z = 0 on test before the search (result.json then has no zero-shot test "
                              "accuracy)")
-    backend = parser.add_argument_group("backbone")
-    backend.add_argument("--server", help="HOST:PORT of a running backbone, or HOST:PORT,HOST:PORT,... of replicas "
-                         "that share each population; without it an embedded one starts")
-    backend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                         help="seconds to wait for --server to answer and serve its model")
-    backend.add_argument("--model", default="smollm2-135m",
-                         help="model of the embedded server: smollm2-135m (bundled), tiny-llama, tiny-roberta, "
-                              "a local Hugging Face folder or a .gguf file (on --resume: the run's)")
-    backend.add_argument("--device", default="auto", help="device of the embedded server")
-    backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
-    backend.add_argument("--device-map", help="'auto' spreads the embedded server's model over all GPUs "
-                                              "(accelerate), for models larger than one; replaces --device")
-    backend.add_argument("--max-batch-tokens", type=int, default=0,
-                         help="memory bound of the embedded server (0: its device's default)")
+    _backbone_arguments(parser, "HOST:PORT of a running backbone, or HOST:PORT,HOST:PORT,... of replicas that "
+                                "share each population; without it an embedded one starts")
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="runs/tune", help="run folder for log.jsonl, result.json, curve.png")
     output.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
@@ -123,6 +111,32 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
         output.add_argument("--resume", action="store_true",
                             help="continue the run stored in --out with its own settings and the --budget given now")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _backbone_arguments(parser: argparse.ArgumentParser, server_help: str) -> None:
+    """--server, or the embedded server's model and device (`_EMBEDDED_ONLY`)."""
+    backend = parser.add_argument_group("backbone")
+    backend.add_argument("--server", help=server_help)
+    backend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                         help="seconds to wait for --server to answer and serve its model")
+    backend.add_argument("--model", default="smollm2-135m",
+                         help="model of the embedded server: smollm2-135m (bundled), tiny-llama, tiny-roberta, "
+                              "tiny-gpt2, a local Hugging Face folder or a .gguf file (tune --resume: the run's own)")
+    backend.add_argument("--device", default="auto", help="device of the embedded server")
+    backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
+    backend.add_argument("--device-map", help="'auto' spreads the embedded server's model over all GPUs "
+                                              "(accelerate), for models larger than one; replaces --device")
+    backend.add_argument("--max-batch-tokens", type=int, default=0,
+                         help="memory bound of the embedded server (0: its device's default)")
+
+
+def _start_embedded(args: argparse.Namespace, stack: ExitStack, allow_gradients: bool, serving: str = "") -> str:
+    """The address of an embedded server with the options' model, which `stack` stops."""
+    from blackbox.embedded import embedded_server
+
+    print(f"starting an embedded backbone server with {args.model}{serving} ...", file=sys.stderr, flush=True)
+    return stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens,
+                                               allow_gradients=allow_gradients, device_map=args.device_map))
 
 
 def _config_values(args: argparse.Namespace, names: set[str] | None = None) -> dict[str, Any]:
@@ -140,8 +154,6 @@ def _config_values(args: argparse.Namespace, names: set[str] | None = None) -> d
     if getattr(args, "task_file", None) and "task" in getattr(args, "given", ()):
         raise ValueError("--task and --task-file exclude each other: --task names a built-in task, --task-file "
                          "reads your own")
-    if values.get("task_file"):  # absolute, as the run stores it, so that --resume compares like with like
-        values["task_file"] = os.path.realpath(os.path.expanduser(values["task_file"]))
     return values
 
 
@@ -179,14 +191,10 @@ def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) 
     timeout = args.timeout
     if address is None:
         timeout = DEFAULT_TIMEOUT_S  # it is serving already
-        from blackbox.embedded import embedded_server
         from blackbox.optim import optimizer_class
 
-        print(f"starting an embedded backbone server with {args.model} ...", file=sys.stderr, flush=True)
         # The embedded server is the user's own: it answers gradients when a run needs them.
-        allow_gradients = any(optimizer_class(name).uses_gradients for name in optimizers)
-        address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens,
-                                                      allow_gradients=allow_gradients, device_map=args.device_map))
+        address = _start_embedded(args, stack, any(optimizer_class(name).uses_gradients for name in optimizers))
     addresses = [part.strip() for part in address.split(",") if part.strip()]
     if len(addresses) > 1:
         from blackbox.replicas import ReplicaPool
@@ -382,14 +390,8 @@ def _suite(args: argparse.Namespace) -> int:
         elif args.ray:  # every Ray task starts its own: a cluster shares no loopback
             backbone = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _EMBEDDED_ONLY
                         if name in args.given]
-        else:  # one model for every run of the suite, loaded once
-            from blackbox.embedded import embedded_server
-
-            print(f"starting an embedded backbone server with {args.model} for the suite ...", file=sys.stderr,
-                  flush=True)
-            address = stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens,
-                                                          allow_gradients=True, device_map=args.device_map))
-            backbone = ["--server", address]
+        else:  # one model for every run of the suite, loaded once; a method may use gradients
+            backbone = ["--server", _start_embedded(args, stack, allow_gradients=True, serving=" for the suite")]
         rows, files = run_suite(split_list(args.tasks), parse_seeds(args.seeds), methods, args.out, run_tune_argv,
                                 backbone=[*backbone, *common], workers=args.workers, ray_address=args.ray,
                                 anchors=anchors, say=lambda line: print(line, file=sys.stderr, flush=True))
@@ -419,17 +421,8 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the published rows of the literature beside ours (default file: "
                              "blackbox/data/anchors.json)")
     parser.add_argument("--data-dir", help="data folder of the built-in tasks, for every run")
-    backend = parser.add_argument_group("backbone")
-    backend.add_argument("--server", help="HOST:PORT of a running backbone every run uses; without it one embedded "
-                                          "server serves the suite (with --ray, one per run)")
-    backend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                         help="seconds to wait for --server to answer and serve its model")
-    backend.add_argument("--model", default="smollm2-135m", help="model of the embedded server")
-    backend.add_argument("--device", default="auto", help="device of the embedded server")
-    backend.add_argument("--dtype", default="auto", help="dtype of the embedded server")
-    backend.add_argument("--device-map", help="'auto' spreads the embedded server's model over all GPUs")
-    backend.add_argument("--max-batch-tokens", type=int, default=0,
-                         help="memory bound of the embedded server (0: its device's default)")
+    _backbone_arguments(parser, "HOST:PORT of a running backbone every run uses; without it one embedded server "
+                                "serves the suite (with --ray, one per run)")
     parser.add_argument("--out", default="runs/suite", help="folder of the suite: run folders, results and table")
 
 

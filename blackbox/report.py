@@ -1,4 +1,4 @@
-"""Plots of runs: train loss and accuracy against API calls.
+"""Plots of runs (train loss and accuracy against API calls) and of a suite's table.
 
 What a plot shows is built first as data (`Panels`: `curve_panels` for one run's
 curve.png, `comparison_panels` for compare.png) and then drawn (`draw`), so that the
@@ -8,10 +8,11 @@ tests check what a reader will see without reading pixels back.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from blackbox.runlog import read_log
 
@@ -142,12 +143,17 @@ def comparison_panels(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -
     return panels
 
 
-def draw(panels: Panels, out_png: str | os.PathLike) -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw(panels: Panels, out_png: str | os.PathLike) -> Path:
+    plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, series_list, label in zip(axes, (panels.loss, panels.accuracy),
                                         (panels.loss_label, panels.accuracy_label)):
@@ -195,3 +201,27 @@ def plot_curve(log_path: str | os.PathLike, out_png: str | os.PathLike, result: 
 def plot_comparison(results: list[dict[str, Any]], out_png: str | os.PathLike) -> Path:
     """compare.png of several runs' results (each with its log at result["files"]["log"])."""
     return draw(comparison_panels([(result, read_log(result["files"]["log"])) for result in results]), out_png)
+
+
+def plot_table(tasks: Sequence[str], table: Sequence[dict[str, Any]], path: Path) -> None:
+    """table.png of a suite (`blackbox.suite.aggregate`'s table): per task and for the
+    average, one bar per row, the spread over seeds as error bars, z = 0 rows hatched."""
+    plt = _pyplot()
+    groups = [*tasks, "average"]
+    width = 0.8 / max(1, len(table))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(table)) ** 0.5), 4.2))
+    for index, row in enumerate(table):
+        means = [100 * row["cells"][t][0] if row["cells"][t] else math.nan for t in tasks]
+        spreads = [100 * row["cells"][t][1] if row["cells"][t] else 0.0 for t in tasks]
+        means.append(100 * row["average"] if row["average"] is not None else math.nan)
+        spreads.append(0.0)
+        offsets = [g + (index - (len(table) - 1) / 2) * width for g in range(len(groups))]
+        axis.bar(offsets, means, width, yerr=spreads, capsize=2, label=row["row"],
+                 hatch="//" if row["kind"] == "zero-shot" else None, alpha=0.85)
+    axis.set_xticks(range(len(groups)), groups)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("mean ± std over seeds")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -29,6 +29,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from blackbox.report import plot_table
+
 RESULT_COLUMNS = ("task", "seed", "method", "status", "test_acc", "zero_shot_test_acc", "best_dev_acc",
                   "api_calls", "budget", "generations", "wall_s", "delta", "prompt_length", "optimizer", "run_dir",
                   "error")
@@ -94,25 +96,27 @@ def load_methods(path: str | Path) -> list[Method]:
 
 @dataclass(frozen=True)
 class SuiteTask:
-    """A built-in task name or the path of a task file."""
+    """A built-in task name or the path of a task file, with the task's name (read once)."""
 
     spec: str
+    name: str
+    from_file: bool
 
-    @property
-    def is_file(self) -> bool:
-        return self.spec.endswith(".json") or "/" in self.spec
+    @classmethod
+    def of(cls, spec: str) -> SuiteTask:
+        if not (spec.endswith(".json") or "/" in spec):
+            return cls(spec, spec, from_file=False)
+        from blackbox.tasks import TaskError, task_from_file
 
-    @property
-    def name(self) -> str:
-        if not self.is_file:
-            return self.spec
+        path = Path(spec).resolve()
         try:
-            return str(json.loads(Path(self.spec).read_text()).get("name") or Path(self.spec).stem)
-        except (OSError, ValueError, AttributeError):
-            return Path(self.spec).stem
+            name = task_from_file(path).name
+        except TaskError:  # its runs fail with the file's own error, and say so in results.csv
+            name = path.stem
+        return cls(str(path), name, from_file=True)
 
     def arguments(self) -> list[str]:
-        return ["--task-file", str(Path(self.spec).resolve())] if self.is_file else ["--task", self.spec]
+        return ["--task-file", self.spec] if self.from_file else ["--task", self.spec]
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def plan(tasks: Sequence[str], seeds: Sequence[int], methods: Sequence[Method], 
     names = [method.name for method in methods]
     if len(set(names)) != len(names):
         raise SuiteError(f"method names must be distinct, got {names}")
-    suite_tasks = [SuiteTask(spec) for spec in tasks]
+    suite_tasks = [SuiteTask.of(spec) for spec in tasks]
     task_names = [task.name for task in suite_tasks]
     if len(set(task_names)) != len(task_names):
         raise SuiteError(f"task names must be distinct, got {task_names}")
@@ -172,10 +176,13 @@ def execute(runs: Sequence[PlannedRun], backbone: Sequence[str], runner: Runner,
             ray_address: str | None = None, say: Callable[[str], None] = print) -> dict[Path, dict[str, Any]]:
     """Runs what each run folder needs with `runner`, `workers` at a time or on Ray;
     returns each run's outcome (code, error) by folder; finished runs are skipped."""
-    todo = [(run, action) for run in runs if (action := next_action(run)) is not None]
+    todo = []
     for run in runs:
-        if next_action(run) is None:
+        action = next_action(run)
+        if action is None:
             say(f"{_label(run)}: finished already, skipped")
+        else:
+            todo.append((run, action))
     outcomes: dict[Path, dict[str, Any]] = {}
     if not todo:
         return outcomes
@@ -208,8 +215,7 @@ def _on_ray(runner: Runner, argvs: list[list[str]], address: str) -> list[dict[s
         raise SuiteError("--ray needs Ray: pip install 'ray>=2.9'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=None if address == "local" else address, include_dashboard=False,
-                 log_to_driver=True, **({"num_cpus": None} if address == "local" else {}))
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=True)
     try:
         remote = ray.remote(num_cpus=1)(runner)
         return ray.get([remote.remote(argv) for argv in argvs])
@@ -249,8 +255,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     """The tasks (in order) and the table's rows: for each method its tuned test accuracy,
     and for each distinct starting point its z = 0 accuracy; per task the mean and std
-    over seeds, and `average`, the mean of the per-task means (only over tasks that have
-    every seed finished; None where a task has none)."""
+    over seeds (of the seeds that finished, counted in the cell), and `average`, the mean
+    of the per-task means (None unless every task has a finished run)."""
     tasks = list(dict.fromkeys(row["task"] for row in rows))
     methods = list(dict.fromkeys(row["method"] for row in rows))
     finished = [row for row in rows if row["status"] == "finished"]
@@ -355,34 +361,8 @@ def write_outputs(out: str | Path, rows: Sequence[dict[str, Any]], anchors: dict
             cells = [value for task in tasks for value in (row["cells"][task] or ("", "", 0))]
             writer.writerow([row["row"], row["kind"], *cells, "" if row["average"] is None else row["average"]])
     files["table_md"].write_text(markdown(tasks, table, anchors))
-    _plot_table(tasks, table, files["table_png"])
+    plot_table(tasks, table, files["table_png"])
     return files
-
-
-def _plot_table(tasks: Sequence[str], table: Sequence[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = [*tasks, "average"]
-    width = 0.8 / max(1, len(table))
-    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(table)) ** 0.5), 4.2))
-    for index, row in enumerate(table):
-        means = [100 * row["cells"][t][0] if row["cells"][t] else math.nan for t in tasks]
-        spreads = [100 * row["cells"][t][1] if row["cells"][t] else 0.0 for t in tasks]
-        means.append(100 * row["average"] if row["average"] is not None else math.nan)
-        spreads.append(0.0)
-        offsets = [g + (index - (len(table) - 1) / 2) * width for g in range(len(groups))]
-        axis.bar(offsets, means, width, yerr=spreads, capsize=2, label=row["row"],
-                 hatch="//" if row["kind"] == "zero-shot" else None, alpha=0.85)
-    axis.set_xticks(range(len(groups)), groups)
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_title("mean ± std over seeds")
-    axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def run_suite(tasks: Sequence[str], seeds: Sequence[int], methods: Sequence[Method], out: str | Path,

@@ -216,13 +216,15 @@ def resume_config(out: str, budget: int | None = None, changes: Mapping[str, Any
     unknown = sorted(set(changes) - set(stored))
     if unknown:
         raise ValueError(f"unknown settings {unknown}")
-    differing = [f"{key.replace('_', '-')} {stored[key]!r} -> {value!r}" for key, value in changes.items()
-                 if key not in RESUMABLE_CHANGES and stored[key] != value]
+    # Compared as TuneConfig holds them (a task file's path made absolute, ...).
+    given = dataclasses.asdict(TuneConfig(**{**stored, **changes, "out": out}))
+    differing = [f"{key.replace('_', '-')} {stored[key]!r} -> {given[key]!r}" for key in changes
+                 if key not in RESUMABLE_CHANGES and stored[key] != given[key]]
     if differing:
         raise ValueError(f"cannot resume {out} with other settings than its own ({'; '.join(differing)}); "
                          "only --budget, --max-wall-s, --patience and --data-dir may change. Start a new run "
                          "in another --out for other settings")
-    config = TuneConfig(**{**stored, **{k: v for k, v in changes.items() if k in RESUMABLE_CHANGES}, "out": out})
+    config = TuneConfig(**{**stored, **{k: given[k] for k in changes if k in RESUMABLE_CHANGES}, "out": out})
     spent = checkpoint["api_calls"]
     if config.budget < spent:
         raise ValueError(f"--budget {config.budget} is below the {spent} API calls {out} has spent already; "
