@@ -6,22 +6,24 @@
         opt.tell(z, losses_of(z))     # one batched backbone call per generation
     z_best, loss_best = opt.best
 
-Names: "cma", "sep-cma", "mezo" and "ng:<NAME>" for any nevergrad optimizer, plus the
+Names: "cma", "sep-cma", "cma-polish" (CMA-ES, then a local polish: BBT-RGB), "mezo" and "ng:<NAME>" for any nevergrad optimizer, plus the
 white-box "gradient" (needs a server that allows gradients: ``tell(z, losses, grads)``);
 see ``available_optimizers()``. pycma and nevergrad are imported only when used.
 """
 
-from . import cma_es, gradient, mezo, nevergrad_opt  # noqa: F401  (importing registers them)
+from . import cma_es, gradient, mezo, nevergrad_opt, two_stage  # noqa: F401  (importing registers them)
 from .base import BaseOptimizer, Optimizer, available_optimizers, make_optimizer, optimizer_class, register_optimizer
 from .isolation import GlobalRNGSandbox, pinned_blas
 from .cma_es import CMAES, SepCMAES
 from .gradient import GradientDescent
 from .mezo import MeZO
 from .nevergrad_opt import NevergradOptimizer
+from .two_stage import CMAThenPolish
 
 __all__ = [
     "BaseOptimizer",
     "CMAES",
+    "CMAThenPolish",
     "GlobalRNGSandbox",
     "GradientDescent",
     "MeZO",

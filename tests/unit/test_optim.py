@@ -37,6 +37,7 @@ CONFIGS = {
     "ng:OnePlusOne": {},
     "ng:NGOpt": {"budget": 400},
     "mezo": {},
+    "cma-polish": {"budget": 40, "polish_share": 0.5},  # the polish from the third generation on
 }
 
 
@@ -61,6 +62,7 @@ CONVERGENCE = [
     ("ng:NGOpt", 10, 40, {"budget": 400}, 1e-2),  # picks CMA here: ~1e-3
     ("mezo", 20, 150, {"lr": 1e-2}, 1e-2),  # ~1e-3 (the default lr is for tuning losses, far flatter)
     ("mezo", 20, 60, {"lr": 0.05, "momentum": 0.5}, 1e-3),
+    ("cma-polish", 10, 60, {"budget": 600}, 1e-3),
 ]
 
 
@@ -127,6 +129,8 @@ def test_duplicate_registration_raises(monkeypatch):
         ("mezo", {"learning_rate": 0.1}, r"'learning_rate'.*allowed options: eps, lr, lr_decay, momentum, weight_decay"),
         ("ng:OnePlusOne", {"budgte": 10}, r"'budgte'.*allowed options: bounds_method, budget"),
         ("ng:OnePlusOne", {"bounds_method": "clipping"}, "needs bounds"),
+        ("cma-polish", {}, "needs the run's budget"),
+        ("cma-polish", {"budget": 100, "polish_share": 1.0}, "between 0 and 1"),
     ],
 )
 def test_bad_options_raise(name, options, match):
@@ -366,6 +370,7 @@ RESUME = [
     (GLOBAL_RNG_USER, DIM, None, {}),
     ("mezo", DIM, None, {}),
     ("mezo", DIM, None, {"momentum": 0.9, "weight_decay": 0.01}),
+    ("cma-polish", DIM, (-1.0, 1.0), {"budget": 40, "polish_share": 0.5}),
 ]
 
 
@@ -520,3 +525,27 @@ def test_gradient_descent_respects_bounds_and_resumes_bit_exactly():
 def test_gradient_descent_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         make_optimizer("gradient", DIM, 1, seed=0, options=options)
+
+
+# ------------------------------------------------------------------------------ cma-polish
+
+def test_cma_polish_hands_cma_es_best_point_to_a_local_search_that_only_improves():
+    popsize, budget = 10, 400
+    opt = make_optimizer("cma-polish", DIM, popsize, seed=0, sigma0=0.5, options={"budget": budget})
+    plain = make_optimizer("cma", DIM, popsize, seed=0, sigma0=0.5)
+    search = opt.search_generations
+    assert search == 28  # 40 generations, 30% of them polish
+    for _ in range(search):  # the first stage is plain CMA-ES, ask for ask
+        z = opt.ask()
+        np.testing.assert_array_equal(z, plain.ask())
+        opt.tell(z, sphere(z))
+        plain.tell(z, sphere(z))
+    handed, handed_loss = plain.best
+    losses = []
+    for _ in range(budget // popsize - search):
+        z = opt.ask()
+        if not losses:  # every first polish step is a small step around CMA-ES's best
+            assert np.abs(z - handed).max() < 5 * 0.3 * plain.es.sigma
+        opt.tell(z, sphere(z))
+        losses.append(opt.incumbent_loss)
+    assert losses == sorted(losses, reverse=True) and losses[-1] < handed_loss
