@@ -67,6 +67,10 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                         help="prompt before the text (BBT), after it (a causal backbone then reuses the text), "
                              "or tail: ahead of the template's last word before {mask} (e.g. 'Sentiment{prompt}:'), "
                              "where a prefix leaves a causal model one token to run per candidate")
+    search.add_argument("--prompt-init", default="random", metavar="random|labels|text=WORDS",
+                        help="the prompt's starting tokens p0 (prompt, prefix, deep-prompt): random word tokens "
+                             "(BBT), the task's label words, or the tokens of WORDS; repeated or cut to "
+                             "--prompt-length")
     search.add_argument("--projection", default="normal",
                         help="normal (BBT scaling), uniform, sparse, fastfood (large deltas), or identity "
                              "(z is the whole delta: --dim = prompt length x hidden size)")
@@ -95,6 +99,13 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                         help="stop after N generations without a better dev accuracy (0: off)")
     search.add_argument("--max-wall-s", type=float, default=0.0,
                         help="start no generation after this many seconds of the run (0: no limit)")
+    search.add_argument("--demonstrations", type=int, default=0, metavar="N",
+                        help="in-context demonstrations: N train examples of each label, filled with their label "
+                             "words, ahead of every text (taken out of the train split the search scores)")
+    search.add_argument("--calibrate", action="store_true",
+                        help="score each candidate with per-class offsets on its label-word logits, fitted to its own "
+                             "train logits (contextual calibration; no extra API calls; result.json keeps the best "
+                             "z's offsets as label_bias)")
     search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
     search.add_argument("--test-limit", type=int, default=0,
                         help="score test on a seeded subset of N examples, each label in its share (0: all; "

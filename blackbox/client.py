@@ -42,6 +42,8 @@ class Scores:
     logits: np.ndarray | None  # (P, N, C) when asked for
     num_examples: int
     server_ms: float
+    # (P, C) per-class offsets the client fitted to these logits (a calibrated objective).
+    label_bias: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

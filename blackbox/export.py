@@ -28,7 +28,8 @@ def delta_spec_of_run(config: dict, kinds: Mapping[str, KindInfo] | None = None)
         if key not in config:
             raise RunDirError(f"the run's config.json lacks {key!r}")
     try:
-        return delta_spec(TuneConfig(**{k: v for k, v in config.items() if k in fields}), kinds)
+        return delta_spec(TuneConfig(**{k: v for k, v in config.items() if k in fields}), kinds,
+                          config.get("init_text", ""))
     except (TypeError, ValueError) as error:
         raise RunDirError(f"the run's config.json does not describe a run: {error}") from None
 

@@ -7,7 +7,7 @@ import ast
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from blackbox.client import DeltaForm, DeltaSpec, KindInfo
 from blackbox.optim import make_optimizer, optimizer_class
@@ -18,6 +18,7 @@ from blackbox.v1.delta_spec import ADAMIX, MIXES
 # "joint": one optimizer searches all of z; "divide-and-conquer": one optimizer per block
 # of z (a per-layer deep prompt's layers, a combination's parts), taking turns (BBTv2).
 STRATEGIES = ("joint", "divide-and-conquer")
+PROMPT_INITS = ("random", "labels")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class TuneConfig:
     # Combinations: each part's share of z, comma-separated in kind order ("": equal shares).
     part_dims: str = ""
     placement: str = "before"
+    # p0 of kinds with a prompt: "random" (BBT: random word tokens), "labels" (the label
+    # words, as prompt tuning initialises from the class labels) or "text=WORDS".
+    prompt_init: str = "random"
     projection: str = "normal"
     optimizer: str = "cma"
     # The optimizer's own settings (`blackbox optimizers` lists them), e.g. {"lr": 0.5}.
@@ -67,6 +71,12 @@ class TuneConfig:
     # Stop starting generations after this many seconds of the run (0: no limit).
     max_wall_s: float = 0.0
     truncate: bool = False
+    # Train examples of each label written into the template as in-context demonstrations
+    # (taken out of the train split the search scores); 0: none.
+    demonstrations: int = 0
+    # Score every candidate with per-class offsets on its verbalizer logits, fitted to its
+    # train logits by the client (blackbox/calibration.py); the best z's go in result.json.
+    calibrate: bool = False
     # Score test on a seeded subset of this many examples, each label in its share (0: all).
     test_limit: int = 0
     # Score z = 0 on test before the search (the zero-shot baseline; off saves a test pass).
@@ -93,6 +103,20 @@ class TuneConfig:
             raise ValueError("patience, max-wall-s and test-limit must be >= 0 (0 turns them off)")
         if self.bound is not None and not self.bound > 0:
             raise ValueError("bound must be > 0")
+        if self.prompt_init not in PROMPT_INITS and not self.prompt_init.startswith("text="):
+            raise ValueError(f"prompt-init must be one of {', '.join(PROMPT_INITS)} or text=WORDS, "
+                             f"got {self.prompt_init!r}")
+        if self.prompt_init == "text=":
+            raise ValueError("prompt-init text=WORDS needs words after 'text='")
+        if self.calibrate:
+            if self.loss != "ce":
+                raise ValueError("--calibrate fits the label bias to the cross-entropy; it does not go with "
+                                 f"--loss {self.loss}")
+            if optimizer_class(self.optimizer).uses_gradients:
+                raise ValueError(f"--calibrate shifts the logits on the client, where {self.optimizer!r} cannot "
+                                 "follow its gradients")
+            if self.mix == ADAMIX:
+                raise ValueError("--calibrate does not go with --mix adamix (its routed and merged splits)")
         if self.mix and self.mix not in MIXES:
             raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(MIXES)}")
         if self.mix == ADAMIX and self.adamix_copies < 1:
@@ -140,10 +164,17 @@ def _one_block(form: DeltaForm, kinds: Mapping[str, KindInfo]) -> ValueError:
                       f"or --mix unipelt: parts and gates); {str(form)!r} has one")
 
 
-def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo]) -> DeltaSpec:
+def prompt_init_text(config: TuneConfig, verbalizer: Sequence[str]) -> str:
+    """The text p0 is made of ("": the server's random words), for a task with these label words."""
+    if config.prompt_init == "labels":
+        return " ".join(verbalizer)
+    return config.prompt_init.removeprefix("text=") if config.prompt_init != "random" else ""
+
+
+def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo], init_text: str = "") -> DeltaSpec:
     """What the run asks the server to generate from z, given what the server's `kinds`
-    take (GetInfo); also what `blackbox export` rebuilds. Kinds the server does not know
-    are left for it to refuse."""
+    take (GetInfo); also what `blackbox export` rebuilds. `init_text` is the run's
+    `prompt_init_text`. Kinds the server does not know are left for it to refuse."""
     form = config.delta_form
     has_prompt = any(kinds[part].takes_prompt for part in form.parts if part in kinds)
     per_layer_z = False
@@ -152,7 +183,10 @@ def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo]) -> DeltaSpec:
             raise _one_block(form, kinds)
         per_layer_z = True
     # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
+    if config.prompt_init != "random" and not has_prompt:
+        raise ValueError(f"--prompt-init {config.prompt_init!r} sets up a prompt, and --delta {config.delta!r} has none")
     return DeltaSpec(kind=str(form), prompt_length=config.prompt_length if has_prompt else 0,
+                     init_text=init_text if has_prompt else "",
                      intrinsic_dim=config.dim, projection=config.projection, seed=config.search_seed,
                      projection_scale=config.alpha / config.sigma, rank=config.rank,
                      targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),

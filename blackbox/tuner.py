@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from blackbox.calibration import LabelBias
 from blackbox.client import BackboneClient, BackboneError, Session
 from blackbox.objective import Objective
 from blackbox.optim import Optimizer, optimizer_class
 from blackbox.progress import Progress
 from blackbox.report import plot_curve
 from blackbox.runlog import RunLog
-from blackbox.tasks import Example, Task, get_task, load_split, place_prompt, stratified_subset
-from blackbox.tune_config import TuneConfig, build_optimizer, check_resumable, delta_spec
+from blackbox.tasks import (Example, Task, get_task, load_split, pick_demonstrations, place_prompt,
+                            stratified_subset, with_demonstrations)
+from blackbox.tune_config import TuneConfig, build_optimizer, check_resumable, delta_spec, prompt_init_text
 
 __all__ = ["RunData", "RunState", "evaluate_split", "load_run_data", "run_generation", "run_tune"]
 
@@ -46,13 +48,16 @@ class RunState:
     generation: int = 0
     api_calls: int = 0
     elapsed_s: float = 0.0
+    # A calibrated run's per-class offsets for best_z (fitted on train); None: not calibrated.
+    best_label_bias: np.ndarray | None = None
 
     def checkpoint(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any]) -> RunState:
-        return cls(**{field.name: checkpoint[field.name] for field in dataclasses.fields(cls)})
+        # Checkpoints written before a field existed lack it and take its default.
+        return cls(**{field.name: checkpoint[field.name] for field in dataclasses.fields(cls) if field.name in checkpoint})
 
 
 @dataclass
@@ -61,6 +66,7 @@ class RunData:
 
     task: Task
     splits: dict[str, list[Example]]
+    demonstrations: list[Example] = dataclasses.field(default_factory=list)
 
 
 def load_run_data(config: TuneConfig) -> RunData:
@@ -78,22 +84,29 @@ def load_run_data(config: TuneConfig) -> RunData:
                   for split in ("train", "dev", "test")}
     if config.test_limit:
         splits["test"] = stratified_subset(splits["test"], config.test_limit, config.seed)
+    demonstrations, splits["train"] = pick_demonstrations(splits["train"], config.demonstrations, config.seed,
+                                                          len(task.labels))
     if config.mix == "adamix":
         # The server routes "train" and "*-routed" splits to copies and merges the copies
         # elsewhere: these copies give the best z's routed and merged scores on both sets.
         splits.update({"train-merged": splits["train"], "test-routed": splits["test"]})
-    return RunData(task, splits)
+    return RunData(task, splits, demonstrations)
 
 
 def evaluate_split(session: Session, split: str, z: np.ndarray, label: str,
-                   progress: Progress | None = None) -> tuple[float, float]:
+                   progress: Progress | None = None, label_bias: LabelBias | None = None,
+                   bias: np.ndarray | None = None) -> tuple[float, float]:
     """Accuracy and mean CE of one candidate on a whole split, in slices; with `progress`,
-    as a phase called `label`."""
+    as a phase called `label`; with `label_bias`, of its logits shifted by `bias` (C,)."""
     size = session.split_sizes[split]
     correct = loss = 0.0
     with (progress or Progress(silent=True)).phase(label, size, "example", f"{size} {split} examples") as phase:
         for start in range(0, size, EVAL_SLICE):
-            scores = session.evaluate(split, z[None, :], start=start, count=EVAL_SLICE)
+            scores = session.evaluate(split, z[None, :], start=start, count=EVAL_SLICE,
+                                      return_logits=label_bias is not None)
+            if label_bias is not None:
+                ce, accuracy = label_bias.score(split, scores.logits, bias[None, :], start)
+                scores = dataclasses.replace(scores, ce_loss=ce, accuracy=accuracy)
             correct += float(scores.accuracy[0]) * scores.num_examples
             loss += float(scores.ce_loss[0]) * scores.num_examples
             phase.update(scores.num_examples)
@@ -129,12 +142,14 @@ def run_generation(state: RunState, optimizer: Optimizer, objective: Objective, 
         **({"block": session.z_blocks[block][0]} if block is not None else {}),
     }
     if state.generation % dev_every == 0:
-        dev = session.evaluate("dev", candidates[leader][None, :])
-        dev_acc, dev_loss = float(dev.accuracy[0]), float(dev.ce_loss[0])
+        bias = None if objective.label_bias is None else scores.label_bias[leader]
+        dev_acc, dev_loss = evaluate_split(session, "dev", candidates[leader], "dev",
+                                           label_bias=objective.label_bias, bias=bias)
         record.update(dev_acc=dev_acc, dev_loss=dev_loss)
         if (dev_acc, -dev_loss) > (state.best_dev_acc, -state.best_dev_loss):
             state.best_dev_acc, state.best_dev_loss = dev_acc, dev_loss
             state.best_z, state.best_generation = candidates[leader].astype(np.float32), state.generation
+            state.best_label_bias = bias
     record.update(best_dev_acc=state.best_dev_acc, server_ms=scores.server_ms,
                   generation_ms=(time.perf_counter() - tick) * 1e3)
     return record
@@ -153,7 +168,8 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     started = time.perf_counter()
     progress = Progress(bars=show_progress)
     task, info, template, splits, checkpoint = _prepare(config, client, resume, data)
-    spec = delta_spec(config, info.kinds)
+    init_text = prompt_init_text(config, task.verbalizer)
+    spec = delta_spec(config, info.kinds, init_text)
     # The server checks the delta before the run folder is touched.
     session = client.create_session(splits, template, task.verbalizer, spec, truncate=config.truncate)
     try:
@@ -166,8 +182,11 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         with contextlib.suppress(BackboneError):
             session.close()
         raise
-    run.write_config({**dataclasses.asdict(config), "template": template, "model": info.model_name,
+    run.write_config({**dataclasses.asdict(config), "template": template, "init_text": init_text,
+                      "model": info.model_name,
                       "architecture": info.architecture})
+    label_bias = (LabelBias({name: np.array([e.label for e in examples]) for name, examples in splits.items()})
+                  if config.calibrate else None)
     try:
         if checkpoint is not None:
             state = RunState.from_checkpoint(checkpoint)
@@ -175,8 +194,8 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
             started -= state.elapsed_s
             progress.say(f"resuming {config.out} after generation {state.generation} ({state.api_calls} API calls)")
         else:
-            state = _start(config, info.model_name, session, optimizer, zero_shot, progress)
-        objective = Objective(session, "train", config.loss)
+            state = _start(config, info.model_name, session, optimizer, zero_shot, progress, label_bias)
+        objective = Objective(session, "train", config.loss, label_bias)
         calls_per_generation = optimizer.popsize * optimizer.calls_per_candidate
         generations = (config.budget - state.api_calls) // calls_per_generation
         with progress.phase(f"search ({config.optimizer})", config.budget, "call",
@@ -194,7 +213,8 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         progress.say(f"search stopped by {stop_reason} after {state.generation} generations: best dev acc "
                      f"{state.best_dev_acc:.4f} (generation {state.best_generation})")
 
-        test_acc, test_loss = evaluate_split(session, "test", state.best_z, "test (best z)", progress)
+        test_acc, test_loss = evaluate_split(session, "test", state.best_z, "test (best z)", progress,
+                                             label_bias, state.best_label_bias)
         adamix = _adamix_scores(session, state.best_z, test_acc, progress) if config.mix == "adamix" else None
     finally:
         # Best effort: a server that went away must not hide the error that ended the run.
@@ -218,7 +238,8 @@ def _prepare(config: TuneConfig, client: BackboneClient, resume: bool, data: Run
     data = data or load_run_data(config)
     task, splits = data.task, data.splits
     info = client.get_info()
-    template = place_prompt(task.template_for(info.architecture), config.placement)
+    template = with_demonstrations(place_prompt(task.template_for(info.architecture), config.placement),
+                                   data.demonstrations, task.verbalizer)
     if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
@@ -266,6 +287,9 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
         "zero_shot_test_acc": state.zero_shot["test_acc"],
         "test_examples": session.split_sizes["test"],
         "test_limit": config.test_limit,
+        "demonstrations": config.demonstrations,
+        "calibrate": config.calibrate,
+        "label_bias": None if state.best_label_bias is None else [float(b) for b in state.best_label_bias],
         "test_note": task.test_note,
         "stop_reason": stop_reason,
         "wall_s": wall_s,
@@ -274,22 +298,27 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
 
 
 def _start(config: TuneConfig, model: str, session: Session, optimizer: Optimizer,
-           zero_shot: dict[str, float] | None, progress: Progress) -> RunState:
+           zero_shot: dict[str, float] | None, progress: Progress, label_bias: LabelBias | None) -> RunState:
     """A new run's state: z = 0 scored on dev, and on test unless the run says no (or the
-    caller gave the scores); the best so far."""
+    caller gave the scores); the best so far. A calibrated run scores z = 0 with the
+    offsets fitted to its train logits (like the dev and test scores of z = 0, outside
+    the search's budget)."""
     zero = np.zeros(session.z_dim, dtype=np.float32)
+    bias = None
+    if label_bias is not None:
+        bias = label_bias.fit(session.evaluate("train", zero[None, :], return_logits=True).logits)[0]
     if zero_shot is None:
         test_acc = None
         if config.zero_shot_test:
-            test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", progress)
+            test_acc, _ = evaluate_split(session, "test", zero, "zero-shot test", progress, label_bias, bias)
         # Dev is small and the search's first bar: z = 0 is where the best-on-dev starts.
-        dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev")
+        dev_acc, dev_loss = evaluate_split(session, "dev", zero, "zero-shot dev", label_bias=label_bias, bias=bias)
         zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
     test = "not scored (--no-zero-shot)" if zero_shot["test_acc"] is None else f"{zero_shot['test_acc']:.4f}"
     progress.say(f"zero-shot (z = 0): test acc {test}, dev acc {zero_shot['dev_acc']:.4f}")
     return RunState(config=dataclasses.asdict(config), model=model, optimizer=optimizer.state_dict(),
                     zero_shot=zero_shot, best_z=zero, best_dev_acc=zero_shot["dev_acc"],
-                    best_dev_loss=zero_shot["dev_loss"])
+                    best_dev_loss=zero_shot["dev_loss"], best_label_bias=bias)
 
 
 def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, progress: Progress) -> dict[str, float]:

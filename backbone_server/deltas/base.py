@@ -21,6 +21,9 @@ from backbone_server.deltas.modules import ModulePlaces
 from backbone_server.errors import InvalidArgument
 from blackbox.v1.delta_spec import DeltaSpec, KindInfo
 
+# A prompt's initial words: a sentence or two, never a document.
+MAX_INIT_TEXT_CHARS = 2000
+
 
 @dataclass(frozen=True)
 class DeltaConfig(DeltaSpec):
@@ -33,6 +36,8 @@ class DeltaConfig(DeltaSpec):
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.intrinsic_dim < 1:
             raise InvalidArgument(f"intrinsic_dim must be >= 1, got {self.intrinsic_dim}")
+        if len(self.init_text) > MAX_INIT_TEXT_CHARS:
+            raise InvalidArgument(f"init_text has {len(self.init_text)} characters; at most {MAX_INIT_TEXT_CHARS}")
         if self.prompt_length < 0:
             raise InvalidArgument(f"prompt_length must be >= 0, got {self.prompt_length}")
         if not self.projection_scale > 0:
@@ -122,6 +127,8 @@ class Delta:
         if cls.takes_prompt and config.prompt_length < 1:
             raise InvalidArgument(f"delta kind {config.kind!r} puts vectors at {{prompt}}: it needs "
                                   f"prompt_length >= 1, got {config.prompt_length}")
+        if not cls.takes_prompt and config.init_text:
+            raise InvalidArgument(f"delta kind {config.kind!r} has no prompt to initialise from init_text")
         if not cls.takes_prompt and config.prompt_length:
             raise InvalidArgument(f"delta kind {config.kind!r} has no prompt; prompt_length must be 0, "
                                   f"got {config.prompt_length}")

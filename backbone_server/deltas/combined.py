@@ -69,6 +69,7 @@ class CombinedDelta(Delta):
             cls(DeltaConfig(
                 kind,
                 prompt_length=config.prompt_length if cls.takes_prompt else 0,
+                init_text=config.init_text if cls.takes_prompt else "",
                 intrinsic_dim=dim,
                 projection=config.projection,
                 seed=config.seed + i * PART_SEED_STRIDE,
@@ -100,8 +101,9 @@ class CombinedDelta(Delta):
         if len(prompt_parts) > 1:
             raise InvalidArgument(f"delta kind {config.kind!r} combines {' and '.join(prompt_parts)}; "
                                   "at most one prompt-like part (a kind that takes a prompt)")
-        if config.prompt_length and not prompt_parts:
-            raise InvalidArgument(f"delta kind {config.kind!r} has no prompt; prompt_length must be 0")
+        if (config.prompt_length or config.init_text) and not prompt_parts:
+            raise InvalidArgument(f"delta kind {config.kind!r} has no prompt; prompt_length must be 0 and "
+                                  "init_text empty")
         targeted = [cls for cls in classes if cls.takes_targets]
         if config.targets and len(targeted) != 1:
             raise InvalidArgument(f"targets are ambiguous for delta kind {config.kind!r}: they apply only when "

@@ -68,7 +68,7 @@ class Prefix(LayerBlocks, Delta):
         super().__init__(config, backbone)
         n = config.prompt_length
         self.initial_token_ids = initial_prompt_token_ids(backbone.tokenizer, backbone.embeddings.weight.shape[0],
-                                                          n, config.seed)
+                                                          n, config.seed, config.init_text)
         initial = self._initial_states(backbone)  # per layer: (K0, V0), (kv_heads, n, head_dim)
         layers = find_layers(backbone.body, backbone.num_layers)
         self.z_layers = len(layers)

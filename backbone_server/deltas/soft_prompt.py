@@ -24,6 +24,7 @@ from backbone_server.deltas.exported import (
     store,
     tokens_to_fold,
 )
+from backbone_server.errors import InvalidArgument
 from backbone_server.projection import make_projection
 
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
@@ -40,13 +41,20 @@ def _word_token_ids(tokenizer, vocab_size: int) -> torch.Tensor:
     ] or [i for i in range(vocab_size) if i not in special])
 
 
-def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int) -> list[int]:
-    """p0's tokens: `length` word tokens of the vocabulary drawn with `seed` (BBT's init).
+def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int, text: str = "") -> list[int]:
+    """p0's tokens: `text`'s tokens repeated or cut to `length` (initialisation from task
+    words, as prompt tuning initialises from the class labels); without text, `length`
+    word tokens of the vocabulary drawn with `seed` (BBT's init).
 
     Only tokens that decode to a word are drawn: large BPE vocabularies are full of code
     and byte fragments, which as a prompt cost the bundled SmolLM2 up to 25 points of
     zero-shot SST-2 accuracy.
     """
+    if text:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise InvalidArgument(f"init_text {text[:40]!r} has no tokens")
+        return [ids[i % len(ids)] for i in range(length)]
     candidates = _word_token_ids(tokenizer, vocab_size)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     picks = torch.randint(len(candidates), (length,), generator=generator)
@@ -64,7 +72,7 @@ class SoftPrompt(Delta):
         super().__init__(config, backbone)
         embeddings = backbone.embeddings.weight
         self.initial_token_ids = initial_prompt_token_ids(
-            backbone.tokenizer, embeddings.shape[0], config.prompt_length, config.seed
+            backbone.tokenizer, embeddings.shape[0], config.prompt_length, config.seed, config.init_text
         )
         ids = torch.tensor(self.initial_token_ids, device=embeddings.device)
         # p0 in fp32: the sum A z + p0 is formed before casting to the model's dtype.

@@ -5,6 +5,7 @@ Pure Python (no torch) so that the client and the server can share it.
 """
 
 from .data import ENV_VAR, SPLITS, Example, list_seeds, load_split, load_task_file, resolve_data_dir, stratified_subset
+from .demonstrations import pick_demonstrations, with_demonstrations
 from .registry import (
     PLACEHOLDERS,
     PLACEMENTS,
@@ -35,10 +36,12 @@ __all__ = [
     "list_tasks",
     "load_split",
     "load_task_file",
+    "pick_demonstrations",
     "place_prompt",
     "register_task",
     "resolve_data_dir",
     "stratified_subset",
     "task_from_file",
     "validate_template",
+    "with_demonstrations",
 ]

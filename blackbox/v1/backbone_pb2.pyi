@@ -105,7 +105,7 @@ class Split(_message.Message):
     def __init__(self, name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
 
 class DeltaSpec(_message.Message):
-    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets", "per_layer_z", "part_dims")
+    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets", "per_layer_z", "part_dims", "init_text")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     INTRINSIC_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DeltaSpec(_message.Message):
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     PER_LAYER_Z_FIELD_NUMBER: _ClassVar[int]
     PART_DIMS_FIELD_NUMBER: _ClassVar[int]
+    INIT_TEXT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     prompt_length: int
     intrinsic_dim: int
@@ -126,7 +127,8 @@ class DeltaSpec(_message.Message):
     targets: _containers.RepeatedScalarFieldContainer[str]
     per_layer_z: bool
     part_dims: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., per_layer_z: _Optional[bool] = ..., part_dims: _Optional[_Iterable[int]] = ...) -> None: ...
+    init_text: str
+    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., per_layer_z: _Optional[bool] = ..., part_dims: _Optional[_Iterable[int]] = ..., init_text: _Optional[str] = ...) -> None: ...
 
 class ZBlock(_message.Message):
     __slots__ = ("name", "size")

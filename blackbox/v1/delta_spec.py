@@ -90,6 +90,7 @@ class DeltaSpec:
     targets: tuple[str, ...] = ()  # module-name suffixes a weight kind changes; (): the kind's default
     per_layer_z: bool = False  # every layer its own block of intrinsic_dim coordinates (BBTv2's layout)
     part_dims: tuple[int, ...] = ()  # combinations: each part's share of z, in kind order; (): equal shares
+    init_text: str = ""  # kinds with a prompt: p0 from this text's tokens; "": random word tokens
 
     @functools.cached_property
     def form(self) -> DeltaForm:

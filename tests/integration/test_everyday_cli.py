@@ -240,3 +240,71 @@ def test_budget_zero_scores_the_starting_point_alone(tmp_path):
     result = _result(out)
     assert result["api_calls"] == 0 and result["generations"] == 0 and result["stop_reason"] == "budget"
     assert result["test_acc"] == result["zero_shot_test_acc"]
+
+
+# ------------------------------------------------------------------------ demonstrations
+
+def test_demonstrations_go_into_the_template_and_out_of_the_train_split(tmp_path):
+    from blackbox.tune_config import TuneConfig
+    from blackbox.tuner import load_run_data
+
+    code, out = _run(tmp_path, "--demonstrations", "1")
+    assert code == 0 and _result(out)["demonstrations"] == 1
+    template = json.loads((out / "config.json").read_text())["template"]
+    data = load_run_data(TuneConfig(task="rte", demonstrations=1))
+    plain = load_run_data(TuneConfig(task="rte"))
+    assert sorted(e.label for e in data.demonstrations) == [0, 1]
+    assert len(data.splits["train"]) == len(plain.splits["train"]) - 2
+    assert not set(data.demonstrations) & set(data.splits["train"])
+    for example in data.demonstrations:
+        assert f"{example.text_b} True? Yes or No?\nAnswer: {('Yes', 'No')[example.label]}\n\n" in template
+    assert template.endswith("Question: {text_b}{prompt} True? Yes or No?\nAnswer: {mask}")
+
+
+def test_more_demonstrations_than_train_examples_are_refused_before_the_model_loads(tmp_path, capsys):
+    assert main(["tune", "--quiet", "--out", str(tmp_path / "run"), "--demonstrations", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "16 demonstration(s) per class need more than 16" in err and EMBEDDED_STARTS not in err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- calibration
+
+def test_a_calibrated_run_scores_test_with_the_offsets_it_keeps(tmp_path):
+    """Recomputed from the server's own logits of the best z: the result's test accuracy
+    is that of the logits shifted by the result's label_bias."""
+    import dataclasses
+
+    import numpy as np
+
+    from blackbox.calibration import score_with_bias
+    from blackbox.client import BackboneClient
+    from blackbox.embedded import embedded_server
+    from blackbox.tune_config import TuneConfig, delta_spec
+    from blackbox.tuner import load_run_data
+
+    code, out = _run(tmp_path, "--calibrate", "--budget", "12")
+    assert code == 0
+    result = _result(out)
+    bias = np.array(result["label_bias"])
+    assert result["calibrate"] is True and bias.shape == (2,) and abs(bias.sum()) < 1e-6
+    stored = json.loads((out / "config.json").read_text())
+    config = TuneConfig(**{f.name: stored[f.name] for f in dataclasses.fields(TuneConfig)})
+    data = load_run_data(config)
+    with embedded_server("tiny-llama", device="cpu") as address, BackboneClient(address) as client:
+        spec = delta_spec(config, client.get_info().kinds)
+        session = client.create_session(data.splits, stored["template"], data.task.verbalizer, spec, truncate=True)
+        best_z = np.load(out / "best_z.npy")
+        logits = session.evaluate("test", best_z[None, :], return_logits=True).logits
+    labels = np.array([e.label for e in data.splits["test"]])
+    _, accuracy = score_with_bias(logits, labels, bias[None, :])
+    assert result["test_acc"] == pytest.approx(float(accuracy[0]), abs=1e-9)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--loss", "hinge"], "does not go with --loss hinge"),
+    (["--optimizer", "gradient"], "cannot follow its gradients"),
+])
+def test_calibration_refuses_what_it_cannot_serve(tmp_path, capsys, arguments, message):
+    assert main(["tune", "--quiet", "--out", str(tmp_path / "run"), "--calibrate", *arguments]) == 2
+    assert message in capsys.readouterr().err

@@ -289,3 +289,32 @@ def test_soft_prompt_identity_says_which_dimension_it_needs(tiny_llama):
     config = DeltaConfig("prompt", prompt_length=2, intrinsic_dim=10, projection="identity")
     with pytest.raises(InvalidArgument, match=f"d = D = {2 * tiny_llama.hidden_size}"):
         SoftPrompt(config, tiny_llama)
+
+
+# ---------------------------------------------------------------------------------------
+# p0 from words (init_text) instead of random word tokens.
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix", "deep-prompt", "prompt+lora"])
+def test_init_text_is_the_prompts_start_repeated_to_its_length(tiny_llama, kind):
+    from backbone_server.deltas.build import build_delta
+
+    words = tiny_llama.tokenizer("great bad", add_special_tokens=False)["input_ids"]
+    delta = build_delta(DeltaConfig(kind, prompt_length=5, intrinsic_dim=8, seed=1, init_text="great bad"), tiny_llama)
+    assert delta.initial_token_ids == [words[i % len(words)] for i in range(5)]
+    short = build_delta(DeltaConfig(kind, prompt_length=1, intrinsic_dim=8, seed=1, init_text="great bad"), tiny_llama)
+    assert short.initial_token_ids == words[:1]
+    random_words = build_delta(DeltaConfig(kind, prompt_length=5, intrinsic_dim=8, seed=1), tiny_llama)
+    assert random_words.initial_token_ids != delta.initial_token_ids
+
+
+@pytest.mark.parametrize("kind", ["bias", "lora+bias"])
+def test_init_text_is_refused_without_a_prompt(tiny_llama, kind):
+    from backbone_server.deltas.build import build_delta
+
+    with pytest.raises(InvalidArgument, match="no prompt"):
+        build_delta(DeltaConfig(kind, prompt_length=0, intrinsic_dim=8, init_text="great"), tiny_llama)
+
+
+def test_init_text_has_a_size_limit():
+    with pytest.raises(InvalidArgument, match="at most 2000"):
+        DeltaConfig("prompt", prompt_length=5, intrinsic_dim=8, init_text="word " * 1000)
