@@ -200,7 +200,9 @@ class Batcher:
         states = self.store.get(bucket.prefix_key)
         if states is None:
             # Constants even on the gradient path: nothing before the prompt depends on z.
-            with torch.no_grad():
+            # Made outside inference mode, so that a Gradient call may reuse what an
+            # Evaluate stored (autograd refuses to save inference tensors for backward).
+            with torch.inference_mode(False), torch.no_grad():
                 output = self.backbone.body(input_ids=bucket.prefix_ids, attention_mask=bucket.prefix_mask,
                                             use_cache=True)
             states = [(layer.keys, layer.values) for layer in output.cache.layers]

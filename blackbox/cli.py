@@ -44,11 +44,11 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--search-seed", type=int,
                         help="seeds the random projection and the optimizer (default: --seed), to measure the "
                              "search's own spread on one k-shot split")
-    search.add_argument("--dim", type=int, default=500, help="intrinsic dimension d")
-    search.add_argument("--delta", default="prompt",
-                        help="what z generates: prompt (soft prompt), deep-prompt (BBTv2: every layer), lora, "
-                             "adapter, bias (BitFit), or several joined by + (z is split among them); "
-                             "`blackbox info` lists what a server supports")
+    search.add_argument("--dim", type=int, default=100, help="intrinsic dimension d (BBT: 500)")
+    search.add_argument("--delta", default="prefix",
+                        help="what z generates: prefix (keys and values at every layer), prompt (BBT's soft prompt), "
+                             "deep-prompt (BBTv2: every layer), lora, adapter, bias (BitFit), or several joined by + "
+                             "(z is split among them); `blackbox info` lists what a server supports")
     search.add_argument("--mix", choices=("unipelt", "adamix"),
                         help="unipelt: per-layer gates (from extra coordinates of z) on every part of a KIND+KIND "
                              "delta; adamix: copies of one weight kind, routed per example while searching and "
@@ -57,20 +57,20 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--part-dims", default="",
                         help="a KIND+KIND delta: each part's share of --dim, comma-separated in kind order, "
                              "summing to --dim minus the unipelt gates (default: equal shares)")
-    search.add_argument("--prompt-length", type=int, default=50, help="prompt tokens (prompt, deep-prompt)")
+    search.add_argument("--prompt-length", type=int, default=10, help="prompt tokens (prefix, prompt, deep-prompt; BBT: 50)")
     search.add_argument("--lora-rank", "--adapter-size", dest="rank", type=int, default=0,
                         help="rank of lora, bottleneck size of adapter (0: the kind's default, 4 and 8)")
     search.add_argument("--targets", "--lora-targets", default="",
                         help="comma-separated module-name suffixes a weight delta changes "
                              "(default: lora q_proj,v_proj or query,value; bias: every bias, or every norm)")
-    search.add_argument("--placement", choices=PLACEMENTS, default="before",
+    search.add_argument("--placement", choices=PLACEMENTS, default="tail",
                         help="prompt before the text (BBT), after it (a causal backbone then reuses the text), "
                              "or tail: ahead of the template's last word before {mask} (e.g. 'Sentiment{prompt}:'), "
                              "where a prefix leaves a causal model one token to run per candidate")
-    search.add_argument("--prompt-init", default="random", metavar="random|labels|text=WORDS",
-                        help="the prompt's starting tokens p0 (prompt, prefix, deep-prompt): random word tokens "
+    search.add_argument("--prompt-init", default="labels", metavar="random|labels|text=WORDS",
+                        help="the prompt's starting tokens p0 (prefix, prompt, deep-prompt): random word tokens "
                              "(BBT), the task's label words, or the tokens of WORDS; repeated or cut to "
-                             "--prompt-length")
+                             "--prompt-length. Kinds without a prompt ignore random and labels")
     search.add_argument("--projection", default="normal",
                         help="normal (BBT scaling), uniform, sparse, fastfood (large deltas), or identity "
                              "(z is the whole delta: --dim = prompt length x hidden size)")
@@ -102,10 +102,11 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     search.add_argument("--demonstrations", type=int, default=0, metavar="N",
                         help="in-context demonstrations: N train examples of each label, filled with their label "
                              "words, ahead of every text (taken out of the train split the search scores)")
-    search.add_argument("--calibrate", action="store_true",
+    search.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None,
                         help="score each candidate with per-class offsets on its label-word logits, fitted to its own "
                              "train logits (contextual calibration; no extra API calls; result.json keeps the best "
-                             "z's offsets as label_bias)")
+                             "z's offsets as label_bias). Default: on, except with the gradient optimizer, the hinge "
+                             "loss and --mix adamix, which it does not go with")
     search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
     search.add_argument("--test-limit", type=int, default=0,
                         help="score test on a seeded subset of N examples, each label in its share (0: all; "
@@ -396,7 +397,9 @@ def _suite(args: argparse.Namespace) -> int:
     anchors = load_anchors(args.anchors or None) if args.anchors is not None else None
     common = ["--data-dir", args.data_dir] if args.data_dir else []
     with ExitStack() as stack:
-        if args.server is not None:
+        if args.table_only:
+            backbone = []
+        elif args.server is not None:
             backbone = ["--server", args.server, "--timeout", str(args.timeout)]
         elif args.ray:  # every Ray task starts its own: a cluster shares no loopback
             backbone = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _EMBEDDED_ONLY
@@ -405,11 +408,15 @@ def _suite(args: argparse.Namespace) -> int:
             backbone = ["--server", _start_embedded(args, stack, allow_gradients=True, serving=" for the suite")]
         rows, files = run_suite(split_list(args.tasks), parse_seeds(args.seeds), methods, args.out, run_tune_argv,
                                 backbone=[*backbone, *common], workers=args.workers, ray_address=args.ray,
-                                anchors=anchors, say=lambda line: print(line, file=sys.stderr, flush=True))
+                                anchors=anchors, say=lambda line: print(line, file=sys.stderr, flush=True),
+                                table_only=args.table_only)
     print(files["table_md"].read_text(), end="")
     print(f"results: {files['results']}  table: {files['table_md']} {files['table_csv']}  plot: {files['table_png']}")
     unfinished = [row for row in rows if row["status"] != "finished"]
-    if unfinished:
+    if unfinished and args.table_only:
+        print(f"{len(unfinished)} of {len(rows)} runs have no result yet: the table counts the seeds that have "
+              "one in each cell", file=sys.stderr)
+    elif unfinished:
         print(f"error: {len(unfinished)} of {len(rows)} runs did not finish (see {files['results']}); run the same "
               "command again to retry them", file=sys.stderr)
         return 2
@@ -432,6 +439,9 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the published rows of the literature beside ours (default file: "
                              "blackbox/data/anchors.json)")
     parser.add_argument("--data-dir", help="data folder of the built-in tasks, for every run")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: write results.csv and the table from the run folders already in --out "
+                             "(runs not there count as not run)")
     _backbone_arguments(parser, "HOST:PORT of a running backbone every run uses; without it one embedded server "
                                 "serves the suite (with --ray, one per run)")
     parser.add_argument("--out", default="runs/suite", help="folder of the suite: run folders, results and table")
@@ -466,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "templates filled in with the first train example (exit 2 and one error line if wrong)")
     tasks.add_argument("--seed", type=int, default=13, help="--check: the seed folder of a k-shot folder task")
     tasks.add_argument("--k", type=int, default=16, help="--check: k of a k-shot folder task's seed folders")
-    tasks.add_argument("--placement", choices=PLACEMENTS, default="before",
+    tasks.add_argument("--placement", choices=PLACEMENTS, default="tail",
                        help="--check: where the templates show the prompt, as `blackbox tune --placement`")
     tasks.set_defaults(run=_tasks)
     export = commands.add_parser("export", help="write a run's tuned delta (best_z.npy) as adapter weights (PEFT layout)")

@@ -33,11 +33,14 @@ def compare(base: TuneConfig, optimizers: list[str], client: BackboneClient, sho
     summary = out / "compare.csv"
     if summary.exists() and not overwrite:
         raise ValueError(f"{out} already holds a comparison; choose another --out or pass --overwrite")
-    results, zero_shot = [], None
+    results, zero_shots = [], {}
     for name in optimizers:
         config = dataclasses.replace(base, optimizer=name, out=str(out / run_folder_name(name)))
-        result = run_tune(config, client, show_progress=show_progress, overwrite=overwrite, zero_shot=zero_shot)
-        zero_shot = result["zero_shot"]  # the same starting point for every optimizer: score it once
+        # The same starting point for every optimizer, scored once (once each way where a
+        # gradient run cannot be calibrated and the others are).
+        result = run_tune(config, client, show_progress=show_progress, overwrite=overwrite,
+                          zero_shot=zero_shots.get(config.calibrated))
+        zero_shots[config.calibrated] = result["zero_shot"]
         results.append(result)
 
     rows = [{column: result[column] for column in COLUMNS} for result in results]

@@ -270,7 +270,9 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str,
             cells[task] = (*mean_std(values), len(values)) if values else None
         means = [cell[0] for cell in cells.values() if cell is not None]
         average = sum(means) / len(means) if means and len(means) == len(tasks) else None
-        return {"row": label, "kind": kind, "method": method, "cells": cells, "average": average}
+        planned = {task: sum(row["task"] == task and row["method"] == method for row in rows) for task in tasks}
+        return {"row": label, "kind": kind, "method": method, "cells": cells, "planned": planned,
+                "average": average}
 
     starts: dict[tuple, str] = {}
     for method in methods:
@@ -290,11 +292,13 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str,
     return tasks, table
 
 
-def _percent(cell) -> str:
+def _percent(cell, planned: int = 0) -> str:
+    """mean ± std, and how many of the planned seeds it covers where that is not all."""
     if cell is None:
         return "-"
     mean, std, count = cell
-    return f"{100 * mean:.1f} ± {100 * std:.1f}" if count > 1 else f"{100 * mean:.1f}"
+    text = f"{100 * mean:.1f} ± {100 * std:.1f}" if count > 1 else f"{100 * mean:.1f}"
+    return text + (f" ({count} of {planned} seeds)" if count < planned else "")
 
 
 def markdown(tasks: Sequence[str], table: Sequence[dict[str, Any]], anchors: dict | None = None) -> str:
@@ -302,7 +306,7 @@ def markdown(tasks: Sequence[str], table: Sequence[dict[str, Any]], anchors: dic
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in table:
         average = "-" if row["average"] is None else f"{100 * row['average']:.1f}"
-        lines.append("| " + " | ".join([row["row"], *(_percent(row["cells"][t]) for t in tasks), average]) + " |")
+        lines.append("| " + " | ".join([row["row"], *(_percent(row["cells"][t], row["planned"][t]) for t in tasks), average]) + " |")
     text = "\n".join(lines) + "\n"
     text += "\nTest accuracy (%), mean ± standard deviation over seeds; average: the mean of the per-task means.\n"
     if anchors:
@@ -367,12 +371,15 @@ def write_outputs(out: str | Path, rows: Sequence[dict[str, Any]], anchors: dict
 
 def run_suite(tasks: Sequence[str], seeds: Sequence[int], methods: Sequence[Method], out: str | Path,
               runner: Runner, backbone: Sequence[str] = (), workers: int = 1, ray_address: str | None = None,
-              anchors: dict | None = None, say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict]:
-    """Plans, runs what is not finished, and writes the table; returns the rows and files."""
+              anchors: dict | None = None, say: Callable[[str], None] = print,
+              table_only: bool = False) -> tuple[list[dict[str, Any]], dict]:
+    """Plans, runs what is not finished (nothing with `table_only`), and writes the table
+    from the run folders; returns the rows and files."""
     if workers < 1:
         raise SuiteError(f"--workers must be >= 1, got {workers}")
     runs = plan(tasks, seeds, methods, out)
-    outcomes = execute(runs, backbone, runner, workers=workers, ray_address=ray_address, say=say)
+    outcomes = {} if table_only else execute(runs, backbone, runner, workers=workers, ray_address=ray_address,
+                                             say=say)
     rows = collect(runs, outcomes)
     return rows, write_outputs(out, rows, anchors)
 

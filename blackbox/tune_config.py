@@ -23,6 +23,10 @@ PROMPT_INITS = ("random", "labels")
 
 @dataclass
 class TuneConfig:
+    """A run's settings. The defaults are BBT's recipe, and what a run stored before a
+    setting existed means; `blackbox tune`'s own defaults are the recipe the suite measured
+    best (README "Beyond the BBT recipe")."""
+
     task: str = "sst2"
     # A task of the user's own, read from this JSON task file instead of `task` (which the
     # command line then sets to the file's task name); kept as an absolute path, so that a
@@ -76,7 +80,8 @@ class TuneConfig:
     demonstrations: int = 0
     # Score every candidate with per-class offsets on its verbalizer logits, fitted to its
     # train logits by the client (blackbox/calibration.py); the best z's go in result.json.
-    calibrate: bool = False
+    # None: on wherever it applies (CE loss, a gradient-free optimizer, no AdaMix).
+    calibrate: bool | None = False
     # Score test on a seeded subset of this many examples, each label in its share (0: all).
     test_limit: int = 0
     # Score z = 0 on test before the search (the zero-shot baseline; off saves a test pass).
@@ -111,12 +116,13 @@ class TuneConfig:
         if self.calibrate:
             if self.loss != "ce":
                 raise ValueError("--calibrate fits the label bias to the cross-entropy; it does not go with "
-                                 f"--loss {self.loss}")
+                                 f"--loss {self.loss} (pass --no-calibrate)")
             if optimizer_class(self.optimizer).uses_gradients:
                 raise ValueError(f"--calibrate shifts the logits on the client, where {self.optimizer!r} cannot "
-                                 "follow its gradients")
+                                 "follow its gradients (pass --no-calibrate)")
             if self.mix == ADAMIX:
-                raise ValueError("--calibrate does not go with --mix adamix (its routed and merged splits)")
+                raise ValueError("--calibrate does not go with --mix adamix (its routed and merged splits; pass "
+                                 "--no-calibrate)")
         if self.mix and self.mix not in MIXES:
             raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(MIXES)}")
         if self.mix == ADAMIX and self.adamix_copies < 1:
@@ -137,6 +143,14 @@ class TuneConfig:
                                  f"{self.optimizer!r}")
             if form.mix == ADAMIX:  # one kind's copies, all driven by the whole z
                 raise _one_block(form, {})
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether candidates are scored with a label bias: `calibrate`, or where it is None,
+        wherever that applies."""
+        if self.calibrate is not None:
+            return self.calibrate
+        return self.loss == "ce" and not optimizer_class(self.optimizer).uses_gradients and self.mix != ADAMIX
 
     @property
     def delta_form(self) -> DeltaForm:
@@ -183,7 +197,7 @@ def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo], init_text: str
             raise _one_block(form, kinds)
         per_layer_z = True
     # BBT's scaling: std(A) = alpha * std(embeddings) / (sqrt(d) * sigma0).
-    if config.prompt_init != "random" and not has_prompt:
+    if config.prompt_init.startswith("text=") and not has_prompt:
         raise ValueError(f"--prompt-init {config.prompt_init!r} sets up a prompt, and --delta {config.delta!r} has none")
     return DeltaSpec(kind=str(form), prompt_length=config.prompt_length if has_prompt else 0,
                      init_text=init_text if has_prompt else "",

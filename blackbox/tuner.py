@@ -186,7 +186,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                       "model": info.model_name,
                       "architecture": info.architecture})
     label_bias = (LabelBias({name: np.array([e.label for e in examples]) for name, examples in splits.items()})
-                  if config.calibrate else None)
+                  if config.calibrated else None)
     try:
         if checkpoint is not None:
             state = RunState.from_checkpoint(checkpoint)
@@ -288,7 +288,7 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
         "test_examples": session.split_sizes["test"],
         "test_limit": config.test_limit,
         "demonstrations": config.demonstrations,
-        "calibrate": config.calibrate,
+        "calibrate": config.calibrated,
         "label_bias": None if state.best_label_bias is None else [float(b) for b in state.best_label_bias],
         "test_note": task.test_note,
         "stop_reason": stop_reason,

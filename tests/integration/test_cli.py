@@ -86,8 +86,13 @@ def test_compare_writes_a_table_and_a_plot(tmp_path, capsys):
     lines = (out / "compare.csv").read_text().splitlines()
     assert lines[0].startswith("optimizer,best_dev_acc,test_acc")
     assert [line.split(",")[0] for line in lines[1:]] == ["cma", "mezo", "ng:NGOpt", "gradient"]
-    zero_shot = {line.split(",")[3] for line in lines[1:]}
-    assert len(zero_shot) == 1  # one starting point, scored once
+    # One starting point, scored once for the calibrated gradient-free runs; the gradient
+    # run cannot be calibrated and scores it plain.
+    zero_shot = {line.split(",")[3] for line in lines[1:-1]}
+    assert len(zero_shot) == 1
+    results = {name: json.loads((out / folder / "result.json").read_text())
+               for name, folder in (("cma", "cma"), ("gradient", "gradient"))}
+    assert results["cma"]["calibrate"] is True and results["gradient"]["calibrate"] is False
     assert (out / "compare.png").stat().st_size > 1000 and (out / "ng-NGOpt" / "result.json").exists()
     assert "| cma |" in capsys.readouterr().out
     assert main(arguments) == 2  # never clobbers a finished comparison

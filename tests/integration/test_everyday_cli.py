@@ -119,7 +119,7 @@ def test_resume_refuses_changed_settings_with_the_list_of_differences(tmp_path, 
     capsys.readouterr()
     assert main(["tune", "--out", str(out), "--resume", "--delta", "lora", "--popsize", "8", "--budget", "16"]) == 2
     err = capsys.readouterr().err
-    assert "popsize 4 -> 8" in err and "delta 'prompt' -> 'lora'" in err and EMBEDDED_STARTS not in err
+    assert "popsize 4 -> 8" in err and "delta 'prefix' -> 'lora'" in err and EMBEDDED_STARTS not in err
     assert _result(out) == before  # nothing lost
 
 

@@ -47,7 +47,7 @@ def test_the_table_is_the_mean_and_spread_over_seeds_and_the_mean_over_tasks():
     assert lora["cells"]["rte"] == (0.55, 0.0, 1)  # the failed seed is left out, and counted
     assert lora["average"] == pytest.approx((0.71 + 0.55) / 2)
     text = markdown(tasks, table)
-    assert "| bbt | 85.0 ± 7.1 | 55.0 ± 7.1 | 70.0 |" in text and "| lora | 71.0 ± 1.4 | 55.0 | 63.0 |" in text
+    assert "| bbt | 85.0 ± 7.1 | 55.0 ± 7.1 | 70.0 |" in text and "| lora | 71.0 ± 1.4 | 55.0 (1 of 2 seeds) | 63.0 |" in text
 
 
 def test_a_task_with_no_finished_run_leaves_the_average_empty():
@@ -165,6 +165,20 @@ def test_two_local_workers_give_the_table_of_one(tmp_path):
     assert read_csv(tmp_path / "one" / "table.csv") == read_csv(tmp_path / "two" / "table.csv")
 
 
+def test_table_only_runs_nothing_and_counts_the_seeds_there(tmp_path, capsys):
+    out = tmp_path / "suite"
+    command = ["suite", *TINY, "--tasks", "rte", "--method", f"cma={FAST}", "--out", str(out)]
+    assert main(command + ["--seeds", "13"]) == 0
+    capsys.readouterr()
+    assert main(command + ["--seeds", "13,21", "--table-only"]) == 0
+    captured = capsys.readouterr()
+    assert "1 of 2 runs have no result yet" in captured.err and "starting an embedded" not in captured.err
+    assert not (out / "runs" / "rte" / "cma" / "seed-21").exists()
+    statuses = {r["seed"]: r["status"] for r in read_csv(out / "results.csv")}
+    assert statuses == {"13": "finished", "21": "not run"}
+    assert "| cma | " in (out / "table.md").read_text() and " (1 of 2 seeds) |" in (out / "table.md").read_text()
+
+
 def test_a_failing_run_is_recorded_and_the_rest_go_on(tmp_path, capsys):
     out = tmp_path / "suite"
     command = ["suite", *TINY, "--tasks", "rte", "--seeds", "13", "--method", f"ok={FAST}",
@@ -202,8 +216,9 @@ def test_a_task_file_runs_beside_a_built_in_task(tmp_path):
         "train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl", "labels": ["bad", "good"],
         "verbalizer": ["bad", "good"], "template": "{text_a} It was{prompt} {mask} ."}))
     out = tmp_path / "suite"
-    assert main(["suite", *TINY, "--tasks", f"rte,{task_file}", "--seeds", "13", "--method", f"cma={FAST}",
-                 "--out", str(out)]) == 0
+    # The template puts {prompt} right before {mask}: a soft prompt is read there, a prefix cannot be.
+    assert main(["suite", *TINY, "--tasks", f"rte,{task_file}", "--seeds", "13",
+                 "--method", f"cma={FAST} --delta prompt", "--out", str(out)]) == 0
     results = read_csv(out / "results.csv")
     assert [r["task"] for r in results] == ["rte", "mine"] and {r["status"] for r in results} == {"finished"}
     assert (out / "runs" / "mine" / "cma" / "seed-13" / "result.json").exists()

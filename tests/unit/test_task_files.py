@@ -314,7 +314,7 @@ def test_data_errors_in_other_formats(tmp_path):
 
 def test_tasks_check_says_what_the_file_holds(valid, tmp_path, capsys):
     path = valid()
-    assert main(["tasks", "--check", str(path)]) == 0
+    assert main(["tasks", "--check", str(path), "--placement", "before"]) == 0
     out = capsys.readouterr().out
     assert "task 'mine'" in out and "2 classes" in out and "csv with a header line" in out
     assert "'neg' -> 'bad', 'pos' -> 'great'" in out
@@ -329,8 +329,10 @@ def test_tasks_check_says_what_the_file_holds(valid, tmp_path, capsys):
     assert "masked: '<mask> : good<prompt>'" in out and "causal: 'Review: good<prompt> Verdict: <mask>'" in out
     assert describe_task_file(path, placement="tail")[-1] == "  causal: 'Review: good Verdict<prompt>: <mask>'"
     path = valid(template="{text_a} Verdict: {mask}")
-    assert main(["tasks", "--check", str(path)]) == 0
+    assert main(["tasks", "--check", str(path), "--placement", "before"]) == 0
     assert "masked and causal: '<prompt>good Verdict: <mask>'" in capsys.readouterr().out
+    assert main(["tasks", "--check", str(path)]) == 0  # tune's default placement: ahead of the last word
+    assert "masked and causal: 'good Verdict<prompt>: <mask>'" in capsys.readouterr().out
 
 
 def test_tasks_check_of_a_bad_file_is_one_error_line(valid, tmp_path, capsys):
