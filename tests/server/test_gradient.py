@@ -97,3 +97,21 @@ def test_an_example_range_and_a_bad_loss(tiny_llama):
         engine.gradient(session.id, "train", population(2), loss="mse")
     with pytest.raises(InvalidArgument, match="non-finite"):
         engine.gradient(session.id, "train", np.full((1, 6), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("placement", ["after", "tail"])
+def test_a_gradient_reuses_the_prefix_states_an_evaluate_stored(tiny_llama, placement):
+    """The tune loop scores z = 0 (Evaluate) before its first Gradient: the keys and values
+    of the text that Evaluate stored serve the gradient path too, with the same result."""
+    from tests.server.test_prefix import DIM, prefix_session
+
+    z = population(2, dim=DIM, scale=0.5)
+    fresh = Engine(tiny_llama, allow_gradients=True)
+    expected = fresh.gradient(prefix_session(fresh, placement).id, "train", z)
+    engine = Engine(tiny_llama, allow_gradients=True)
+    session = prefix_session(engine, placement)
+    assert session.prefix_reuse
+    engine.evaluate(session.id, "train", np.zeros((1, DIM), dtype=np.float32))
+    after_evaluate = engine.gradient(session.id, "train", z)
+    np.testing.assert_allclose(after_evaluate.grad, expected.grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(after_evaluate.loss, expected.loss, rtol=1e-6)
