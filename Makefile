@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 # The fastest kind and placement on a CPU: a 10-token prefix ahead of the template's last word,
 # so that each candidate runs one token per example (docs/performance.md).
-DEMO_ARGS ?= --task sst2 --seed 13 --delta prefix --placement tail --budget 1000 --popsize 20 --dim 100 --prompt-length 10
+DEMO_ARGS ?= --task sst2 --seed 13 --budget 1000
 
 .PHONY: install demo test test-fast bench protos clean
 

@@ -36,6 +36,10 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
     task.add_argument("--k", type=int, default=16, help="examples per class in the k-shot split")
     task.add_argument("--data-dir", help="data folder (default: $BLACKBOX_DATA_DIR, else ../shared/data)")
     search = parser.add_argument_group("search")
+    search.add_argument("--recipe", choices=("blackbox", "bbt"), default="blackbox",
+                        help="the defaults of the options not given: blackbox (the ones below, measured best by the "
+                             "suite: docs/results.md) or bbt (BBT's recipe: --delta prompt --placement before --dim "
+                             "500 --prompt-length 50 --prompt-init random --no-calibrate)")
     search.add_argument("--budget", type=int,
                         help="API calls, one candidate on the train set = one (default 8000; on --resume, the run's "
                              "own; 0 scores the starting point z = 0 alone: with a weight kind, the manual prompt)")
@@ -163,6 +167,10 @@ def _config_values(args: argparse.Namespace, names: set[str] | None = None) -> d
         values["optimizer_options"] = parse_optimizer_options(values["optimizer_options"])
     if values.get("budget", 0) is None:
         values.pop("budget")
+    if getattr(args, "recipe", None) == "bbt":
+        for name in BBT_RECIPE:
+            if name in values and name not in getattr(args, "given", ()):
+                values[name] = getattr(TuneConfig, name)
     if getattr(args, "task_file", None) and "task" in getattr(args, "given", ()):
         raise ValueError("--task and --task-file exclude each other: --task names a built-in task, --task-file "
                          "reads your own")
@@ -179,6 +187,9 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
         values["task"] = task_from_file(values["task_file"]).name
     return TuneConfig(**{**values, "optimizer": optimizer})
 
+
+# What `--recipe bbt` sets back to TuneConfig's defaults (BBT's recipe) unless given.
+BBT_RECIPE = ("delta", "placement", "dim", "prompt_length", "prompt_init", "calibrate")
 
 # Options that set up the embedded server; a --server has its own.
 _EMBEDDED_ONLY = ("model", "device", "dtype", "device_map", "max_batch_tokens")

@@ -308,3 +308,28 @@ def test_a_calibrated_run_scores_test_with_the_offsets_it_keeps(tmp_path):
 def test_calibration_refuses_what_it_cannot_serve(tmp_path, capsys, arguments, message):
     assert main(["tune", "--quiet", "--out", str(tmp_path / "run"), "--calibrate", *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- recipes
+
+def _config_of(argv: list[str]):
+    from blackbox.cli import _config_from_args, _given_options
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given = _given_options(parser, argv, args)
+    return _config_from_args(args, args.optimizer)
+
+
+def test_the_default_recipe_is_the_suites_and_bbt_is_one_flag_away():
+    ours = _config_of(["tune"])
+    assert (ours.delta, ours.placement, ours.dim, ours.prompt_length, ours.prompt_init) == (
+        "prefix", "tail", 100, 10, "labels")
+    assert ours.calibrated and ours.calibrate is None
+    bbt = _config_of(["tune", "--recipe", "bbt"])
+    assert (bbt.delta, bbt.placement, bbt.dim, bbt.prompt_length, bbt.prompt_init, bbt.calibrated) == (
+        "prompt", "before", 500, 50, "random", False)
+    assert bbt.budget == 8000 and bbt.popsize == 20
+    typed = _config_of(["tune", "--recipe", "bbt", "--dim", "20", "--calibrate"])
+    assert typed.dim == 20 and typed.calibrated and typed.delta == "prompt"
+    assert not _config_of(["tune", "--optimizer", "gradient"]).calibrated
