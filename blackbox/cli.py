@@ -111,6 +111,9 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                              "train logits (contextual calibration; no extra API calls; result.json keeps the best "
                              "z's offsets as label_bias). Default: on, except with the gradient optimizer, the hinge "
                              "loss and --mix adamix, which it does not go with")
+    search.add_argument("--ensemble", type=int, default=1, metavar="K",
+                        help="score test with the class probabilities of the K best candidates on dev averaged "
+                             "(1: the best z alone; result.json keeps the best z's own test accuracy under ensemble)")
     search.add_argument("--truncate", action="store_true", help="cut texts that exceed the model's length")
     search.add_argument("--test-limit", type=int, default=0,
                         help="score test on a seeded subset of N examples, each label in its share (0: all; "

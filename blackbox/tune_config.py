@@ -82,6 +82,9 @@ class TuneConfig:
     # train logits by the client (blackbox/calibration.py); the best z's go in result.json.
     # None: on wherever it applies (CE loss, a gradient-free optimizer, no AdaMix).
     calibrate: bool | None = False
+    # Score test with the class probabilities of the K best candidates on dev averaged
+    # (1: the best z alone).
+    ensemble: int = 1
     # Score test on a seeded subset of this many examples, each label in its share (0: all).
     test_limit: int = 0
     # Score z = 0 on test before the search (the zero-shot baseline; off saves a test pass).
@@ -96,7 +99,7 @@ class TuneConfig:
             raise ValueError("seed and search-seed must be >= 0")
         if self.budget < 0:
             raise ValueError(f"budget must be >= 0 (0: score the starting point z = 0 only), got {self.budget}")
-        for name in ("popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations"):
+        for name in ("popsize", "dim", "prompt_length", "dev_every", "k", "turn_generations", "ensemble"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         generation = optimizer_class(self.optimizer).fixed_popsize or self.popsize
@@ -123,6 +126,8 @@ class TuneConfig:
             if self.mix == ADAMIX:
                 raise ValueError("--calibrate does not go with --mix adamix (its routed and merged splits; pass "
                                  "--no-calibrate)")
+        if self.ensemble > 1 and self.mix == ADAMIX:
+            raise ValueError("--ensemble does not go with --mix adamix (its routed and merged test splits)")
         if self.mix and self.mix not in MIXES:
             raise ValueError(f"unknown mix {self.mix!r}; choose from {', '.join(MIXES)}")
         if self.mix == ADAMIX and self.adamix_copies < 1:

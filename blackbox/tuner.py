@@ -50,6 +50,9 @@ class RunState:
     elapsed_s: float = 0.0
     # A calibrated run's per-class offsets for best_z (fitted on train); None: not calibrated.
     best_label_bias: np.ndarray | None = None
+    # --ensemble K: the K best candidates scored on dev so far, best first, each a dict of
+    # z, label_bias, dev_acc and dev_loss.
+    leaders: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def checkpoint(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
@@ -114,10 +117,11 @@ def evaluate_split(session: Session, split: str, z: np.ndarray, label: str,
 
 
 def run_generation(state: RunState, optimizer: Optimizer, objective: Objective, session: Session,
-                   dev_every: int) -> dict[str, Any]:
+                   dev_every: int, ensemble: int = 1) -> dict[str, Any]:
     """One ask, evaluate and tell; every `dev_every` generations the generation's best is
-    scored on dev and kept if it beats the best so far. Moves `state` on by the
-    generation (all but its optimizer state and time) and returns its log record."""
+    scored on dev and kept if it beats the best so far (and among the `ensemble` best, if
+    more than one). Moves `state` on by the generation (all but its optimizer state and
+    time) and returns its log record."""
     tick = time.perf_counter()
     candidates = optimizer.ask()
     block = optimizer.active_block  # read after ask: a turn may have ended there
@@ -150,9 +154,42 @@ def run_generation(state: RunState, optimizer: Optimizer, objective: Objective, 
             state.best_dev_acc, state.best_dev_loss = dev_acc, dev_loss
             state.best_z, state.best_generation = candidates[leader].astype(np.float32), state.generation
             state.best_label_bias = bias
+        if ensemble > 1:
+            keep_leader(state, candidates[leader], bias, dev_acc, dev_loss, ensemble)
     record.update(best_dev_acc=state.best_dev_acc, server_ms=scores.server_ms,
                   generation_ms=(time.perf_counter() - tick) * 1e3)
     return record
+
+
+def keep_leader(state: RunState, z: np.ndarray, bias: np.ndarray | None, dev_acc: float, dev_loss: float,
+                size: int) -> None:
+    """Adds a candidate scored on dev to the ensemble's members, keeping the `size` best
+    by dev accuracy, then dev loss (ties: the earlier one)."""
+    state.leaders.append({"z": np.asarray(z, dtype=np.float32), "label_bias": bias, "dev_acc": dev_acc,
+                          "dev_loss": dev_loss})
+    state.leaders.sort(key=lambda member: (-member["dev_acc"], member["dev_loss"]))
+    del state.leaders[size:]
+
+
+def ensemble_accuracy(session: Session, split: str, members: list[dict[str, Any]], labels: np.ndarray,
+                      label_bias: LabelBias | None, progress: Progress) -> float:
+    """Accuracy of the members' class probabilities averaged (each with its own offsets)."""
+    probabilities = None
+    for number, member in enumerate(members, start=1):
+        with progress.phase(f"{split} (ensemble member {number} of {len(members)})", len(labels), "example",
+                            f"{len(labels)} {split} examples") as phase:
+            for start in range(0, len(labels), EVAL_SLICE):
+                logits = session.evaluate(split, member["z"][None, :], start=start, count=EVAL_SLICE,
+                                          return_logits=True).logits[0].astype(np.float64)
+                if label_bias is not None:
+                    logits = logits + member["label_bias"][None, :]
+                logits -= logits.max(axis=1, keepdims=True)
+                shares = np.exp(logits)
+                if probabilities is None:
+                    probabilities = np.zeros((len(labels), logits.shape[1]))
+                probabilities[start:start + len(logits)] += shares / shares.sum(axis=1, keepdims=True)
+                phase.update(len(logits))
+    return float((probabilities.argmax(axis=1) == labels).mean())
 
 
 def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = True,
@@ -203,7 +240,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
                             done=state.api_calls) as phase:
             while (stop_reason := _stop_reason(config, optimizer, state, calls_per_generation,
                                                time.perf_counter() - started)) is None:
-                record = run_generation(state, optimizer, objective, session, config.dev_every)
+                record = run_generation(state, optimizer, objective, session, config.dev_every, config.ensemble)
                 state.optimizer, state.elapsed_s = optimizer.state_dict(), time.perf_counter() - started
                 record["elapsed_s"] = state.elapsed_s
                 run.log_generation(record)
@@ -215,6 +252,15 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
 
         test_acc, test_loss = evaluate_split(session, "test", state.best_z, "test (best z)", progress,
                                              label_bias, state.best_label_bias)
+        ensemble = None
+        if config.ensemble > 1:
+            labels = np.array([e.label for e in splits["test"]])
+            ensemble = {"members": len(state.leaders), "best_z_test_acc": test_acc,
+                        "member_dev_acc": [member["dev_acc"] for member in state.leaders],
+                        "member_label_bias": [None if m["label_bias"] is None else [float(b) for b in m["label_bias"]]
+                                              for m in state.leaders],
+                        "z_file": "ensemble_z.npy"}
+            test_acc = ensemble_accuracy(session, "test", state.leaders, labels, label_bias, progress)
         adamix = _adamix_scores(session, state.best_z, test_acc, progress) if config.mix == "adamix" else None
     finally:
         # Best effort: a server that went away must not hide the error that ended the run.
@@ -223,8 +269,10 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
         run.close()
 
     result = _result(config, task, info, spec, session, optimizer, state, test_acc=test_acc, test_loss=test_loss,
-                     adamix=adamix, stop_reason=stop_reason, wall_s=time.perf_counter() - started)
+                     adamix=adamix, ensemble=ensemble, stop_reason=stop_reason, wall_s=time.perf_counter() - started)
     result_path = run.write_result(result, state.best_z)
+    if ensemble is not None:
+        np.save(run.dir / "ensemble_z.npy", np.stack([member["z"] for member in state.leaders]))
     plot_curve(run.log_path, run.dir / "curve.png", result)
     result["zero_shot"] = state.zero_shot
     result["files"] = {"result": str(result_path), "log": str(run.log_path), "curve": str(run.dir / "curve.png")}
@@ -250,7 +298,8 @@ def _prepare(config: TuneConfig, client: BackboneClient, resume: bool, data: Run
 
 
 def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: Optimizer, state: RunState, *,
-            test_acc: float, test_loss: float, adamix: dict | None, stop_reason: str, wall_s: float) -> dict[str, Any]:
+            test_acc: float, test_loss: float, adamix: dict | None, stop_reason: str, wall_s: float,
+            ensemble: dict | None = None) -> dict[str, Any]:
     """result.json: the run's settings, what the server made of them, and its outcome."""
     return {
         "task": task.name,
@@ -294,6 +343,8 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
         "stop_reason": stop_reason,
         "wall_s": wall_s,
         **({"adamix": adamix} if adamix is not None else {}),
+        # --ensemble: test_acc is the members' averaged probabilities'; best_z's own is here.
+        **({"ensemble": ensemble} if ensemble is not None else {}),
     }
 
 
@@ -316,9 +367,12 @@ def _start(config: TuneConfig, model: str, session: Session, optimizer: Optimize
         zero_shot = {"test_acc": test_acc, "dev_acc": dev_acc, "dev_loss": dev_loss}
     test = "not scored (--no-zero-shot)" if zero_shot["test_acc"] is None else f"{zero_shot['test_acc']:.4f}"
     progress.say(f"zero-shot (z = 0): test acc {test}, dev acc {zero_shot['dev_acc']:.4f}")
-    return RunState(config=dataclasses.asdict(config), model=model, optimizer=optimizer.state_dict(),
-                    zero_shot=zero_shot, best_z=zero, best_dev_acc=zero_shot["dev_acc"],
-                    best_dev_loss=zero_shot["dev_loss"], best_label_bias=bias)
+    state = RunState(config=dataclasses.asdict(config), model=model, optimizer=optimizer.state_dict(),
+                     zero_shot=zero_shot, best_z=zero, best_dev_acc=zero_shot["dev_acc"],
+                     best_dev_loss=zero_shot["dev_loss"], best_label_bias=bias)
+    if config.ensemble > 1:
+        keep_leader(state, zero, bias, zero_shot["dev_acc"], zero_shot["dev_loss"], config.ensemble)
+    return state
 
 
 def _adamix_scores(session: Session, z: np.ndarray, test_acc_merged: float, progress: Progress) -> dict[str, float]:

@@ -333,3 +333,51 @@ def test_the_default_recipe_is_the_suites_and_bbt_is_one_flag_away():
     typed = _config_of(["tune", "--recipe", "bbt", "--dim", "20", "--calibrate"])
     assert typed.dim == 20 and typed.calibrated and typed.delta == "prompt"
     assert not _config_of(["tune", "--optimizer", "gradient"]).calibrated
+
+
+# ------------------------------------------------------------------------------- ensembles
+
+def test_an_ensemble_scores_test_with_its_members_probabilities_averaged(tmp_path):
+    """Recomputed from the server's logits of the stored members: the result's test
+    accuracy is that of their calibrated class probabilities averaged."""
+    import dataclasses
+
+    import numpy as np
+
+    from blackbox.client import BackboneClient
+    from blackbox.embedded import embedded_server
+    from blackbox.tune_config import TuneConfig, delta_spec
+    from blackbox.tuner import load_run_data
+
+    code, out = _run(tmp_path, "--ensemble", "3", "--budget", "16")
+    assert code == 0
+    result = _result(out)
+    ensemble = result["ensemble"]
+    assert ensemble["members"] == 3 and ensemble["member_dev_acc"] == sorted(ensemble["member_dev_acc"], reverse=True)
+    members = np.load(out / ensemble["z_file"])
+    assert members.shape == (3, 6) and np.array_equal(members[0], np.load(out / "best_z.npy"))
+    stored = json.loads((out / "config.json").read_text())
+    config = TuneConfig(**{f.name: stored[f.name] for f in dataclasses.fields(TuneConfig)})
+    data = load_run_data(config)
+    with embedded_server("tiny-llama", device="cpu") as address, BackboneClient(address) as client:
+        spec = delta_spec(config, client.get_info().kinds, stored["init_text"])
+        session = client.create_session(data.splits, stored["template"], data.task.verbalizer, spec, truncate=True)
+        logits = session.evaluate("test", members, return_logits=True).logits.astype(np.float64)
+    logits += np.array(ensemble["member_label_bias"])[:, None, :]
+    probabilities = np.exp(logits - logits.max(axis=2, keepdims=True))
+    probabilities /= probabilities.sum(axis=2, keepdims=True)
+    labels = np.array([e.label for e in data.splits["test"]])
+    expected = float((probabilities.sum(axis=0).argmax(axis=1) == labels).mean())
+    assert result["test_acc"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_ensemble_keeps_the_best_members_on_dev():
+    import numpy as np
+
+    from blackbox.tuner import RunState, keep_leader
+
+    state = RunState(config={}, model="m", optimizer=b"", zero_shot={}, best_z=np.zeros(2), best_dev_acc=0,
+                     best_dev_loss=0)
+    for number, (acc, loss) in enumerate([(0.5, 1.0), (0.7, 0.9), (0.7, 0.8), (0.5, 0.5), (0.7, 0.8)]):
+        keep_leader(state, np.full(2, number), None, acc, loss, size=3)
+    assert [int(member["z"][0]) for member in state.leaders] == [2, 4, 1]
