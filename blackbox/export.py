@@ -73,6 +73,12 @@ def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, d
     except ServiceError as error:
         raise ValueError(str(error)) from None
     manifest.update(run=str(run_dir.resolve()), run_model=run_config.get("model"))
+    if result.get("label_bias"):
+        # The offsets live on the client's side of the scores: no adapter format holds them.
+        manifest["label_bias"] = result["label_bias"]
+        manifest["warnings"].append(
+            "the run scored every candidate with a label bias (--calibrate): add label_bias[c] to the logit of "
+            "label word c to reproduce its predictions; the adapter holds none")
     if name in TINY_MODELS:
         save_base(backbone, out / BASE_FOLDER)
         manifest["files"].append(BASE_FOLDER + "/")

@@ -124,6 +124,10 @@ def test_prefix_tunes_end_to_end_layer_by_layer_and_exports(tmp_path):
     assert main(["export", "--run", str(layered), "--out", str(tmp_path / "adapter"), "--model", "tiny-llama"]) == 0
     manifest = json.loads((tmp_path / "adapter" / "blackbox_export.json").read_text())
     assert manifest["peft_type"] == "PREFIX_TUNING" and manifest["reproduces_engine"]
+    # Calibrated (tune's default): the offsets travel in the manifest, with a word on them.
+    bias = json.loads((layered / "result.json").read_text())["label_bias"]
+    assert manifest["label_bias"] == bias and len(bias) == 2
+    assert any("label_bias[c]" in warning for warning in manifest["warnings"])
 
 
 def test_exporting_a_prompt_after_the_text_says_why_peft_differs(tmp_path, capsys):
