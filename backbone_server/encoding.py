@@ -15,7 +15,8 @@ Rules (documented in the README):
 - Causal LMs: the verbalizer is the next token after the text before {mask}; the read
   position is that text's last token and nothing after {mask} is used.
 - Verbalizer words: each word is tokenised with a leading space (" great") and its first
-  token is scored; two classes whose words share a first token are refused.
+  token is scored; two words that share a first token are refused. A class may have
+  several words ("great|good"): its logit is the log of their probabilities summed.
 - With no {prompt} in the template the prompt goes first, as in BBT.
 - Texts longer than the model allows are refused, or with truncate=true cut from their
   end, the longest text first.
@@ -27,6 +28,9 @@ import re
 from dataclasses import dataclass
 
 from backbone_server.errors import InvalidArgument
+
+# Between the words of one class in a verbalizer entry.
+WORD_SEPARATOR = "|"
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 KNOWN_FIELDS = ("text_a", "text_b", "prompt", "mask")
@@ -118,20 +122,24 @@ class TemplateEncoder:
             self._literal_ids[text] = self._tokenize(text) if text else []
         return self._literal_ids[text]
 
-    def verbalizer_ids(self, words: list[str]) -> list[int]:
-        if len(words) < 2:
-            raise InvalidArgument(f"the verbalizer needs at least two words, got {len(words)}")
-        ids = []
-        for word in words:
-            tokens = self._tokenize(" " + word.strip())
-            if not word.strip() or not tokens:
-                raise InvalidArgument(f"verbalizer word {word!r} tokenises to nothing")
-            ids.append(tokens[0])
+    def verbalizer_ids(self, entries: list[str]) -> tuple[list[int], list[int]]:
+        """The first token of each label word and the class it speaks for: one entry per
+        class, each one word or several separated by "|" ("great|good")."""
+        if len(entries) < 2:
+            raise InvalidArgument(f"the verbalizer needs at least two classes, got {len(entries)}")
+        ids, classes = [], []
+        for label, entry in enumerate(entries):
+            for word in entry.split(WORD_SEPARATOR):
+                tokens = self._tokenize(" " + word.strip())
+                if not word.strip() or not tokens:
+                    raise InvalidArgument(f"verbalizer word {word!r} (of {entry!r}) tokenises to nothing")
+                ids.append(tokens[0])
+                classes.append(label)
         if len(set(ids)) != len(ids):
             raise InvalidArgument(
-                f"verbalizer words {words} share first tokens {ids}; choose words that start differently"
+                f"verbalizer words {entries} share first tokens {ids}; choose words that start differently"
             )
-        return ids
+        return ids, classes
 
     def encode(self, text_a: str, text_b: str, label: int, truncate: bool, index: int) -> EncodedExample:
         if self.uses_text_b and not text_b:

@@ -85,8 +85,8 @@ class Engine:
         self.sessions.check_capacity()  # early, before tokenising; again when registering
         encoder = TemplateEncoder(self.backbone.tokenizer, template, self.backbone.architecture,
                                   delta_config.prompt_length, self.backbone.max_length)
-        verbalizer_ids = encoder.verbalizer_ids(list(verbalizer))
-        encoded = encode_splits(encoder, splits, len(verbalizer_ids), truncate)
+        verbalizer_ids, word_classes = encoder.verbalizer_ids(list(verbalizer))
+        encoded = encode_splits(encoder, splits, len(verbalizer), truncate)
         delta = build_delta(delta_config, self.backbone)
         if delta.kv_prompt and self.backbone.architecture == "causal":
             _check_read_after_the_prompt(encoded, delta.prompt_length)
@@ -95,6 +95,8 @@ class Engine:
             encoder=encoder,
             delta=delta,
             verbalizer_ids=torch.tensor(verbalizer_ids, device=self.backbone.device),
+            word_classes=(torch.tensor(word_classes, device=self.backbone.device)
+                          if len(word_classes) > len(verbalizer) else None),
             splits=encoded,
             prefix_reuse=self.prefix_reuse and self.backbone.architecture == "causal"
             and not delta.changes_prefix
@@ -219,7 +221,7 @@ class Engine:
         return torch.tensor([e.label for e in selected], device=self.backbone.device)
 
     def _empty_logits(self, session: SessionState, population: int, examples: int) -> torch.Tensor:
-        return torch.empty(population, examples, len(session.verbalizer_ids),
+        return torch.empty(population, examples, session.num_classes,
                            device=self.backbone.device, dtype=torch.float32)
 
     @staticmethod

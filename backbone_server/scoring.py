@@ -228,13 +228,21 @@ class Scorer:
         return past, torch.cat(masks, dim=1) if masks else None
 
     def _verbalizer_logits(self, session: SessionState, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, C) logits of the classes: of their words, where a class has several the
+        log of the words' probabilities summed (the softmax's shared norm cancels out
+        of every loss and score)."""
         head = self.backbone.head
         if isinstance(head, torch.nn.Linear):
             # Only the verbalizer's rows of a plain output matrix: skips a (rows x vocab) matmul.
             weight = head.weight[session.verbalizer_ids]
             bias = head.bias[session.verbalizer_ids] if head.bias is not None else None
-            return F.linear(hidden, weight, bias).float()
-        return head(hidden)[:, session.verbalizer_ids].float()
+            words = F.linear(hidden, weight, bias).float()
+        else:
+            words = head(hidden)[:, session.verbalizer_ids].float()
+        if session.word_classes is None:
+            return words
+        member = session.word_classes[None, :] == torch.arange(session.num_classes, device=words.device)[:, None]
+        return torch.logsumexp(words[:, None, :].masked_fill(~member[None], float("-inf")), dim=-1)
 
 
 def out_of_memory(error: Exception) -> bool:

@@ -19,10 +19,12 @@ class SessionState:
     id: str
     encoder: TemplateEncoder
     delta: Delta
-    verbalizer_ids: torch.Tensor  # (C,)
+    verbalizer_ids: torch.Tensor  # (W,) the first token of each label word
     splits: dict[str, list[EncodedExample]]
     prefix_reuse: bool
     truncated_examples: int
+    # (W,) the class of each label word, when some class has several; None: one word each.
+    word_classes: torch.Tensor | None = None
     # The content keys of the prefix states this session's buckets use (kept, shared with
     # other sessions of the same texts, by the engine's PrefixStore in batching.py).
     prefix_keys: set[bytes] = field(default_factory=set)
@@ -36,6 +38,10 @@ class SessionState:
     # a z scored again on the same examples (the final test of a run that never left z = 0,
     # a dev check repeated) costs nothing.
     scored: OrderedDict = field(default_factory=OrderedDict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.verbalizer_ids) if self.word_classes is None else int(self.word_classes.max()) + 1
 
     def select(self, split: str, start: int, count: int) -> list[EncodedExample]:
         """The examples [start, start + count) of the split (count 0: to its end)."""

@@ -185,8 +185,8 @@ def _one_block(form: DeltaForm, kinds: Mapping[str, KindInfo]) -> ValueError:
 
 def prompt_init_text(config: TuneConfig, verbalizer: Sequence[str]) -> str:
     """The text p0 is made of ("": the server's random words), for a task with these label words."""
-    if config.prompt_init == "labels":
-        return " ".join(verbalizer)
+    if config.prompt_init == "labels":  # every word of every class ("great|good": both)
+        return " ".join(word for entry in verbalizer for word in entry.split("|"))
     return config.prompt_init.removeprefix("text=") if config.prompt_init != "random" else ""
 
 

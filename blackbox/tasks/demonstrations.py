@@ -50,7 +50,8 @@ def with_demonstrations(template: str, demonstrations: Sequence[Example], verbal
     texts and its label word (no prompt), one blank line apart."""
     if not demonstrations:
         return template
-    filled = [_fill(template, example, verbalizer[example.label]) for example in demonstrations]
+    # A class of several words ("great|good") answers with its first.
+    filled = [_fill(template, example, verbalizer[example.label].split("|")[0]) for example in demonstrations]
     return DEMONSTRATION_SEPARATOR.join(filled) + DEMONSTRATION_SEPARATOR + template
 
 

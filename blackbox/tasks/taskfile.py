@@ -284,15 +284,19 @@ class _Reader:
         return tuple(words)
 
     def verbalizer(self, labels: tuple[str, ...]) -> tuple[str, ...]:
-        words = self.get("verbalizer", list)
-        if len(words) != len(labels):
-            raise self.error("verbalizer", f"{len(words)} words for {len(labels)} labels ({', '.join(labels)}): give "
-                                           "one word per label, in the order of \"labels\"")
-        if not all(isinstance(word, str) and word.strip() for word in words):
-            raise self.error("verbalizer", f"{words!r}: each word is a non-empty string")
-        if len(set(words)) != len(words):
-            raise self.error("verbalizer", f"{words!r}: two labels share a word, which cannot tell them apart")
-        return tuple(words)
+        """One entry per label: a word, or several (a list, or "great|good"), kept as "great|good"."""
+        entries = self.get("verbalizer", list)
+        if len(entries) != len(labels):
+            raise self.error("verbalizer", f"{len(entries)} entries for {len(labels)} labels ({', '.join(labels)}): "
+                                           "give one word (or a list of words) per label, in the order of \"labels\"")
+        classes = [entry.split("|") if isinstance(entry, str) else entry for entry in entries]
+        if not all(isinstance(words, list) and words and all(isinstance(w, str) and w.strip() for w in words)
+                   for words in classes):
+            raise self.error("verbalizer", f"{entries!r}: each entry is a non-empty word, or a list of them")
+        flat = [word.strip() for words in classes for word in words]
+        if len(set(flat)) != len(flat):
+            raise self.error("verbalizer", f"{entries!r}: a word appears twice, which cannot tell labels apart")
+        return tuple("|".join(word.strip() for word in words) for words in classes)
 
     def templates(self, is_pair: bool) -> tuple[str, str]:
         """The masked and the causal template: "templates" per architecture, else "template";

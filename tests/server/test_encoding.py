@@ -55,8 +55,11 @@ def test_causal_mask_before_prompt_is_refused(tiny_llama):
 
 def test_verbalizer_first_tokens(tiny_llama):
     enc = encoder(tiny_llama, "{text_a} It was {mask}")
-    ids = enc.verbalizer_ids(["bad", "great"])
-    assert ids == [tiny_llama.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("bad", "great")]
+    first = {w: tiny_llama.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("bad", "great", "good")}
+    assert enc.verbalizer_ids(["bad", "great"]) == ([first["bad"], first["great"]], [0, 1])
+    assert enc.verbalizer_ids(["bad", "great|good"]) == ([first["bad"], first["great"], first["good"]], [0, 1, 1])
+    with pytest.raises(InvalidArgument, match="tokenises to nothing"):
+        enc.verbalizer_ids(["bad", "great|"])
     with pytest.raises(InvalidArgument, match="share first tokens"):
         enc.verbalizer_ids(["zebra", "zoo"])  # both start with the piece "z"
     with pytest.raises(InvalidArgument, match="at least two"):

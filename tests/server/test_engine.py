@@ -303,3 +303,28 @@ def test_unknown_delta_and_projection(tiny_llama):
     with pytest.raises(InvalidArgument, match="unknown projection"):
         engine.create_session({"train": EXAMPLES}, "{text_a} It was {mask}", VERBALIZER,
                               DeltaConfig("prompt", prompt_length=2, intrinsic_dim=3, projection="fourier"))
+
+
+def test_a_class_of_several_words_scores_their_probabilities_summed(tiny_backbone):
+    """["bad", "great|good"]: class 1's logit is logsumexp of "great"'s and "good"'s, the
+    logits the single-word sessions give, and the losses follow from those class logits."""
+    import torch
+
+    engine = Engine(tiny_backbone)
+    config = DeltaConfig("prompt", prompt_length=4, intrinsic_dim=6, seed=3)
+    template = template_for(tiny_backbone, "before")
+
+    def logits(verbalizer):
+        session = engine.create_session({"train": EXAMPLES}, template, verbalizer, config)
+        return engine.evaluate(session.id, "train", population(3)), session
+
+    (great, _), (good, _) = logits(["bad", "great"]), logits(["bad", "good"])
+    both, session = logits(["bad", "great|good"])
+    assert session.num_classes == 2 and session.word_classes.tolist() == [0, 1, 1]
+    np.testing.assert_allclose(both.logits[..., 0], great.logits[..., 0], rtol=1e-6)
+    expected = np.logaddexp(great.logits[..., 1], good.logits[..., 1])
+    np.testing.assert_allclose(both.logits[..., 1], expected, rtol=1e-5, atol=1e-6)
+    labels = torch.tensor([e[2] for e in EXAMPLES])
+    ce = torch.nn.functional.cross_entropy(torch.tensor(both.logits).reshape(-1, 2), labels.repeat(3),
+                                           reduction="none").reshape(3, -1).mean(1)
+    np.testing.assert_allclose(both.ce_loss, ce.numpy(), rtol=1e-5)

@@ -64,3 +64,16 @@ def test_pair_texts_and_braces_in_texts_keep_the_template_valid():
 
 def test_no_demonstrations_leave_the_template_alone():
     assert with_demonstrations("{text_a} {mask}", [], ("a", "b")) == "{text_a} {mask}"
+
+
+def test_a_class_of_several_words_answers_with_its_first():
+    written = with_demonstrations("{text_a} {mask}", [Example("fine", None, 1)], ("bad|awful", "great|good"))
+    assert written == "fine great\n\n{text_a} {mask}"
+
+
+def test_the_label_words_of_p0_are_every_word_of_every_class():
+    from blackbox.tune_config import TuneConfig, prompt_init_text
+
+    assert prompt_init_text(TuneConfig(prompt_init="labels"), ("bad|awful", "great")) == "bad awful great"
+    assert prompt_init_text(TuneConfig(prompt_init="text=Is it good?"), ("bad", "great")) == "Is it good?"
+    assert prompt_init_text(TuneConfig(), ("bad", "great")) == ""

@@ -60,6 +60,10 @@ def test_csv_with_a_header(tmp_path):
     assert (task.name, task.labels, task.verbalizer, task.is_pair) == ("mine", ("neg", "pos"), ("bad", "great"), False)
     assert task.template_for("masked") == "{text_a} It was {mask} ."
     assert task.template_for("causal") == "{text_a} It was {mask}"  # a causal template ends with the label word
+    several = task_from_file(task_file(tmp_path, format="csv", columns={"label": "stars", "text_a": "review"},
+                                       train="data/train.csv", dev="data/dev.csv", test="data/test.csv",
+                                       **{**SENTIMENT, "verbalizer": [["bad", "awful"], "great|good"]}))
+    assert several.verbalizer == ("bad|awful", "great|good")  # a list or "|": several words for one label
     splits = task.read_splits()
     assert splits["train"] == [Example('Great, really "great" food', None, 1), Example("meh", None, 0)]
     assert splits["dev"] == splits["test"] == splits["train"]
@@ -213,8 +217,11 @@ def valid(tmp_path):
     ({"template": "{mask} : {text_a}"}, (), "template", r"ends with \{mask\}.*\"causal\""),
     ({"templates": {"causal": "{text_a} {mask} ."}}, (), "templates.causal", r"ends with \{mask\}"),
     ({"templates": {"gpt": "{text_a} {mask}"}}, (), "templates.gpt", "unknown architecture"),
-    ({"verbalizer": ["bad"]}, (), "verbalizer", "1 words for 2 labels"),
-    ({"verbalizer": ["bad", "bad"]}, (), "verbalizer", "share a word"),
+    ({"verbalizer": ["bad"]}, (), "verbalizer", "1 entries for 2 labels"),
+    ({"verbalizer": ["bad", "bad"]}, (), "verbalizer", "a word appears twice"),
+    ({"verbalizer": ["bad", ["great", "bad"]]}, (), "verbalizer", "a word appears twice"),
+    ({"verbalizer": ["bad", []]}, (), "verbalizer", "a non-empty word, or a list of them"),
+    ({"verbalizer": ["bad", "great|"]}, (), "verbalizer", "a non-empty word, or a list of them"),
     ({"labels": ["pos"], "verbalizer": ["great"]}, (), "labels", "two or more distinct labels"),
     ({"verbaliser": ["x", "y"]}, (), "verbaliser", "unknown field .did you mean 'verbalizer'"),
     ({"name": "Mine"}, (), "name", "lowercase"),
@@ -340,8 +347,9 @@ def test_tasks_check_of_a_bad_file_is_one_error_line(valid, tmp_path, capsys):
     assert main(["tasks", "--check", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.splitlines() == [f"error: {path}:{line_of(path, 'verbalizer')}: field 'verbalizer': 1 words "
-                                         "for 2 labels (neg, pos): give one word per label, in the order of \"labels\""]
+    assert captured.err.splitlines() == [f"error: {path}:{line_of(path, 'verbalizer')}: field 'verbalizer': 1 entries "
+                                         "for 2 labels (neg, pos): give one word (or a list of words) per label, in "
+                                         "the order of \"labels\""]
     write(tmp_path, "dev.csv", "review,stars\ngood,great\n")
     assert main(["tasks", "--check", str(valid())]) == 2
     err = capsys.readouterr().err
