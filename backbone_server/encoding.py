@@ -28,9 +28,7 @@ import re
 from dataclasses import dataclass
 
 from backbone_server.errors import InvalidArgument
-
-# Between the words of one class in a verbalizer entry.
-WORD_SEPARATOR = "|"
+from blackbox.v1.verbalizer import label_words
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 KNOWN_FIELDS = ("text_a", "text_b", "prompt", "mask")
@@ -129,7 +127,7 @@ class TemplateEncoder:
             raise InvalidArgument(f"the verbalizer needs at least two classes, got {len(entries)}")
         ids, classes = [], []
         for label, entry in enumerate(entries):
-            for word in entry.split(WORD_SEPARATOR):
+            for word in label_words(entry):
                 tokens = self._tokenize(" " + word.strip())
                 if not word.strip() or not tokens:
                     raise InvalidArgument(f"verbalizer word {word!r} (of {entry!r}) tokenises to nothing")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_L2", "LabelBias", "fit_label_bias", "score_with_bias"]
+__all__ = ["DEFAULT_L2", "LabelBias", "fit_label_bias", "log_softmax", "score_with_bias"]
 
 # The ridge on the offsets: with 16 examples a class, an unpenalised fit chases the last
 # few examples (measured on the bundled model: notes in docs/results.md).
@@ -22,7 +22,7 @@ DEFAULT_L2 = 0.01
 NEWTON_STEPS = 8
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -40,7 +40,7 @@ def fit_label_bias(logits: np.ndarray, labels: np.ndarray, l2: float = DEFAULT_L
     # floor for l2 = 0) keeps the Hessian invertible and picks the zero-sum solution.
     ridge = max(l2, 1e-6) * np.eye(c)
     for _ in range(NEWTON_STEPS):
-        probs = np.exp(_log_softmax(logits + bias[:, None, :]))
+        probs = np.exp(log_softmax(logits + bias[:, None, :]))
         grad = (probs - onehot).mean(axis=1) + l2 * bias
         hess = (np.einsum("pnc,cd->pcd", probs, np.eye(c)) - np.einsum("pnc,pnd->pcd", probs, probs)) / n
         bias -= np.linalg.solve(hess + ridge, grad[..., None])[..., 0]
@@ -51,7 +51,7 @@ def score_with_bias(logits: np.ndarray, labels: np.ndarray, bias: np.ndarray) ->
     """(P,) mean CE and (P,) accuracy of (P, N, C) logits shifted by (P, C) offsets."""
     shifted = np.asarray(logits, dtype=np.float64) + np.asarray(bias, dtype=np.float64)[:, None, :]
     labels = np.asarray(labels)
-    log_probs = _log_softmax(shifted)
+    log_probs = log_softmax(shifted)
     ce = -np.take_along_axis(log_probs, labels[None, :, None], axis=-1)[..., 0].mean(axis=1)
     accuracy = (shifted.argmax(axis=-1) == labels[None, :]).mean(axis=1)
     return ce, accuracy

@@ -442,7 +442,7 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated built-in task names and task files (TASK.json)")
     parser.add_argument("--seeds", default="13,21,42", help="comma-separated k-shot split seeds")
     parser.add_argument("--method", action="append", default=[], metavar='NAME="TUNE OPTIONS"',
-                        help="a named set of `blackbox tune` options, e.g. bbt=\"--delta prompt --budget 8000\"; "
+                        help="a named set of `blackbox tune` options, e.g. bbt=\"--recipe bbt --budget 8000\"; "
                              "repeat for several")
     parser.add_argument("--methods", metavar="FILE", help="methods from a JSON or TOML file: NAME = \"OPTIONS\"")
     parser.add_argument("--workers", type=int, default=1, help="runs at a time in local worker processes")

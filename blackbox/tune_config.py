@@ -14,6 +14,7 @@ from blackbox.optim import make_optimizer, optimizer_class
 from blackbox.optim.blocks import DivideAndConquer
 from blackbox.runlog import RunLog
 from blackbox.v1.delta_spec import ADAMIX, MIXES
+from blackbox.v1.verbalizer import label_words
 
 # "joint": one optimizer searches all of z; "divide-and-conquer": one optimizer per block
 # of z (a per-layer deep prompt's layers, a combination's parts), taking turns (BBTv2).
@@ -116,16 +117,8 @@ class TuneConfig:
                              f"got {self.prompt_init!r}")
         if self.prompt_init == "text=":
             raise ValueError("prompt-init text=WORDS needs words after 'text='")
-        if self.calibrate:
-            if self.loss != "ce":
-                raise ValueError("--calibrate fits the label bias to the cross-entropy; it does not go with "
-                                 f"--loss {self.loss} (pass --no-calibrate)")
-            if optimizer_class(self.optimizer).uses_gradients:
-                raise ValueError(f"--calibrate shifts the logits on the client, where {self.optimizer!r} cannot "
-                                 "follow its gradients (pass --no-calibrate)")
-            if self.mix == ADAMIX:
-                raise ValueError("--calibrate does not go with --mix adamix (its routed and merged splits; pass "
-                                 "--no-calibrate)")
+        if self.calibrate and self._why_not_calibrated():
+            raise ValueError(f"{self._why_not_calibrated()}; pass --no-calibrate")
         if self.ensemble > 1 and self.mix == ADAMIX:
             raise ValueError("--ensemble does not go with --mix adamix (its routed and merged test splits)")
         if self.mix and self.mix not in MIXES:
@@ -155,7 +148,17 @@ class TuneConfig:
         wherever that applies."""
         if self.calibrate is not None:
             return self.calibrate
-        return self.loss == "ce" and not optimizer_class(self.optimizer).uses_gradients and self.mix != ADAMIX
+        return not self._why_not_calibrated()
+
+    def _why_not_calibrated(self) -> str:
+        """Why this run cannot be calibrated ("": it can)."""
+        if self.loss != "ce":
+            return f"--calibrate fits the label bias to the cross-entropy; it does not go with --loss {self.loss}"
+        if optimizer_class(self.optimizer).uses_gradients:
+            return f"--calibrate shifts the logits on the client, where {self.optimizer!r} cannot follow its gradients"
+        if self.mix == ADAMIX:
+            return "--calibrate does not go with --mix adamix (its routed and merged splits)"
+        return ""
 
     @property
     def delta_form(self) -> DeltaForm:
@@ -186,7 +189,7 @@ def _one_block(form: DeltaForm, kinds: Mapping[str, KindInfo]) -> ValueError:
 def prompt_init_text(config: TuneConfig, verbalizer: Sequence[str]) -> str:
     """The text p0 is made of ("": the server's random words), for a task with these label words."""
     if config.prompt_init == "labels":  # every word of every class ("great|good": both)
-        return " ".join(word for entry in verbalizer for word in entry.split("|"))
+        return " ".join(word for entry in verbalizer for word in label_words(entry))
     return config.prompt_init.removeprefix("text=") if config.prompt_init != "random" else ""
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from blackbox.calibration import LabelBias
+from blackbox.calibration import LabelBias, log_softmax
 from blackbox.client import BackboneClient, BackboneError, Session
 from blackbox.objective import Objective
 from blackbox.optim import Optimizer, optimizer_class
@@ -183,11 +183,9 @@ def ensemble_accuracy(session: Session, split: str, members: list[dict[str, Any]
                                           return_logits=True).logits[0].astype(np.float64)
                 if label_bias is not None:
                     logits = logits + member["label_bias"][None, :]
-                logits -= logits.max(axis=1, keepdims=True)
-                shares = np.exp(logits)
                 if probabilities is None:
                     probabilities = np.zeros((len(labels), logits.shape[1]))
-                probabilities[start:start + len(logits)] += shares / shares.sum(axis=1, keepdims=True)
+                probabilities[start:start + len(logits)] += np.exp(log_softmax(logits))
                 phase.update(len(logits))
     return float((probabilities.argmax(axis=1) == labels).mean())
 

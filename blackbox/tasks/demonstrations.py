@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from blackbox.v1.verbalizer import label_words
+
 from .data import Example
 from .registry import TaskError
 
@@ -51,7 +53,7 @@ def with_demonstrations(template: str, demonstrations: Sequence[Example], verbal
     if not demonstrations:
         return template
     # A class of several words ("great|good") answers with its first.
-    filled = [_fill(template, example, verbalizer[example.label].split("|")[0]) for example in demonstrations]
+    filled = [_fill(template, example, label_words(verbalizer[example.label])[0]) for example in demonstrations]
     return DEMONSTRATION_SEPARATOR.join(filled) + DEMONSTRATION_SEPARATOR + template
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blackbox.v1.verbalizer import join_label_words, label_words
+
 from .data import SPLITS, Example, _csv_records, _field, _jsonl_records, _label_id, _read_tsv, _seeds, _text, read_text
 from .registry import PLACEHOLDERS, Task, TaskError, get_task, place_prompt, validate_template
 
@@ -289,14 +291,14 @@ class _Reader:
         if len(entries) != len(labels):
             raise self.error("verbalizer", f"{len(entries)} entries for {len(labels)} labels ({', '.join(labels)}): "
                                            "give one word (or a list of words) per label, in the order of \"labels\"")
-        classes = [entry.split("|") if isinstance(entry, str) else entry for entry in entries]
+        classes = [label_words(entry) if isinstance(entry, str) else entry for entry in entries]
         if not all(isinstance(words, list) and words and all(isinstance(w, str) and w.strip() for w in words)
                    for words in classes):
             raise self.error("verbalizer", f"{entries!r}: each entry is a non-empty word, or a list of them")
         flat = [word.strip() for words in classes for word in words]
         if len(set(flat)) != len(flat):
             raise self.error("verbalizer", f"{entries!r}: a word appears twice, which cannot tell labels apart")
-        return tuple("|".join(word.strip() for word in words) for words in classes)
+        return tuple(join_label_words([word.strip() for word in words]) for words in classes)
 
     def templates(self, is_pair: bool) -> tuple[str, str]:
         """The masked and the causal template: "templates" per architecture, else "template";
