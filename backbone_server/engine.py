@@ -44,6 +44,7 @@ from backbone_server.scoring import (
     out_of_memory,
 )
 from backbone_server.sessions import SessionRegistry, SessionState, encode_splits
+from backbone_server.subspace import DEFAULT_MAX_BYTES, MAX_UPLOADED, Subspace, check_name, subspace_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ MAX_SCORED = 256  # single-candidate scores a session keeps
 class Engine:
     def __init__(self, backbone: Backbone, max_batch_tokens: int = 0, max_sessions: int = 64,
                  prefix_cache_bytes: int = 0, prefix_reuse: bool = True,
-                 allow_gradients: bool = False):
+                 allow_gradients: bool = False, subspaces: dict | None = None,
+                 allow_subspace_uploads: bool = False, max_subspace_bytes: int = DEFAULT_MAX_BYTES):
         if max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must be positive (or 0 to derive it from free memory)")
         self.backbone = backbone
@@ -63,6 +65,10 @@ class Engine:
         self.bounds = TokenBounds(self.memory_plan.max_batch_tokens, self.memory_plan.gradient_batch_tokens)
         self.prefix_reuse = prefix_reuse
         self.allow_gradients = allow_gradients
+        self.subspaces = dict(subspaces or {})  # name -> backbone_server.subspace.Subspace
+        self.allow_subspace_uploads = allow_subspace_uploads
+        self.max_subspace_bytes = max_subspace_bytes
+        self.uploaded_subspaces = 0
         self.sessions = SessionRegistry(max_sessions)
         self.batcher = Batcher(backbone, prefix_cache_bytes or prefix_store_bytes(backbone))
         self.scorer = Scorer(backbone, self.bounds)
@@ -87,7 +93,7 @@ class Engine:
                                   delta_config.prompt_length, self.backbone.max_length)
         verbalizer_ids, word_classes = encoder.verbalizer_ids(list(verbalizer))
         encoded = encode_splits(encoder, splits, len(verbalizer), truncate)
-        delta = build_delta(delta_config, self.backbone)
+        delta = build_delta(delta_config, self.backbone, self.subspaces)
         if delta.kv_prompt and self.backbone.architecture == "causal":
             _check_read_after_the_prompt(encoded, delta.prompt_length)
         session = SessionState(
@@ -105,6 +111,23 @@ class Engine:
         )
         self.sessions.add(session)
         return session
+
+    def host_subspace(self, name: str, data: bytes) -> Subspace:
+        """Hosts an uploaded subspace file under `name` (off unless the operator allows it)."""
+        if not self.allow_subspace_uploads:
+            raise PermissionDenied("this server hosts only the subspaces its operator gave it (--subspace); start it "
+                                   "with --allow-subspace-uploads to accept uploads")
+        check_name(name)
+        if self.uploaded_subspaces >= MAX_UPLOADED:
+            raise ResourceExhausted(f"this server holds {MAX_UPLOADED} uploaded subspaces already")
+        subspace = subspace_from_bytes(data, self.max_subspace_bytes)
+        with self._compute_lock:  # sessions being built read the table
+            if name in self.subspaces:
+                raise InvalidArgument(f"a subspace named {name!r} is hosted already; choose another name")
+            self.subspaces[name] = subspace
+            self.uploaded_subspaces += 1
+        log.info("hosting uploaded subspace %r: %s", name, subspace.describe())
+        return subspace
 
     def get_session(self, session_id: str) -> SessionState:
         return self.sessions.get(session_id)

@@ -26,5 +26,17 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              "(0: 10%% of the memory free after loading; GetInfo's cache_report shows its use)")
     parser.add_argument("--no-prefix-reuse", action="store_true",
                         help="recompute the tokens before the prompt for every candidate (for comparison)")
+    add_subspace_arguments(parser)
+    parser.add_argument("--allow-subspace-uploads", action="store_true",
+                        help="accept learned subspaces from clients (UploadSubspace, `blackbox subspace upload`), "
+                             "at most 16, each within --max-subspace-mb; off, only --subspace files are hosted")
     parser.add_argument("--allow-gradients", action="store_true",
                         help="answer Gradient calls (white-box comparisons); off, the server is a pure black box")
+
+
+def add_subspace_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subspace", action="append", default=[], metavar="NAME=FILE",
+                        help="host a learned subspace (`blackbox subspace fit`) under NAME: sessions select it with "
+                             "the projection subspace:NAME; repeat for several")
+    parser.add_argument("--max-subspace-mb", type=float, default=64,
+                        help="refuse subspace files (--subspace, uploads) larger than this")

@@ -22,7 +22,8 @@ Kinds:
 * "fastfood": stacked Hadamard blocks (`FastfoodProjection`); O(D) memory, O(D log d) time,
   so that D can reach millions.
 * "identity": delta = c z with d == D (`IdentityProjection`); the "full delta, no
-  projection" mode.
+  projection" mode. A kind with one projection per layer (prefix, deep prompt) takes
+  d = D as one block of z per layer (`LayerBlocks.whole_identity`).
 
 The kinds share this one module (a little over 400 lines) on purpose: each is a few
 dozen lines around the contract above, which the tests check for every kind alike, and

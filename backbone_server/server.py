@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from backbone_server.errors import ServiceError
 from backbone_server.options import add_server_arguments
 from backbone_server.servicer import BackboneServicer
+from backbone_server.subspace import parse_hosted
 from blackbox.v1 import backbone_pb2, backbone_pb2_grpc
 from blackbox.v1.wire import GRPC_OPTIONS
 
@@ -84,12 +85,14 @@ class RunningServer:
 def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto", dtype: str = "auto",
                   max_batch_tokens: int = 0, max_workers: int = 8, prefix_reuse: bool = True,
                   allow_gradients: bool = False, device_map: str | None = None,
-                  backbone=None, prefix_cache_mb: int = 0) -> RunningServer:
+                  backbone=None, prefix_cache_mb: int = 0, subspaces: dict | None = None,
+                  allow_subspace_uploads: bool = False, max_subspace_mb: float = 64) -> RunningServer:
     """Starts a server on `address` (port 0 picks a free port) and loads `model` behind it.
 
     `device_map` ("auto": through accelerate, across all visible devices) replaces
     `device` for models larger than one GPU. `backbone`: an already loaded `Backbone` to
     serve instead of loading `model` (benchmarks, tests); `model` then only names it.
+    `subspaces`: {NAME: Subspace} the sessions may select as "subspace:NAME".
     """
     servicer = BackboneServicer()
     health_servicer = health.HealthServicer()
@@ -119,7 +122,9 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
             loaded = backbone if backbone is not None else load_backbone(
                 model, device=device, dtype=dtype, device_map=device_map)
             servicer.engine = Engine(loaded, max_batch_tokens=max_batch_tokens, prefix_reuse=prefix_reuse,
-                                     allow_gradients=allow_gradients, prefix_cache_bytes=prefix_cache_mb * 2**20)
+                                     allow_gradients=allow_gradients, prefix_cache_bytes=prefix_cache_mb * 2**20,
+                                     subspaces=subspaces, allow_subspace_uploads=allow_subspace_uploads,
+                                     max_subspace_bytes=int(max_subspace_mb * 2 ** 20))
             for name in ("", SERVICE_NAME):
                 health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("serving %s on %s (%s, %s)", model, port, loaded.device, loaded.dtype)
@@ -138,10 +143,17 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
 
 def serve(args: argparse.Namespace) -> int:
     """Runs until SIGINT/SIGTERM, then stops gracefully."""
+    try:  # a bad subspace file costs no model load
+        subspaces = parse_hosted(args.subspace, int(args.max_subspace_mb * 2 ** 20))
+    except ServiceError as error:
+        print(f"error: {error}", flush=True)
+        return 2
     running = create_server(args.model, f"{args.host}:{args.port}", args.device, args.dtype,
                             args.max_batch_tokens, prefix_reuse=not args.no_prefix_reuse,
                             allow_gradients=args.allow_gradients, device_map=args.device_map,
-                            prefix_cache_mb=args.prefix_cache_mb)
+                            prefix_cache_mb=args.prefix_cache_mb, subspaces=subspaces,
+                            allow_subspace_uploads=args.allow_subspace_uploads,
+                            max_subspace_mb=args.max_subspace_mb)
     print(f"backbone server listening on {args.host}:{running.port}; loading {args.model} ...", flush=True)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

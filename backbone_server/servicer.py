@@ -10,6 +10,7 @@ from backbone_server.deltas import DeltaConfig, delta_forms, kind_infos
 from backbone_server.engine import Engine
 from backbone_server.errors import InvalidArgument, Unavailable
 from backbone_server.projection import PROJECTION_KINDS
+from backbone_server.subspace import SUBSPACE_PREFIX
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1 import backbone_pb2_grpc
 from blackbox.v1.wire import WireError, array_to_tensor, tensor_to_array
@@ -38,7 +39,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             vocab_size=backbone.embeddings.weight.shape[0],
             max_length=backbone.max_length,
             delta_kinds=[kind.name for kind in kinds],
-            projection_kinds=list(PROJECTION_KINDS),
+            projection_kinds=[*PROJECTION_KINDS, *(SUBSPACE_PREFIX + name for name in engine.subspaces)],
             device=str(backbone.device),
             dtype=str(backbone.dtype).removeprefix("torch."),
             max_batch_tokens=engine.max_batch_tokens,
@@ -68,6 +69,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             truncated_examples=session.truncated_examples,
             z_dim=session.delta.z_dim,
             z_blocks=[pb.ZBlock(name=name, size=size) for name, size in session.delta.z_blocks],
+            delta_size=session.delta.num_parameters,
         )
 
     def Evaluate(self, request, context):
@@ -96,6 +98,11 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             num_examples=gradients.num_examples,
             server_ms=(time.perf_counter() - started) * 1e3,
         )
+
+    def UploadSubspace(self, request, context):
+        subspace = self._engine().host_subspace(request.name, request.data)
+        return pb.UploadSubspaceResponse(projection=SUBSPACE_PREFIX + request.name, dim=subspace.dim,
+                                         delta_size=subspace.delta_size)
 
     def CloseSession(self, request, context):
         self._engine().close_session(request.session_id)

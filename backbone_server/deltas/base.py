@@ -9,6 +9,7 @@ of z into model changes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar, ContextManager
@@ -215,6 +216,20 @@ class LayerBlocks:
         if not self.config.per_layer_z:
             return [("z", d)]
         return [(f"layer{l}", d) for l in range(self.z_layers)]
+
+    def whole_identity(self, config: DeltaConfig, width: int) -> DeltaConfig:
+        """The config the kind builds with: the identity projection with intrinsic_dim =
+        z_layers x `width` (each layer's share of the delta) makes z the whole delta, one
+        block of `width` per layer: the white-box "no projection" reference that an
+        intrinsic-dimension study compares d with. Any other config is kept as it is."""
+        whole = self.z_layers * width
+        if config.projection != "identity" or config.per_layer_z or config.intrinsic_dim == width:
+            return config  # d = width: one identity z shared by every layer
+        if config.intrinsic_dim != whole:
+            raise InvalidArgument(f"the identity projection on {config.kind!r} needs intrinsic_dim d = D = {whole} "
+                                  f"(the whole delta: {self.z_layers} layers x {width}), or {width} for one z "
+                                  f"shared by every layer; got d = {config.intrinsic_dim}")
+        return dataclasses.replace(config, intrinsic_dim=width, per_layer_z=True)
 
     def layer_z(self, z: torch.Tensor, layer: int) -> torch.Tensor:
         """The coordinates of z that drive `layer`."""

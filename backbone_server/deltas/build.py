@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from backbone_server.deltas.adamix import DEFAULT_COPIES, MAX_COPIES, AdaMixDelta, mixable_kinds
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, kind_class, per_layer_kinds
 from backbone_server.deltas.combined import CombinedDelta, not_exportable
+from backbone_server.deltas.reparametrised import LearnedSubspace, StructureAware
 from backbone_server.errors import InvalidArgument
+from backbone_server.subspace import SUBSPACE_PREFIX, Subspace
 from blackbox.v1.delta_spec import ADAMIX, UNIPELT, KindInfo
 
 
-def build_delta(config: DeltaConfig, backbone) -> Delta:
+def build_delta(config: DeltaConfig, backbone, subspaces: dict[str, Subspace] | None = None) -> Delta:
+    """The delta `config` asks for; "subspace:NAME" projections come from `subspaces`,
+    the ones the server hosts."""
+    if config.projection.startswith(SUBSPACE_PREFIX):
+        name = config.projection[len(SUBSPACE_PREFIX):]
+        if name not in (subspaces or {}):
+            hosted = ", ".join(sorted(subspaces or {})) or "none"
+            raise InvalidArgument(f"this server hosts no subspace {name!r} (hosted: {hosted}); an operator hosts "
+                                  "one with --subspace NAME=FILE")
+        # The inner delta gives the start and the layout; its own projection is never used
+        # (the smallest z it takes: one coordinate, or a few per part of a combination).
+        inner_dim = 1 if config.form.single else 4 * (len(config.form.parts) + backbone.num_layers)
+        inner = _build_form(dataclasses.replace(config, projection="normal", intrinsic_dim=inner_dim, said=False,
+                                                part_dims=()), backbone)
+        delta = LearnedSubspace(inner, backbone.device, subspaces[name], config.intrinsic_dim, name)
+    else:
+        delta = _build_form(dataclasses.replace(config, said=False) if config.said else config, backbone)
+    return StructureAware(delta, backbone.device) if config.said else delta
+
+
+def _build_form(config: DeltaConfig, backbone) -> Delta:
     form = config.form
     if config.part_dims and len(form.parts) == 1:
         raise InvalidArgument(f"part_dims split z among the parts of a combination (KIND+KIND); "

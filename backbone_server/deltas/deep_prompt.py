@@ -72,17 +72,18 @@ class DeepPrompt(LayerBlocks, Delta):
 
     def __init__(self, config: DeltaConfig, backbone):
         super().__init__(config, backbone)
-        self.input = SoftPrompt(dataclasses.replace(config, per_layer_z=False), backbone)
-        self.initial_token_ids = self.input.initial_token_ids
         layers = find_layers(backbone.body, backbone.num_layers)
         self.layers = layers[1:]
         self.z_layers = len(layers)
+        width = config.prompt_length * backbone.hidden_size
+        config = self.config = self.whole_identity(config, width)
+        self.input = SoftPrompt(dataclasses.replace(config, per_layer_z=False), backbone)
+        self.initial_token_ids = self.input.initial_token_ids
         places = ModulePlaces(backbone)
         self.layer_modules = [places.path(layer) for layer in layers]
         self.layout = Layout.tiled(("prompt_offset", self.layer_modules[l], (config.prompt_length, self.hidden_size), l)
                                    for l in range(1, len(layers)))
         self.layer_spread = self._measure_spreads(backbone)
-        width = config.prompt_length * backbone.hidden_size
         self.layer_projections = [
             make_projection(
                 config.projection,

@@ -81,6 +81,7 @@ class Prefix(LayerBlocks, Delta):
         self.scales = torch.cat([torch.full((state.numel(),), scale * state.float().std().item())
                                  for pair in initial for state in pair]).to(backbone.device)
         width = 2 * initial[0][0].numel()
+        config = self.config = self.whole_identity(config, width)
         self.layer_projections = [
             make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=width,
                             seed=config.seed + l * LAYER_SEED_STRIDE, std=1.0 / config.intrinsic_dim ** 0.5,
@@ -120,6 +121,10 @@ class Prefix(LayerBlocks, Delta):
         offsets = torch.cat([projection(self.layer_z(z, l)) for l, projection in enumerate(self.layer_projections)],
                             dim=1)
         return torch.addcmul(self.start, offsets, self.scales)  # one pass over (P, D), not two
+
+    @property
+    def num_parameters(self) -> int:
+        return self.layout.size  # keys and values only: no input vectors
 
     def key_values(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the candidates' (p, kv_heads, n, head_dim) keys and values, in the model's dtype."""

@@ -105,7 +105,7 @@ class Split(_message.Message):
     def __init__(self, name: _Optional[str] = ..., examples: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
 
 class DeltaSpec(_message.Message):
-    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets", "per_layer_z", "part_dims", "init_text")
+    __slots__ = ("kind", "prompt_length", "intrinsic_dim", "projection", "seed", "projection_scale", "rank", "targets", "per_layer_z", "part_dims", "init_text", "said")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     INTRINSIC_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class DeltaSpec(_message.Message):
     PER_LAYER_Z_FIELD_NUMBER: _ClassVar[int]
     PART_DIMS_FIELD_NUMBER: _ClassVar[int]
     INIT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    SAID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     prompt_length: int
     intrinsic_dim: int
@@ -128,7 +129,8 @@ class DeltaSpec(_message.Message):
     per_layer_z: bool
     part_dims: _containers.RepeatedScalarFieldContainer[int]
     init_text: str
-    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., per_layer_z: _Optional[bool] = ..., part_dims: _Optional[_Iterable[int]] = ..., init_text: _Optional[str] = ...) -> None: ...
+    said: bool
+    def __init__(self, kind: _Optional[str] = ..., prompt_length: _Optional[int] = ..., intrinsic_dim: _Optional[int] = ..., projection: _Optional[str] = ..., seed: _Optional[int] = ..., projection_scale: _Optional[float] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., per_layer_z: _Optional[bool] = ..., part_dims: _Optional[_Iterable[int]] = ..., init_text: _Optional[str] = ..., said: _Optional[bool] = ...) -> None: ...
 
 class ZBlock(_message.Message):
     __slots__ = ("name", "size")
@@ -153,7 +155,7 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, splits: _Optional[_Iterable[_Union[Split, _Mapping]]] = ..., template: _Optional[str] = ..., verbalizer: _Optional[_Iterable[str]] = ..., delta: _Optional[_Union[DeltaSpec, _Mapping]] = ..., truncate: _Optional[bool] = ...) -> None: ...
 
 class CreateSessionResponse(_message.Message):
-    __slots__ = ("session_id", "verbalizer_token_ids", "split_sizes", "prompt_position", "prefix_reuse", "truncated_examples", "z_dim", "z_blocks")
+    __slots__ = ("session_id", "verbalizer_token_ids", "split_sizes", "prompt_position", "prefix_reuse", "truncated_examples", "z_dim", "z_blocks", "delta_size")
     class SplitSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +171,7 @@ class CreateSessionResponse(_message.Message):
     TRUNCATED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     Z_DIM_FIELD_NUMBER: _ClassVar[int]
     Z_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SIZE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     verbalizer_token_ids: _containers.RepeatedScalarFieldContainer[int]
     split_sizes: _containers.ScalarMap[str, int]
@@ -177,7 +180,8 @@ class CreateSessionResponse(_message.Message):
     truncated_examples: int
     z_dim: int
     z_blocks: _containers.RepeatedCompositeFieldContainer[ZBlock]
-    def __init__(self, session_id: _Optional[str] = ..., verbalizer_token_ids: _Optional[_Iterable[int]] = ..., split_sizes: _Optional[_Mapping[str, int]] = ..., prompt_position: _Optional[str] = ..., prefix_reuse: _Optional[bool] = ..., truncated_examples: _Optional[int] = ..., z_dim: _Optional[int] = ..., z_blocks: _Optional[_Iterable[_Union[ZBlock, _Mapping]]] = ...) -> None: ...
+    delta_size: int
+    def __init__(self, session_id: _Optional[str] = ..., verbalizer_token_ids: _Optional[_Iterable[int]] = ..., split_sizes: _Optional[_Mapping[str, int]] = ..., prompt_position: _Optional[str] = ..., prefix_reuse: _Optional[bool] = ..., truncated_examples: _Optional[int] = ..., z_dim: _Optional[int] = ..., z_blocks: _Optional[_Iterable[_Union[ZBlock, _Mapping]]] = ..., delta_size: _Optional[int] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("session_id", "split", "z", "start", "count", "return_logits")
@@ -250,3 +254,21 @@ class GradientResponse(_message.Message):
     num_examples: int
     server_ms: float
     def __init__(self, loss: _Optional[_Union[Tensor, _Mapping]] = ..., accuracy: _Optional[_Union[Tensor, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., num_examples: _Optional[int] = ..., server_ms: _Optional[float] = ...) -> None: ...
+
+class UploadSubspaceRequest(_message.Message):
+    __slots__ = ("name", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadSubspaceResponse(_message.Message):
+    __slots__ = ("projection", "dim", "delta_size")
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SIZE_FIELD_NUMBER: _ClassVar[int]
+    projection: str
+    dim: int
+    delta_size: int
+    def __init__(self, projection: _Optional[str] = ..., dim: _Optional[int] = ..., delta_size: _Optional[int] = ...) -> None: ...

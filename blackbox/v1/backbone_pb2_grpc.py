@@ -59,6 +59,11 @@ class BackboneStub:
                 request_serializer=blackbox_dot_v1_dot_backbone__pb2.GradientRequest.SerializeToString,
                 response_deserializer=blackbox_dot_v1_dot_backbone__pb2.GradientResponse.FromString,
                 _registered_method=True)
+        self.UploadSubspace = channel.unary_unary(
+                '/blackbox.v1.Backbone/UploadSubspace',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceResponse.FromString,
+                _registered_method=True)
 
 
 class BackboneServicer:
@@ -100,6 +105,16 @@ class BackboneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadSubspace(self, request, context):
+        """Hosts a learned subspace (a `blackbox subspace fit` file) under a name, for later
+        sessions' projection "subspace:NAME". Fails with PERMISSION_DENIED unless the server
+        was started with --allow-subspace-uploads, and RESOURCE_EXHAUSTED over its size bound
+        (--max-subspace-mb) or its number of hosted subspaces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackboneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +142,11 @@ def add_BackboneServicer_to_server(servicer, server):
                     servicer.Gradient,
                     request_deserializer=blackbox_dot_v1_dot_backbone__pb2.GradientRequest.FromString,
                     response_serializer=blackbox_dot_v1_dot_backbone__pb2.GradientResponse.SerializeToString,
+            ),
+            'UploadSubspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadSubspace,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +284,33 @@ class Backbone:
             '/blackbox.v1.Backbone/Gradient',
             blackbox_dot_v1_dot_backbone__pb2.GradientRequest.SerializeToString,
             blackbox_dot_v1_dot_backbone__pb2.GradientResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadSubspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/UploadSubspace',
+            blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,7 @@ class DeltaSpec:
     per_layer_z: bool = False  # every layer its own block of intrinsic_dim coordinates (BBTv2's layout)
     part_dims: tuple[int, ...] = ()  # combinations: each part's share of z, in kind order; (): equal shares
     init_text: str = ""  # kinds with a prompt: p0 from this text's tokens; "": random word tokens
+    said: bool = False  # one more coordinate of z per layer scaling that layer's offset (SAID)
 
     @functools.cached_property
     def form(self) -> DeltaForm:

@@ -202,3 +202,44 @@ def test_tune_with_gradients_counts_one_call_per_step(white_box_server, server, 
     with BackboneClient(server.address) as client, pytest.raises(ValueError, match="--allow-gradients"):
         run_tune(refused, client, show_progress=False)
     assert not (tmp_path / "refused").exists()
+
+
+def subspace_bytes(tmp_path, size, k=2) -> bytes:
+    from backbone_server.subspace import Subspace, save_subspace
+
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((size, k)))[0].T.astype(np.float32)
+    return save_subspace(Subspace(basis, np.ones(k, np.float32), {"kind": "prompt"}), tmp_path / "s.npz").read_bytes()
+
+
+def test_subspace_uploads_are_refused_unless_enabled(client, tmp_path):
+    with pytest.raises(BackboneError) as caught:
+        client.upload_subspace("mine", subspace_bytes(tmp_path, 3 * 64))
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED and "--allow-subspace-uploads" in str(caught.value)
+    assert not any(kind.startswith("subspace:") for kind in client.get_info().projection_kinds)
+
+
+def test_an_uploaded_subspace_serves_sessions_within_its_bounds(tmp_path):
+    data = subspace_bytes(tmp_path, 3 * 64)  # a 3-vector soft prompt of the tiny model's 64 dimensions
+    running = create_server("tiny-llama", "127.0.0.1:0", device="cpu", dtype="float32", allow_subspace_uploads=True,
+                            max_subspace_mb=(len(data) + 10) / 2 ** 20)
+    running.wait_ready(timeout=120)
+    try:
+        with BackboneClient(running.address) as client:
+            hosted = client.upload_subspace("mine", data)
+            assert (hosted.projection, hosted.dim, hosted.delta_size) == ("subspace:mine", 2, 3 * 64)
+            assert "subspace:mine" in client.get_info().projection_kinds
+            session = client.create_session({"train": TRAIN}, TEMPLATE, ["bad", "great"],
+                                            DeltaSpec(prompt_length=3, intrinsic_dim=2, projection="subspace:mine"))
+            assert session.evaluate("train", np.zeros((2, 2))).num_examples == 3
+
+            def code_of(name, payload):
+                with pytest.raises(BackboneError) as caught:
+                    client.upload_subspace(name, payload)
+                return caught.value.code
+
+            assert code_of("mine", data) == grpc.StatusCode.INVALID_ARGUMENT  # the name is taken
+            assert code_of("big", data + b"x" * 20) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert code_of("junk", b"not a subspace") == grpc.StatusCode.INVALID_ARGUMENT
+            assert code_of("bad name", data) == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        running.stop(grace=0)

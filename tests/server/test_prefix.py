@@ -154,6 +154,23 @@ def test_per_layer_z_drives_its_own_layer(tiny_llama):
     assert changed == [l == 1 for l in range(layers)]
 
 
+@pytest.mark.parametrize("kind", ["prefix", "deep-prompt"])
+def test_the_identity_projection_over_the_whole_delta_is_one_block_per_layer(tiny_llama, kind):
+    """d = D with the identity projection: z is the delta itself, coordinate by coordinate."""
+    probe = build_delta(DeltaConfig(kind, prompt_length=N, intrinsic_dim=DIM), tiny_llama)
+    size, layers = probe.num_parameters, tiny_llama.num_layers
+    delta = build_delta(DeltaConfig(kind, prompt_length=N, intrinsic_dim=size, projection="identity"), tiny_llama)
+    assert delta.z_dim == size and len(delta.z_blocks) == layers
+    assert delta.num_parameters == size
+    z = torch.zeros(1, size)
+    z[0, -1] = 1.0  # the last coordinate of the last layer's block
+    start = delta.parameters(torch.zeros_like(z))
+    moved = delta.parameters(z) - start
+    assert torch.count_nonzero(moved) == 1 and moved[0, -1] != 0
+    with pytest.raises(InvalidArgument, match="identity"):
+        build_delta(DeltaConfig(kind, prompt_length=N, intrinsic_dim=size - 1, projection="identity"), tiny_llama)
+
+
 def test_a_prefix_combines_with_a_weight_kind(tiny_llama, monkeypatch):
     """lora changes the tokens ahead, so they run per candidate under its hooks; with the
     lora slice at zero the combination scores as the prefix alone (part 0 keeps the seed)."""
