@@ -1,4 +1,4 @@
-"""`blackbox` command line: tune, compare, serve, info, tasks, export."""
+"""`blackbox` command line: tune, compare, suite, intrinsic-dim, serve, info, tasks, export."""
 
 from __future__ import annotations
 
@@ -77,7 +77,12 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
                              "--prompt-length. Kinds without a prompt ignore random and labels")
     search.add_argument("--projection", default="normal",
                         help="normal (BBT scaling), uniform, sparse, fastfood (large deltas), or identity "
-                             "(z is the whole delta: --dim = prompt length x hidden size)")
+                             "(z is the whole delta: --dim = D, its size, which result.json records as delta_size), or "
+                             "subspace:NAME, a learned subspace the server hosts (`blackbox subspace fit`)")
+    search.add_argument("--said", action="store_true",
+                        help="structure-aware subspace (Aghajanyan et al.'s SAID): one more coordinate of z per "
+                             "layer (and one for the input prompt) scaling that part's offset by 1 + s; z = 0 is "
+                             "the plain subspace's start")
     if comparing:
         search.add_argument("--optimizers", default="cma,sep-cma,ng:TwoPointsDE,mezo",
                             help="comma-separated optimizers, each run with the same task, delta and budget")
@@ -147,6 +152,9 @@ def _backbone_arguments(parser: argparse.ArgumentParser, server_help: str) -> No
                                               "(accelerate), for models larger than one; replaces --device")
     backend.add_argument("--max-batch-tokens", type=int, default=0,
                          help="memory bound of the embedded server (0: its device's default)")
+    backend.add_argument("--subspace", action="append", default=[], metavar="NAME=FILE",
+                         help="a learned subspace (`blackbox subspace fit`) the embedded server hosts, for "
+                              "--projection subspace:NAME; repeat for several")
 
 
 def _start_embedded(args: argparse.Namespace, stack: ExitStack, allow_gradients: bool, serving: str = "") -> str:
@@ -155,7 +163,8 @@ def _start_embedded(args: argparse.Namespace, stack: ExitStack, allow_gradients:
 
     print(f"starting an embedded backbone server with {args.model}{serving} ...", file=sys.stderr, flush=True)
     return stack.enter_context(embedded_server(args.model, args.device, args.dtype, args.max_batch_tokens,
-                                               allow_gradients=allow_gradients, device_map=args.device_map))
+                                               allow_gradients=allow_gradients, device_map=args.device_map,
+                                               subspaces=args.subspace))
 
 
 def _config_values(args: argparse.Namespace, names: set[str] | None = None) -> dict[str, Any]:
@@ -195,7 +204,17 @@ def _config_from_args(args: argparse.Namespace, optimizer: str):
 BBT_RECIPE = ("delta", "placement", "dim", "prompt_length", "prompt_init", "calibrate")
 
 # Options that set up the embedded server; a --server has its own.
-_EMBEDDED_ONLY = ("model", "device", "dtype", "device_map", "max_batch_tokens")
+_EMBEDDED_ONLY = ("model", "device", "dtype", "device_map", "max_batch_tokens", "subspace")
+
+
+def _embedded_options(args: argparse.Namespace) -> list[str]:
+    """The embedded server's options typed, as arguments of each run (a Ray task starts its own)."""
+    options = []
+    for name in _EMBEDDED_ONLY:
+        if name in args.given:
+            value = getattr(args, name)
+            options += [f"--{name.replace('_', '-')}={item}" for item in (value if isinstance(value, list) else [value])]
+    return options
 
 
 def _check_mode(args: argparse.Namespace) -> None:
@@ -416,8 +435,7 @@ def _suite(args: argparse.Namespace) -> int:
         elif args.server is not None:
             backbone = ["--server", args.server, "--timeout", str(args.timeout)]
         elif args.ray:  # every Ray task starts its own: a cluster shares no loopback
-            backbone = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in _EMBEDDED_ONLY
-                        if name in args.given]
+            backbone = _embedded_options(args)
         else:  # one model for every run of the suite, loaded once; a method may use gradients
             backbone = ["--server", _start_embedded(args, stack, allow_gradients=True, serving=" for the suite")]
         rows, files = run_suite(split_list(args.tasks), parse_seeds(args.seeds), methods, args.out, run_tune_argv,
@@ -461,6 +479,126 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/suite", help="folder of the suite: run folders, results and table")
 
 
+def _intrinsic_dim(args: argparse.Namespace) -> int:
+    from blackbox.intrinsic import Reference, SweepPlan, budgets_for, check_options, run_sweep
+    from blackbox.intrinsic_curve import parse_dims
+    from blackbox.suite import Method, parse_seeds
+
+    if bool(args.task) == bool(args.task_file):
+        raise ValueError("give the task to sweep: --task NAME or --task-file TASK.json")
+    options = list(args.tune_options)
+    check_options(options)
+    Method.of("sweep", options)  # refuses what the suite sets for every run (--seed, --out, ...)
+    if args.budget_per_dim and any(option.split("=")[0] == "--budget" for option in options):
+        raise ValueError("--budget and --budget-per-dim exclude each other: one budget for every d, or one per d")
+    dims, seeds = parse_dims(args.dims), parse_seeds(args.seeds)
+    task = ["--task-file", args.task_file] if args.task_file else ["--task", args.task]
+    # Every run's options, checked once here with tune's own parser, before any model loads.
+    tune_args = build_parser().parse_args(["tune", *task, *options, "--dim", str(dims[0])])
+    tune_args.given = set()
+    config = _config_from_args(tune_args, tune_args.optimizer)
+    _check_before_loading(config, [config.optimizer])
+    reference = Reference.parse(args.reference)
+    sweep = SweepPlan(task=args.task_file or args.task, dims=tuple(dims), seeds=tuple(seeds), options=tuple(options),
+                      budgets=budgets_for(dims, config.budget, args.budget_per_dim, config.popsize),
+                      reference=reference, reference_budget=args.reference_budget)
+    common = ["--data-dir", args.data_dir] if args.data_dir else []
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"sweep: d = {', '.join(map(str, dims))} x seeds {', '.join(map(str, seeds))}; API calls per run: "
+        + ", ".join(f"d={d}: {b}" for d, b in sweep.budgets.items()))
+    with ExitStack() as stack:
+        if args.server is not None:
+            backbone = ["--server", args.server, "--timeout", str(args.timeout)]
+        elif args.ray:
+            backbone = _embedded_options(args)
+        else:
+            backbone = ["--server", _start_embedded(args, stack, allow_gradients=reference.source == "gradient",
+                                                    serving=" for the sweep")]
+        summary = run_sweep(sweep, args.out, run_tune_argv, backbone=[*backbone, *common], workers=args.workers,
+                            ray_address=args.ray, say=say)
+    d90 = summary["d90"]
+    low, high = summary["interval"]
+    print(f"{summary['task']}: d90 = {'not reached' if d90 is None else f'{d90:.1f}'} "
+          f"({100 * summary['interval_level']:.0f}% interval over seeds: {_bound(low)} .. {_bound(high)}) "
+          f"at 90% of the reference {summary['reference']:.4f}, {summary['reference_source']}")
+    if "note" in summary:
+        print(summary["note"])
+    files = summary["files"]
+    print(f"sweep: {files['sweep']}  d90: {files['d90']}  plot: {files['plot']}")
+    planned, finished = summary["runs"]["planned"], summary["runs"]["finished"]
+    if finished < planned:
+        print(f"error: {planned - finished} of {planned} runs did not finish (see {files['sweep']}); run the same "
+              "command again to retry them", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _subspace_fit(args: argparse.Namespace) -> int:
+    with _server_extra("subspace fit"):
+        import backbone_server.deltas  # noqa: F401  (the deltas are rebuilt on the runs' model here)
+        from blackbox.subspace_fit import find_runs, fit_subspace
+    runs = find_runs(args.runs, exclude_tasks=split_tasks(args.exclude_task))
+    print(f"fitting on {len(runs)} runs ...", file=sys.stderr, flush=True)
+    meta = fit_subspace(runs, args.out, dim=args.dim, model=args.model, device=args.device)
+    print(f"subspace of {meta['dim']} directions of a {meta['kind']} delta (D = {meta['delta_size']}) from "
+          f"{len(meta['runs'])} runs of {', '.join(meta['tasks'])}: {100 * meta['explained_total']:.1f}% of their "
+          f"squared norm; {meta['file']} ({meta['bytes'] / 2 ** 20:.2f} MiB)")
+    print(f"host it: blackbox serve --subspace NAME={meta['file']} (or tune --subspace NAME={meta['file']}), then "
+          f"tune --projection subspace:NAME --dim d (d <= {meta['dim']}) --delta {meta['kind']} --prompt-length "
+          f"{meta['prompt_length']}")
+    return 0
+
+
+def _subspace_upload(args: argparse.Namespace) -> int:
+    name, sep, path = args.subspace.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"give NAME=FILE, got {args.subspace!r}")
+    try:
+        data = open(path, "rb").read()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    with BackboneClient(args.server) as client:
+        client.wait_ready(timeout=args.timeout)
+        hosted = client.upload_subspace(name, data)
+    print(f"{args.server} hosts {path} as {hosted.projection}: {hosted.dim} directions of a delta of D = "
+          f"{hosted.delta_size}; tune with --projection {hosted.projection} --dim d (d <= {hosted.dim})")
+    return 0
+
+
+def split_tasks(text: str) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _bound(value) -> str:
+    return "not reached" if value is None else f"{value:.1f}"
+
+
+def _intrinsic_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", help=f"a built-in task: {', '.join(list_tasks())}")
+    parser.add_argument("--task-file", metavar="TASK.json", help="a task of your own (README 'Your own task')")
+    parser.add_argument("--dims", required=True,
+                        help="the intrinsic dimensions d: a list (4,8,16), a geometric range START:STOP:xFACTOR "
+                             "(8:1024:x2), or both (4,8:64:x2)")
+    parser.add_argument("--seeds", default="13,21,42", help="comma-separated k-shot split seeds")
+    parser.add_argument("--reference", default="best",
+                        help="the 100%% level d90 is 90%% of: gradient (the white-box gradient mode on the whole "
+                             "delta through the identity projection, one run per seed; the server must allow "
+                             "gradients), an accuracy such as 0.8, or best (the sweep's own best mean, said so "
+                             "in d90.json)")
+    parser.add_argument("--reference-budget", type=int, default=200, help="--reference gradient: steps per seed")
+    parser.add_argument("--budget-per-dim", type=int, default=0, metavar="N",
+                        help="give each d N x d API calls (at least one generation) instead of one --budget for "
+                             "every d; sweep.csv and d90.json say which budget each d got")
+    parser.add_argument("--workers", type=int, default=1, help="runs at a time in local worker processes")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="run each run as a Ray task: a cluster's address, 'auto', or 'local'")
+    parser.add_argument("--data-dir", help="data folder of the built-in tasks, for every run")
+    _backbone_arguments(parser, "HOST:PORT of a running backbone every run uses; without it one embedded server "
+                                "serves the sweep (with --ray, one per run)")
+    parser.add_argument("--out", default="runs/intrinsic", help="folder of the sweep: run folders, sweep.csv, "
+                                                                 "d90.json, accuracy_vs_d.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blackbox", description="Gradient-free black-box tuning of language models")
     parser.register("action", "parsers", _Commands)
@@ -484,6 +622,31 @@ def build_parser() -> argparse.ArgumentParser:
     suite = commands.add_parser("suite", help="run tasks x seeds x methods and print the table of results")
     _suite_arguments(suite)
     suite.set_defaults(run=_suite)
+    intrinsic = commands.add_parser(
+        "intrinsic-dim", help="accuracy against the intrinsic dimension d over seeds, and d90 with its interval",
+        epilog="Every other option is a `blackbox tune` option shared by all runs (--delta, --projection, "
+               "--optimizer, --budget, --popsize, --prompt-length, --test-limit, ...); the sweep sets --dim.")
+    _intrinsic_arguments(intrinsic)
+    intrinsic.set_defaults(run=_intrinsic_dim, takes_tune_options=True)
+    subspace = commands.add_parser("subspace", help="learned task subspaces: fit one from tuned runs")
+    subspace_commands = subspace.add_subparsers(dest="subspace_command", required=True)
+    fit = subspace_commands.add_parser("fit", help="the principal directions of the tuned deltas of runs, as a "
+                                                   "subspace file a server hosts (--subspace NAME=FILE)")
+    fit.add_argument("--runs", nargs="+", required=True, metavar="DIR",
+                     help="run folders, or folders holding them (a suite's or a sweep's --out)")
+    fit.add_argument("--exclude-task", default="", metavar="TASKS",
+                     help="comma-separated tasks whose runs are left out (the tasks to measure on)")
+    fit.add_argument("--dim", type=int, default=0, help="directions to keep (0: all the runs span)")
+    fit.add_argument("--out", required=True, help="the subspace file to write (.npz)")
+    fit.add_argument("--model", help="the model the runs were tuned on (default: theirs)")
+    fit.add_argument("--device", default="cpu", help="device to rebuild the deltas on")
+    fit.set_defaults(run=_subspace_fit)
+    upload = subspace_commands.add_parser("upload", help="send a subspace file to a server that accepts uploads "
+                                                         "(blackbox serve --allow-subspace-uploads)")
+    upload.add_argument("subspace", metavar="NAME=FILE", help="the name to host it under and the file")
+    upload.add_argument("--server", required=True, help="HOST:PORT")
+    upload.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the server")
+    upload.set_defaults(run=_subspace_upload)
     tasks = commands.add_parser("tasks", help="list the built-in tasks, or check a task file of your own")
     tasks.add_argument("--check", metavar="TASK.json",
                        help="read a task file and its data and say what they hold: sizes per split and label, the "
@@ -518,17 +681,20 @@ def _given_options(parser: argparse.ArgumentParser, argv: list[str], args: argpa
     unset = type("Unset", (list,), {})()
     command = parser._subparsers._group_actions[0].choices[args.command]
     probe = argparse.Namespace(**{name: unset for name in vars(args)})
-    command.parse_args(argv[argv.index(args.command) + 1:], namespace=probe)
+    command.parse_known_args(argv[argv.index(args.command) + 1:], namespace=probe)
     return {name for name, value in vars(probe).items() if value is not unset}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "takes_tune_options", False):
+        parser.parse_args(argv)  # argparse's own error for options no command takes
+    args.tune_options = unknown  # intrinsic-dim hands them to every run's `blackbox tune`
     args.given = _given_options(parser, argv, args)
     try:
-        if args.command in ("tune", "compare", "suite"):
+        if args.command in ("tune", "compare", "suite", "intrinsic-dim"):
             _check_mode(args)
         code = args.run(args)
         sys.stdout.flush()  # a reader gone away shows here, where it is handled

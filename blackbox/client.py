@@ -115,6 +115,10 @@ class BackboneClient:
         raise TimeoutError(f"no backbone server ready at {self.address} after {timeout:g} s ({last}); "
                            "check the address and that `blackbox serve` runs there, or raise --timeout")
 
+    def upload_subspace(self, name: str, data: bytes) -> pb.UploadSubspaceResponse:
+        """Asks the server to host a subspace file's bytes under `name` (if it accepts uploads)."""
+        return self._call("UploadSubspace", pb.UploadSubspaceRequest(name=name, data=data), timeout=120)
+
     def get_info(self) -> ModelInfo:
         info = self._call("GetInfo", pb.GetInfoRequest(), timeout=30)
         return ModelInfo(**message_fields(info, ModelInfo, exclude=("kinds",)),
@@ -161,6 +165,7 @@ class Session:
         # z's length and its (name, size) blocks; servers older than the field send neither.
         self.z_dim = response.z_dim or delta.intrinsic_dim
         self.z_blocks = [(block.name, block.size) for block in response.z_blocks] or [("z", self.z_dim)]
+        self.delta_size = response.delta_size  # D; 0 from servers older than the field
 
     def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0,
                  return_logits: bool = False) -> Scores:

@@ -180,6 +180,7 @@ class ReplicatedSession:
         self.prefix_reuse = first.prefix_reuse
         self.z_dim = first.z_dim
         self.z_blocks = first.z_blocks
+        self.delta_size = first.delta_size
 
     def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0, return_logits: bool = False):
         return self._spread("evaluate", split, z, start=start, count=count, return_logits=return_logits)

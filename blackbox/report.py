@@ -143,7 +143,7 @@ def comparison_panels(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -
     return panels
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -153,7 +153,7 @@ def _pyplot():
 
 
 def draw(panels: Panels, out_png: str | os.PathLike) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, series_list, label in zip(axes, (panels.loss, panels.accuracy),
                                         (panels.loss_label, panels.accuracy_label)):
@@ -206,7 +206,7 @@ def plot_comparison(results: list[dict[str, Any]], out_png: str | os.PathLike) -
 def plot_table(tasks: Sequence[str], table: Sequence[dict[str, Any]], path: Path) -> None:
     """table.png of a suite (`blackbox.suite.aggregate`'s table): per task and for the
     average, one bar per row, the spread over seeds as error bars, z = 0 rows hatched."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = [*tasks, "average"]
     width = 0.8 / max(1, len(table))
     figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(table)) ** 0.5), 4.2))

@@ -57,6 +57,8 @@ class TuneConfig:
     # words, as prompt tuning initialises from the class labels) or "text=WORDS".
     prompt_init: str = "random"
     projection: str = "normal"
+    # Structure-aware subspace (SAID): one more coordinate of z per layer scaling its offset.
+    said: bool = False
     optimizer: str = "cma"
     # The optimizer's own settings (`blackbox optimizers` lists them), e.g. {"lr": 0.5}.
     optimizer_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -212,7 +214,7 @@ def delta_spec(config: TuneConfig, kinds: Mapping[str, KindInfo], init_text: str
                      intrinsic_dim=config.dim, projection=config.projection, seed=config.search_seed,
                      projection_scale=config.alpha / config.sigma, rank=config.rank,
                      targets=tuple(t.strip() for t in config.targets.split(",") if t.strip()),
-                     per_layer_z=per_layer_z,
+                     per_layer_z=per_layer_z, said=config.said,
                      part_dims=tuple(int(part) for part in config.part_dims.split(",") if part.strip()))
 
 

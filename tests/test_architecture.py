@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = "blackbox.v1"
 # Apps on top of both sides: they start or use the server side in process.
-APPS_USING_THE_SERVER = {"blackbox.cli", "blackbox.embedded", "blackbox.export"}
+APPS_USING_THE_SERVER = {"blackbox.cli", "blackbox.embedded", "blackbox.export", "blackbox.subspace_fit"}
 
 
 def modules() -> dict[str, Path]:
