@@ -41,8 +41,8 @@ class DeltaConfig(DeltaSpec):
             raise InvalidArgument(f"init_text has {len(self.init_text)} characters; at most {MAX_INIT_TEXT_CHARS}")
         if self.prompt_length < 0:
             raise InvalidArgument(f"prompt_length must be >= 0, got {self.prompt_length}")
-        if not self.projection_scale > 0:
-            raise InvalidArgument(f"projection_scale must be > 0, got {self.projection_scale}")
+        if not (self.projection_scale > 0 and math.isfinite(self.projection_scale)):
+            raise InvalidArgument(f"projection_scale must be finite and > 0, got {self.projection_scale}")
         if self.rank < 0:
             raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
         if any(not t.strip(".") or t != t.strip() for t in self.targets):

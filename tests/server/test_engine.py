@@ -305,6 +305,13 @@ def test_unknown_delta_and_projection(tiny_llama):
                               DeltaConfig("prompt", prompt_length=2, intrinsic_dim=3, projection="fourier"))
 
 
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -1.0])
+def test_a_projection_scale_that_is_not_finite_and_positive_is_refused(scale):
+    """inf once slipped through and made every loss NaN (issue 15, defect 7)."""
+    with pytest.raises(InvalidArgument, match="projection_scale must be finite and > 0"):
+        DeltaConfig("lora", prompt_length=0, intrinsic_dim=3, projection_scale=scale)
+
+
 def test_a_class_of_several_words_scores_their_probabilities_summed(tiny_backbone):
     """["bad", "great|good"]: class 1's logit is logsumexp of "great"'s and "good"'s, the
     logits the single-word sessions give, and the losses follow from those class logits."""
