@@ -118,3 +118,15 @@ def test_an_option_no_command_takes_is_still_refused(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_ray_gives_the_sweep_of_the_local_pool(tmp_path):
+    pytest.importorskip("ray")
+    command = ["intrinsic-dim", *TINY, "--task", "rte", "--dims", "2,4", "--seeds", "13", "--reference", "0.6", *FAST]
+    assert main(command + ["--out", str(tmp_path / "local")]) == 0
+    assert main(command + ["--ray", "local", "--out", str(tmp_path / "ray")]) == 0
+    local, on_ray = (read_csv(tmp_path / name / "sweep.csv") for name in ("local", "ray"))
+    assert [(r["d"], r["test_acc"], r["api_calls"]) for r in local] == [
+        (r["d"], r["test_acc"], r["api_calls"]) for r in on_ray]
+    assert json.loads((tmp_path / "local" / "d90.json").read_text())["curve"] == json.loads(
+        (tmp_path / "ray" / "d90.json").read_text())["curve"]
