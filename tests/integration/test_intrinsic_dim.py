@@ -62,6 +62,8 @@ def test_a_sweep_writes_the_three_files_and_resumes_after_a_kill(tmp_path):
         by_d.setdefault(int(r["d"]), []).append(float(r["test_acc"]))
     for point in summary["curve"]:
         assert point["mean_test_acc"] == pytest.approx(sum(by_d[point["d"]]) / 2)
+    best = max(point["mean_test_acc"] for point in summary["curve"])
+    assert summary["d90_of_the_sweeps_best"]["reference"] == pytest.approx(best)  # beside the one asked for
     if summary["d90"] is None:  # a random tiny model rarely reaches 72%: then it says so
         assert summary["interval"][1] is None and "not reached" in summary["note"]
     assert (out / "accuracy_vs_d.png").stat().st_size > 1000
