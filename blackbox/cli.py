@@ -494,8 +494,10 @@ def _intrinsic_dim(args: argparse.Namespace) -> int:
     dims, seeds = parse_dims(args.dims), parse_seeds(args.seeds)
     task = ["--task-file", args.task_file] if args.task_file else ["--task", args.task]
     # Every run's options, checked once here with tune's own parser, before any model loads.
-    tune_args = build_parser().parse_args(["tune", *task, *options, "--dim", str(dims[0])])
-    tune_args.given = set()
+    tune_argv = ["tune", *task, *options, "--dim", str(dims[0])]
+    tune_parser = build_parser()
+    tune_args = tune_parser.parse_args(tune_argv)
+    tune_args.given = _given_options(tune_parser, tune_argv, tune_args)
     config = _config_from_args(tune_args, tune_args.optimizer)
     _check_before_loading(config, [config.optimizer])
     reference = Reference.parse(args.reference)

@@ -58,6 +58,9 @@ def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, d
     result_file = run_dir / "result.json"
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     spec = delta_spec_of_run(run_config)
+    if spec.said or spec.projection.startswith("subspace:"):
+        raise ValueError(f"{run_dir} was tuned through {'SAID scales' if spec.said else 'a learned subspace'}; "
+                         "no export format holds those yet: export a run of a plain projection")
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # early, before loading the model
         raise ValueError(f"{out} is not empty; choose another folder or pass --overwrite")
     name = model or run_config.get("model") or BUNDLED_MODEL

@@ -61,3 +61,5 @@ def test_a_said_run_has_one_scale_per_layer_after_z(tmp_path):
     assert result["said"] is True
     assert result["z_blocks"] == [{"name": "z", "size": 4}, {"name": "said_scales", "size": 1}]
     assert result["z_dim"] == 5
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "adapter")]) == 2  # said plainly, not half-done
+    assert not (tmp_path / "adapter").exists()
