@@ -30,7 +30,9 @@ from typing import Any, Callable, Sequence
 from blackbox import intrinsic_curve
 from blackbox.suite import Method, PlannedRun, Runner, SuiteError, collect, execute, plan
 
-SWEEP_COLUMNS = ("task", "run", "d", "seed", "D", "budget", "best_dev_acc", "test_acc", "api_calls", "status", "delta",
+# d: the coordinates searched (z's length: --dim, plus SAID's per-layer scales, as
+# Aghajanyan et al. count them); projection_dim: the --dim the run was given.
+SWEEP_COLUMNS = ("task", "run", "d", "projection_dim", "seed", "D", "budget", "best_dev_acc", "test_acc", "api_calls", "status", "delta",
                  "projection", "optimizer", "run_dir", "error")
 REFERENCE_METHOD = "reference"
 # Options the sweep sets for each run (the suite's own, --task, --seed, --out, ..., too).
@@ -124,6 +126,7 @@ def _rows(runs: Sequence[PlannedRun], outcomes: dict, kind: str) -> list[dict[st
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
         rows.append({**{column: row.get(column, "") for column in SWEEP_COLUMNS}, "run": kind,
                      "d": result.get("z_dim") or _last_value(run.method, "--dim"),
+                     "projection_dim": _last_value(run.method, "--dim"),
                      "D": result.get("delta_size") or "",
                      "budget": result.get("budget") or _last_value(run.method, "--budget"),
                      "projection": result.get("projection", "")})
@@ -152,6 +155,7 @@ def write_outputs(out: Path, sweep: SweepPlan, rows: Sequence[dict[str, Any]],
     estimate = intrinsic_curve.d90(dims, means, reference)
     bootstrap = intrinsic_curve.bootstrap_d90(finished, reference, reference_rows=reference_done or None)
     sizes = sorted({int(row["D"]) for row in finished if row["D"] not in ("", None)})
+    budget_of = {int(row["d"]): int(row["budget"]) for row in finished if row["budget"] not in ("", None)}
     summary = {
         "task": finished[0].get("task") or sweep.task,
         "d90": estimate,
@@ -166,7 +170,7 @@ def write_outputs(out: Path, sweep: SweepPlan, rows: Sequence[dict[str, Any]],
         "threshold": 0.9 * reference,
         "D": sizes[-1] if sizes else None,
         "curve": [{"d": int(d), "mean_test_acc": float(m), "std": float(s), "seeds": int(c),
-                   "budget": sweep.budgets.get(int(d))} for d, m, s, c in zip(dims, means, stds, counts)],
+                   "budget": budget_of.get(int(d))} for d, m, s, c in zip(dims, means, stds, counts)],
         "runs": {"planned": len(rows), "finished": len(finished)},
         "how": "d90: the smallest d whose mean test accuracy over seeds reaches 90% of the reference, "
                "interpolated linearly in log d between the last d below and the first d at or above it "

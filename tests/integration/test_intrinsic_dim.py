@@ -51,6 +51,7 @@ def test_a_sweep_writes_the_three_files_and_resumes_after_a_kill(tmp_path):
     rows = read_csv(out / "sweep.csv")
     assert {(r["d"], r["seed"]) for r in rows} == {(d, s) for d in ("4", "8", "16") for s in ("13", "21")}
     assert {r["status"] for r in rows} == {"finished"} and {r["api_calls"] for r in rows} == {"8"}
+    assert all(r["d"] == r["projection_dim"] for r in rows)  # no SAID scales: d is --dim
     # D: the soft prompt's 2 vectors of the tiny model's hidden size, as the server says.
     assert {r["D"] for r in rows} == {str(2 * 64)}
     summary = json.loads((out / "d90.json").read_text())
@@ -132,3 +133,14 @@ def test_ray_gives_the_sweep_of_the_local_pool(tmp_path):
         (r["d"], r["test_acc"], r["api_calls"]) for r in on_ray]
     assert json.loads((tmp_path / "local" / "d90.json").read_text())["curve"] == json.loads(
         (tmp_path / "ray" / "d90.json").read_text())["curve"]
+
+
+def test_a_said_sweep_counts_the_per_layer_scales_in_d(tmp_path):
+    out = tmp_path / "said"
+    assert main(["intrinsic-dim", *TINY, "--task", "sst2", "--dims", "2,4", "--seeds", "13", "--reference", "0.8",
+                 "--said", "--out", str(out), *FAST]) == 0
+    rows = read_csv(out / "sweep.csv")
+    # The soft prompt is one group: one scale on top of --dim (SAID's d counts it).
+    assert [(r["projection_dim"], r["d"]) for r in rows] == [("2", "3"), ("4", "5")]
+    curve = json.loads((out / "d90.json").read_text())["curve"]
+    assert [(point["d"], point["budget"]) for point in curve] == [(3, 8), (5, 8)]
