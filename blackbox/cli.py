@@ -217,6 +217,17 @@ def _embedded_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
+def _runs_backbone(args: argparse.Namespace, stack: ExitStack, allow_gradients: bool, serving: str) -> list[str]:
+    """The backbone arguments of every run a suite or sweep starts: --server, or on Ray the
+    embedded server's options (each Ray task starts its own: a cluster shares no loopback),
+    else one embedded server for all the runs, loaded once, which `stack` stops."""
+    if args.server is not None:
+        return ["--server", args.server, "--timeout", str(args.timeout)]
+    if args.ray:
+        return _embedded_options(args)
+    return ["--server", _start_embedded(args, stack, allow_gradients=allow_gradients, serving=serving)]
+
+
 def _check_mode(args: argparse.Namespace) -> None:
     """Refuses options that would do nothing in the mode chosen."""
     if args.server is not None:
@@ -430,14 +441,8 @@ def _suite(args: argparse.Namespace) -> int:
     anchors = load_anchors(args.anchors or None) if args.anchors is not None else None
     common = ["--data-dir", args.data_dir] if args.data_dir else []
     with ExitStack() as stack:
-        if args.table_only:
-            backbone = []
-        elif args.server is not None:
-            backbone = ["--server", args.server, "--timeout", str(args.timeout)]
-        elif args.ray:  # every Ray task starts its own: a cluster shares no loopback
-            backbone = _embedded_options(args)
-        else:  # one model for every run of the suite, loaded once; a method may use gradients
-            backbone = ["--server", _start_embedded(args, stack, allow_gradients=True, serving=" for the suite")]
+        # A method may use gradients: the suite's embedded server allows them.
+        backbone = [] if args.table_only else _runs_backbone(args, stack, allow_gradients=True, serving=" for the suite")
         rows, files = run_suite(split_list(args.tasks), parse_seeds(args.seeds), methods, args.out, run_tune_argv,
                                 backbone=[*backbone, *common], workers=args.workers, ray_address=args.ray,
                                 anchors=anchors, say=lambda line: print(line, file=sys.stderr, flush=True),
@@ -509,13 +514,7 @@ def _intrinsic_dim(args: argparse.Namespace) -> int:
     say(f"sweep: d = {', '.join(map(str, dims))} x seeds {', '.join(map(str, seeds))}; API calls per run: "
         + ", ".join(f"d={d}: {b}" for d, b in sweep.budgets.items()))
     with ExitStack() as stack:
-        if args.server is not None:
-            backbone = ["--server", args.server, "--timeout", str(args.timeout)]
-        elif args.ray:
-            backbone = _embedded_options(args)
-        else:
-            backbone = ["--server", _start_embedded(args, stack, allow_gradients=reference.source == "gradient",
-                                                    serving=" for the sweep")]
+        backbone = _runs_backbone(args, stack, allow_gradients=reference.source == "gradient", serving=" for the sweep")
         summary = run_sweep(sweep, args.out, run_tune_argv, backbone=[*backbone, *common], workers=args.workers,
                             ray_address=args.ray, say=say)
     d90 = summary["d90"]
@@ -539,7 +538,9 @@ def _subspace_fit(args: argparse.Namespace) -> int:
     with _server_extra("subspace fit"):
         import backbone_server.deltas  # noqa: F401  (the deltas are rebuilt on the runs' model here)
         from blackbox.subspace_fit import find_runs, fit_subspace
-    runs = find_runs(args.runs, exclude_tasks=split_tasks(args.exclude_task))
+    from blackbox.suite import split_list
+
+    runs = find_runs(args.runs, exclude_tasks=split_list(args.exclude_task))
     print(f"fitting on {len(runs)} runs ...", file=sys.stderr, flush=True)
     meta = fit_subspace(runs, args.out, dim=args.dim, model=args.model, device=args.device)
     print(f"subspace of {meta['dim']} directions of a {meta['kind']} delta (D = {meta['delta_size']}) from "
@@ -565,10 +566,6 @@ def _subspace_upload(args: argparse.Namespace) -> int:
     print(f"{args.server} hosts {path} as {hosted.projection}: {hosted.dim} directions of a delta of D = "
           f"{hosted.delta_size}; tune with --projection {hosted.projection} --dim d (d <= {hosted.dim})")
     return 0
-
-
-def split_tasks(text: str) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def _bound(value) -> str:

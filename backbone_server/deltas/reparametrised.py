@@ -27,8 +27,7 @@ class Reparametrised:
         probe = torch.zeros(1, inner.z_dim, device=device)
         with torch.no_grad():
             self.start_prompts = inner.prompts(probe)  # (1, n, hidden) or (1, 0, hidden)
-            params = inner.parameters(probe)
-        self.start_params = None if params is None else params  # (1, D_params)
+            self.start_params = inner.parameters(probe)  # (1, D_params) or None
 
     def __getattr__(self, name):
         if name == "inner":  # not set yet: no recursion through __getattr__

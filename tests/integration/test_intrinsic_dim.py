@@ -3,18 +3,13 @@ gradient reference on the whole delta, the budget per d, and its bad inputs."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from blackbox.cli import main
+from tests.integration.test_suite import kill_after_finished_runs, read_csv
 
 TINY = ["--model", "tiny-llama", "--device", "cpu"]
 FAST = ["--delta", "prompt", "--budget", "8", "--popsize", "4", "--prompt-length", "2", "--placement", "after", "--no-zero-shot",
@@ -26,23 +21,9 @@ def sweep_command(out: Path, *extra: str) -> list[str]:
             "--out", str(out), *FAST, *extra]
 
 
-def read_csv(path: Path) -> list[dict]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_a_sweep_writes_the_three_files_and_resumes_after_a_kill(tmp_path):
     out = tmp_path / "sweep"
-    script = f"from blackbox.cli import main; raise SystemExit(main({sweep_command(out)!r}))"
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("runs/*/*/*/result.json"))) < 2 and time.monotonic() < deadline:
-        assert process.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    finished_before = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/*/result.json")}
+    finished_before = kill_after_finished_runs(sweep_command(out), out, runs=2)
     assert 2 <= len(finished_before) < 6
 
     assert main(sweep_command(out)) == 0

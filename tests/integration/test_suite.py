@@ -114,18 +114,24 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_a_suite_runs_every_run_once_and_resumes_after_a_kill(tmp_path):
-    out = tmp_path / "suite"
-    script = f"from blackbox.cli import main; raise SystemExit(main({suite_command(out)!r}))"
+def kill_after_finished_runs(argv: list[str], out: Path, runs: int) -> dict[Path, int]:
+    """Runs `blackbox ARGV` in a process of its own, SIGKILLs it once `runs` run folders
+    under `out` hold a result, and returns those results' modification times."""
+    script = f"from blackbox.cli import main; raise SystemExit(main({argv!r}))"
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + 300
-    while len(list(out.glob("runs/*/*/*/result.json"))) < 3 and time.monotonic() < deadline:
-        assert process.poll() is None, "the suite ended before it could be killed"
+    while len(list(out.glob("runs/*/*/*/result.json"))) < runs and time.monotonic() < deadline:
+        assert process.poll() is None, "the command ended before it could be killed"
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished_before = {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/*/result.json")}
+    return {path: path.stat().st_mtime_ns for path in out.glob("runs/*/*/*/result.json")}
+
+
+def test_a_suite_runs_every_run_once_and_resumes_after_a_kill(tmp_path):
+    out = tmp_path / "suite"
+    finished_before = kill_after_finished_runs(suite_command(out), out, runs=3)
     assert 3 <= len(finished_before) < 12
 
     assert main(suite_command(out)) == 0
