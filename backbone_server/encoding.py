@@ -19,7 +19,9 @@ Rules (documented in the README):
   several words ("great|good"): its logit is the log of their probabilities summed.
 - With no {prompt} in the template the prompt goes first, as in BBT.
 - Texts longer than the model allows are refused, or with truncate=true cut from their
-  end, the longest text first.
+  end, the longest text first. A text of more than CHARS_PER_TOKEN characters per token
+  the model takes is refused (or cut to that many characters) before it is tokenised;
+  a template has at most MAX_TEMPLATE_CHARS characters.
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ from blackbox.v1.verbalizer import label_words
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 KNOWN_FIELDS = ("text_a", "text_b", "prompt", "mask")
+MAX_TEMPLATE_CHARS = 10_000  # a template is a sentence or two around the texts, never a document
+# A text is cut (with truncate) or refused (without) at max_length * CHARS_PER_TOKEN
+# characters before it is tokenised: tokenising all of a 20 MB text only to keep its
+# first max_length tokens costs gigabytes. The bound is safe: a token covers a few
+# characters (about 4 of English text in BPE vocabularies, fewer in most other scripts)
+# and the longest vocabulary entries (runs of spaces or dashes in code-trained
+# vocabularies) a few dozen, so the first max_length tokens of any text end long before
+# character max_length * 64, and a cut there changes only the tokens of the word it
+# splits, which truncation removes anyway: the tokens kept are those of the whole text.
+# Only texts made mostly of what tokenizers drop (control characters, combining marks a
+# normaliser strips) hold fewer tokens than that; they are cut or refused as if they
+# were long, the message saying why.
+CHARS_PER_TOKEN = 64
+SHOWN_CHARS = 60  # what a message shows of a client's text
+
+
+def _shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text` as a message may show it: its repr, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
+def _opening(text: str) -> str:
+    """A text's first words, for naming its example: at most 8 words and SHOWN_CHARS characters."""
+    return " ".join(text[:16 * SHOWN_CHARS].split()[:8])[:SHOWN_CHARS]
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,9 @@ class EncodedExample:
 
 def parse_template(template: str) -> list[tuple[str, str]]:
     """[("literal", text) | ("field", name)], validated."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise InvalidArgument(f"the template has {len(template):,} characters, more than the {MAX_TEMPLATE_CHARS:,} "
+                              f"a template may have ({_shown(template)}); put long text in the examples' texts")
     parts: list[tuple[str, str]] = []
     position = 0
     for match in PLACEHOLDER.finditer(template):
@@ -55,7 +84,8 @@ def parse_template(template: str) -> list[tuple[str, str]]:
             parts.append(("literal", template[position:match.start()]))
         name = match.group(1)
         if name not in KNOWN_FIELDS:
-            raise InvalidArgument(f"template: unknown placeholder {{{name}}}; use {', '.join(KNOWN_FIELDS)}")
+            raise InvalidArgument(f"template: unknown placeholder {{{name[:SHOWN_CHARS]}}}; use "
+                                  f"{', '.join(KNOWN_FIELDS)}")
         parts.append(("field", name))
         position = match.end()
     if position < len(template):
@@ -63,10 +93,10 @@ def parse_template(template: str) -> list[tuple[str, str]]:
     fields = [name for kind, name in parts if kind == "field"]
     for name in ("text_a", "mask"):
         if fields.count(name) != 1:
-            raise InvalidArgument(f"template must contain {{{name}}} exactly once: {template!r}")
+            raise InvalidArgument(f"template must contain {{{name}}} exactly once: {_shown(template)}")
     for name in ("text_b", "prompt"):
         if fields.count(name) > 1:
-            raise InvalidArgument(f"template may contain {{{name}}} at most once: {template!r}")
+            raise InvalidArgument(f"template may contain {{{name}}} at most once: {_shown(template)}")
     if "prompt" not in fields:
         parts.insert(0, ("field", "prompt"))
     return parts
@@ -86,11 +116,15 @@ class TemplateEncoder:
     """Tokenises examples for one (tokenizer, template, architecture)."""
 
     def __init__(self, tokenizer, template: str, architecture: str, prompt_length: int, max_length: int):
+        if prompt_length > max_length:
+            raise InvalidArgument(f"prompt_length {prompt_length} is more than the {max_length} tokens this model "
+                                  f"takes; choose at most {max_length}, less the template's and the texts' tokens")
         self.tokenizer = tokenizer
         self.parts = parse_template(template)
         self.architecture = architecture
         self.prompt_length = prompt_length
         self.max_length = max_length
+        self.max_chars = max_length * CHARS_PER_TOKEN  # a text's characters before it is tokenised
         self.uses_text_b = ("field", "text_b") in self.parts
         self.prompt_position = self._prompt_position()
         self.special_prefix, self.special_suffix = special_tokens(tokenizer)
@@ -130,19 +164,34 @@ class TemplateEncoder:
             for word in label_words(entry):
                 tokens = self._tokenize(" " + word.strip())
                 if not word.strip() or not tokens:
-                    raise InvalidArgument(f"verbalizer word {word!r} (of {entry!r}) tokenises to nothing")
+                    raise InvalidArgument(f"verbalizer word {_shown(word)} (of {_shown(entry)}) tokenises to nothing")
                 ids.append(tokens[0])
                 classes.append(label)
         if len(set(ids)) != len(ids):
+            words, firsts = str(entries), str(ids)
             raise InvalidArgument(
-                f"verbalizer words {entries} share first tokens {ids}; choose words that start differently"
+                f"verbalizer words {words[:4 * SHOWN_CHARS]}{'...' if len(words) > 4 * SHOWN_CHARS else ''} share "
+                f"first tokens {firsts[:SHOWN_CHARS]}{'...' if len(firsts) > SHOWN_CHARS else ''}; choose words "
+                "that start differently"
             )
         return ids, classes
 
     def encode(self, text_a: str, text_b: str, label: int, truncate: bool, index: int) -> EncodedExample:
         if self.uses_text_b and not text_b:
             raise InvalidArgument(f"example {index}: the template uses {{text_b}} but the example has none")
-        texts = {"text_a": text_a, "text_b": text_b}
+        texts = {"text_a": (text_a or "").strip(), "text_b": (text_b or "").strip()}
+        # Before anything is tokenised: a text no model length holds (CHARS_PER_TOKEN).
+        cut_texts = {name for name, text in texts.items()
+                     if len(text) > self.max_chars and ("field", name) in self.parts}
+        if cut_texts and not truncate:
+            name = min(cut_texts, key=list(texts).index)
+            raise InvalidArgument(
+                f"example {index} (\"{_opening(texts['text_a'])} ...\"): its {name} has {len(texts[name]):,} "
+                f"characters, more than the {self.max_chars:,} ({CHARS_PER_TOKEN} per token of the model's "
+                f"{self.max_length}) a text that fits can have; shorten it or create the session with truncate=true"
+            )
+        for name in cut_texts:
+            texts[name] = texts[name][:self.max_chars]
         # Token segments in order; texts are also kept by name so truncation cuts only them.
         segments: list[list] = [list(self.special_prefix)]
         text_segments: dict[str, list[int]] = {}
@@ -155,7 +204,7 @@ class TemplateEncoder:
                 segments.append(self._literal(stripped))
                 continue
             if value in texts:
-                ids = self._tokenize(pending_space[-1:] + texts[value].strip())
+                ids = self._tokenize(pending_space[-1:] + texts[value])
                 text_segments[value] = ids
                 segments.append(ids)
             elif value == "prompt":
@@ -167,19 +216,24 @@ class TemplateEncoder:
             pending_space = ""
         segments.append(list(self.special_suffix))
 
-        truncated = False
+        truncated = bool(cut_texts)
         excess = sum(map(len, segments)) + self.prompt_length - self.max_length
         if excess > 0:
             if not truncate:
-                opening = " ".join(text_a.split()[:8])
                 raise InvalidArgument(
-                    f"example {index} (\"{opening} ...\") needs {excess + self.max_length} tokens with the "
-                    f"prompt, more than the model's {self.max_length}; shorten it or create the session with "
-                    "truncate=true"
+                    f"example {index} (\"{_opening(texts['text_a'])} ...\") needs {excess + self.max_length} "
+                    f"tokens with the prompt, more than the model's {self.max_length}; shorten it or create the "
+                    "session with truncate=true"
                 )
             truncated = True
+            # The longest text first. A text cut to max_chars counts as longer than any other
+            # until truncation has cut it: its whole text is, unless the other has fewer
+            # characters a token (both texts far beyond the model's length).
+            longer = set(cut_texts)
             while excess > 0:
-                longest = max(text_segments.values(), key=len)
+                name = max(text_segments, key=lambda name: (name in longer, len(text_segments[name])))
+                longest = text_segments[name]
+                longer.discard(name)
                 if len(longest) <= 1:
                     raise InvalidArgument(f"example {index}: the template alone exceeds {self.max_length} tokens")
                 cut = min(excess, len(longest) - 1)

@@ -25,7 +25,11 @@ Kinds:
   projection" mode. A kind with one projection per layer (prefix, deep prompt) takes
   d = D as one block of z per layer (`LayerBlocks.whole_identity`).
 
-The kinds share this one module (a little over 400 lines) on purpose: each is a few
+`projection_bytes(kind, d, D)` is what a projection will keep, known from the sizes
+before anything is drawn: the deltas check it against their memory budget
+(`backbone_server.deltas.budget`).
+
+The kinds share this one module (under 500 lines) on purpose: each is a few
 dozen lines around the contract above, which the tests check for every kind alike, and
 the sparse and Fastfood kinds' autograd functions sit next to the kind that needs them.
 """
@@ -45,8 +49,9 @@ CANDIDATE_BLOCK = 8  # rows of every matmul of a dense projection
 DENSE_KINDS = ("normal", "uniform")
 
 
-def _unknown_kind(kind: str) -> InvalidArgument:
-    return InvalidArgument(f"unknown projection {kind!r}; choose from {', '.join(PROJECTION_KINDS)}")
+def _unknown_kind(kind) -> InvalidArgument:
+    text = repr(kind) if len(str(kind)) <= 60 else f"{str(kind)[:60]!r}... ({len(str(kind)):,} characters)"
+    return InvalidArgument(f"unknown projection {text}; choose from {', '.join(PROJECTION_KINDS)}")
 
 
 def _is_int(value) -> bool:
@@ -68,8 +73,17 @@ def _check_std(std: float) -> None:
         raise InvalidArgument(f"projection std must be finite and > 0, got {std}")
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+SEED_MODULUS = 2**64  # torch seeds its generators modulo 2**64 (-1 and 2**64 - 1 draw alike)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`, any integer: taken modulo 2**64 as torch itself
+    takes negative seeds, so that derived seeds (seed + l * stride) near the top of the
+    wire's uint64 draw instead of overflowing (every seed torch accepted draws as before)."""
+    if not _is_int(seed):
+        raise InvalidArgument(f"a seed must be an integer, got {str(seed)[:60]!r}")
+    return torch.Generator(device="cpu").manual_seed(int(seed) % SEED_MODULUS)
+
 
 
 class Projection:
@@ -116,7 +130,7 @@ class DenseProjection(Projection):
             raise _unknown_kind(kind) if kind not in PROJECTION_KINDS else InvalidArgument(
                 f"{kind!r} is not a dense projection; use make_projection")
         _check_dims(in_dim, out_dim)
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         if kind == "normal":
             matrix = torch.randn(out_dim, in_dim, generator=generator) * std
         else:
@@ -202,15 +216,11 @@ class SparseProjection(Projection):
     def __init__(self, in_dim: int, out_dim: int, seed: int, std: float, device: torch.device,
                  dtype: torch.dtype = torch.float32, density: float | None = None):
         _check_dims(in_dim, out_dim)
-        if density is None:
-            density = 1.0 / math.sqrt(in_dim)
-        if not (math.isfinite(density) and 0 < density <= 1):
-            raise InvalidArgument(f"sparse projection density must be in (0, 1], got {density}")
         self.in_dim = in_dim
         self.out_dim = out_dim
-        self.per_row = k = min(in_dim, max(1, round(density * in_dim)))
+        self.per_row = k = _sparse_per_row(in_dim, density)
         self.density = k / in_dim
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         columns = self._distinct_columns(out_dim, in_dim, k, generator)
         signs = torch.randint(0, 2, (out_dim, k), generator=generator, dtype=torch.int8)
         magnitude = std * math.sqrt(in_dim / k)
@@ -348,7 +358,7 @@ class FastfoodProjection(Projection):
         self.out_dim = out_dim
         self.block = n = 1 << (in_dim - 1).bit_length()
         self.blocks = blocks = -(-out_dim // n)
-        generator = _generator(seed)
+        generator = seeded_generator(seed)
         sign = torch.randint(0, 2, (blocks, n), generator=generator, dtype=torch.int8) * 2 - 1
         keys = torch.rand(blocks, n, generator=generator, dtype=torch.float64)
         permutation = torch.argsort(keys, dim=1, stable=True)
@@ -404,6 +414,43 @@ class IdentityProjection(Projection):
         """(P, d) -> (P, D)."""
         self._check_input(z)
         return z.to(device=self.device, dtype=self.dtype) * self.scale
+
+
+def _sparse_per_row(in_dim: int, density: float | None) -> int:
+    """k, the non-zeros per row of a sparse projection from d = in_dim."""
+    if density is None:
+        density = 1.0 / math.sqrt(in_dim)
+    if not (math.isfinite(density) and 0 < density <= 1):
+        raise InvalidArgument(f"sparse projection density must be in (0, 1], got {density}")
+    return min(in_dim, max(1, round(density * in_dim)))
+
+
+def projection_bytes(kind: str, in_dim: int, out_dim: int, dtype: torch.dtype = torch.float32, *,
+                     density: float | None = None) -> int:
+    """The bytes a projection of `kind` from d = in_dim to D = out_dim keeps, computed from
+    the sizes alone, before anything is drawn (what `Projection.nbytes` reports once built,
+    or more): dense d D values; sparse D k values and column indices plus the row offsets,
+    twice (A^T, built on the first gradient, is kept too); Fastfood three vectors of
+    ceil(D / n) n entries (n = d rounded up to a power of two: B, G and the int64 Pi);
+    identity nothing. Bad kinds and dimensions are refused as `make_projection` refuses
+    them."""
+    if kind not in PROJECTION_KINDS:
+        raise _unknown_kind(kind)
+    _check_dims(in_dim, out_dim)
+    d, D = int(in_dim), int(out_dim)
+    item = torch.empty((), dtype=dtype).element_size()
+    if kind in DENSE_KINDS:
+        return d * D * item
+    if kind == "sparse":
+        k = _sparse_per_row(d, density)
+        index = 4 if D * k < 2**31 - 1 else 8
+        forward = D * k * (item + index) + (D + 1) * index
+        transposed = D * k * (item + index) + (d + 1) * index
+        return forward + transposed
+    if kind == "fastfood":
+        n = 1 << (d - 1).bit_length()
+        return -(-D // n) * n * (2 * item + 8)
+    return 0
 
 
 def make_projection(kind: str, in_dim: int, out_dim: int, seed: int, std: float,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, Routing, kind_class
+from backbone_server.deltas.budget import current_budget, derived_seed
 from backbone_server.deltas.combined import PART_SEED_STRIDE
 from backbone_server.deltas.exported import Exported, ExportRequest
 from backbone_server.deltas.layout import Layout
@@ -48,7 +49,9 @@ class AdaMixDelta(Delta):
     def __init__(self, config: DeltaConfig, backbone, kinds: tuple[str, ...], copies: int = 0):
         copies = copies or DEFAULT_COPIES
         if not 1 <= copies <= MAX_COPIES:
-            raise InvalidArgument(f"adamix needs 1 .. {MAX_COPIES} copies, got {copies}")
+            raise InvalidArgument(f"adamix needs 1 .. {MAX_COPIES} copies, got {str(copies)[:20]}"
+                                  f"{'...' if len(str(copies)) > 20 else ''}: write adamix:KIND or adamixM:KIND "
+                                  f"with M <= {MAX_COPIES}")
         kind = "+".join(kinds)
         if len(kinds) != 1 or not kind_class(kinds[0], config.kind).mixable:
             raise InvalidArgument(f"adamix takes one weight kind ({', '.join(mixable_kinds())}), got {kind!r}")
@@ -56,12 +59,18 @@ class AdaMixDelta(Delta):
         self.kind = kind
         self.num_copies = copies
         self.copies: list[Delta] = []
+        budget = current_budget()
         for j in range(copies):
             part_config = DeltaConfig(kind, prompt_length=config.prompt_length, intrinsic_dim=config.intrinsic_dim,
-                                      projection=config.projection, seed=config.seed + j * PART_SEED_STRIDE,
+                                      projection=config.projection,
+                                      seed=derived_seed(config.seed, j * PART_SEED_STRIDE),
                                       projection_scale=config.projection_scale, rank=config.rank,
                                       targets=config.targets)
+            before = budget.used
             copy = DELTA_KINDS[kind](part_config, backbone)
+            if j == 0 and copies > 1:  # the other copies cost as much: refused before any is built
+                budget.check((budget.used - before) * (copies - 1),
+                             f"the other {copies - 1} of adamix's {copies} copies of {kind!r}")
             if self.copies:
                 copy.start = self.copies[0].start  # one fixed start (A0 / W_d0), M projections
             self.copies.append(copy)

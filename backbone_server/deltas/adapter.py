@@ -91,6 +91,8 @@ class Adapter(ProjectedWeights):
                             f"{len(self.modules)} modules ({', '.join(targets)})")
         scale = config.projection_scale
         widths = [features(module)[1] if is_projection(module) else self.hidden_size for _, module in self.modules]
+        self._check_rank(m, [(width, f"the width of the output of {name}")
+                             for (name, _), width in zip(self.modules, widths)])
         self._targets = self._build_factors(config, backbone, [  # W_down starts at W_d0, W_up at zero
             (module, ("adapter_down", (m, width), scale / width ** 0.5), ("adapter_up", (width, m), scale / m ** 0.5))
             for (_, module), width in zip(self.modules, widths)

@@ -16,46 +16,109 @@ from typing import ClassVar, ContextManager
 
 import torch
 
+from backbone_server.deltas.budget import (
+    FLOAT_BYTES,
+    MAX_INTRINSIC_DIM,
+    MAX_NAME_CHARS,
+    MAX_PARTS,
+    MAX_TARGETS,
+    SEED_MODULUS,
+    current_budget,
+    delta_bytes_estimate,
+    reserved_projection,
+    shown,
+)
 from backbone_server.deltas.exported import Exported, ExportRequest
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces
 from backbone_server.errors import InvalidArgument
+from backbone_server.projection import seeded_generator
 from blackbox.v1.delta_spec import DeltaSpec, KindInfo
 
 # A prompt's initial words: a sentence or two, never a document.
 MAX_INIT_TEXT_CHARS = 2000
+# The integer fields and their bounds: (lowest, highest or None) and what to do. The
+# highest rank and prompt_length depend on the model; the kinds and build_delta check them.
+_INTEGERS = {
+    "intrinsic_dim": (1, MAX_INTRINSIC_DIM),
+    "prompt_length": (0, None),
+    "rank": (0, None),
+    "seed": (0, SEED_MODULUS - 1),
+}
+_RANGES = {"seed": "0 .. 2**64 - 1 (the wire's uint64)",
+           "intrinsic_dim": f"1 .. {MAX_INTRINSIC_DIM:,} (2**24)"}
+
+
+def _integer(name: str, value) -> int:
+    """`value` as an int within the bounds of the field `name`, or InvalidArgument."""
+    low, high = _INTEGERS[name]
+    if not _is_whole(value):
+        raise InvalidArgument(f"{name} must be an integer, got {str(value)[:60]!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = _RANGES.get(name, f">= {low}")
+        raise InvalidArgument(f"{name} must be {bound}, got {str(value)[:60]}")
+    return value
 
 
 @dataclass(frozen=True)
 class DeltaConfig(DeltaSpec):
     """What a client asks for (the protocol's DeltaSpec), validated; `form` (the kinds
-    and their mix) is parsed here, once."""
+    and their mix) is parsed here, once. Every size is bounded here or, where the bound
+    is the model's, by the kind and `build_delta`, before anything is allocated; no
+    message shows more than ~60 characters of a client's text or list."""
 
     def __post_init__(self):
+        for name in _INTEGERS:
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
+        for name in ("kind", "projection"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{name} must be a string, got {type(value).__name__}")
+            if len(value) > MAX_NAME_CHARS:
+                raise InvalidArgument(f"{name} {shown(value)} is longer than {MAX_NAME_CHARS} characters; name a "
+                                      f"{'delta' if name == 'kind' else 'projection'} kind GetInfo lists")
         if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
-            raise InvalidArgument(f"targets must be a list of module names, got {self.targets!r}")
+            raise InvalidArgument(f"targets must be a list of module names, got {shown(str(self.targets))}")
         object.__setattr__(self, "targets", tuple(self.targets))
-        if self.intrinsic_dim < 1:
-            raise InvalidArgument(f"intrinsic_dim must be >= 1, got {self.intrinsic_dim}")
+        if len(self.targets) > MAX_TARGETS:
+            raise InvalidArgument(f"targets name {len(self.targets):,} modules; at most {MAX_TARGETS}: name "
+                                  "module-name suffixes (\"q_proj\" matches the q_proj of every layer)")
+        if any(len(t) > MAX_NAME_CHARS for t in self.targets):
+            raise InvalidArgument(f"targets {shown(self.targets)}: a module name has at most {MAX_NAME_CHARS} "
+                                  "characters")
         if len(self.init_text) > MAX_INIT_TEXT_CHARS:
             raise InvalidArgument(f"init_text has {len(self.init_text)} characters; at most {MAX_INIT_TEXT_CHARS}")
-        if self.prompt_length < 0:
-            raise InvalidArgument(f"prompt_length must be >= 0, got {self.prompt_length}")
         if not (self.projection_scale > 0 and math.isfinite(self.projection_scale)):
             raise InvalidArgument(f"projection_scale must be finite and > 0, got {self.projection_scale}")
-        if self.rank < 0:
-            raise InvalidArgument(f"rank must be >= 0, got {self.rank}")
         if any(not t.strip(".") or t != t.strip() for t in self.targets):
-            raise InvalidArgument(f"targets must be non-empty module names, got {list(self.targets)}")
+            raise InvalidArgument(f"targets must be non-empty module names, got {shown(self.targets)}")
         if len(set(self.targets)) != len(self.targets):
-            raise InvalidArgument(f"targets repeat a name: {list(self.targets)}")
+            raise InvalidArgument(f"targets repeat a name: {shown(self.targets)}")
+        if len(self.part_dims) > MAX_PARTS:
+            raise InvalidArgument(f"part_dims has {len(self.part_dims):,} entries; a combination has at most "
+                                  f"{MAX_PARTS} parts: give one size per part of the kind, in kind order")
+        if not all(_is_whole(d) for d in self.part_dims):
+            raise InvalidArgument(f"part_dims must be integers, got {shown([str(d) for d in self.part_dims])}")
         object.__setattr__(self, "part_dims", tuple(int(d) for d in self.part_dims))
-        if any(d < 1 for d in self.part_dims):
-            raise InvalidArgument(f"part_dims must be >= 1 each, got {list(self.part_dims)}")
+        if any(not 1 <= d <= MAX_INTRINSIC_DIM for d in self.part_dims):
+            raise InvalidArgument(f"part_dims must be >= 1 each and at most {MAX_INTRINSIC_DIM:,} (they sum to "
+                                  f"intrinsic_dim), got {shown(self.part_dims)}")
         try:
             self.form
         except ValueError as error:
-            raise InvalidArgument(str(error)) from None
+            message = str(error)
+            if len(message) > 200:  # it quotes the kind
+                message = (f"delta kind {shown(self.kind)} does not parse; write KIND, KIND+KIND[+KIND...], "
+                           "unipelt:KIND+KIND or adamix[M]:KIND with the kinds GetInfo lists")
+            raise InvalidArgument(message) from None
+
+
+def _is_whole(value) -> bool:
+    try:
+        return not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -256,15 +319,37 @@ class ProjectedWeights(Delta):
     # (measured with scripts/probe_scale.py; the weights' own statistics alone overshoot).
     base_scale: float = 1.0
 
+    def _check_size(self, config: DeltaConfig, size: int, vectors: int) -> None:
+        """Refuses, before anything of it is allocated, a delta of `size` parameters whose
+        projection and `vectors` float32 vectors of `size` (scales, a start) exceed what
+        is left of the memory budget."""
+        current_budget().check(
+            delta_bytes_estimate(config.projection, config.intrinsic_dim, size, vectors=vectors),
+            f"delta kind {shown(config.kind)} (D = {size:,} parameters through a {shown(config.projection)} "
+            f"projection from d = {config.intrinsic_dim:,})")
+
     def _build_projection(self, config: DeltaConfig, device: torch.device, scales: list[torch.Tensor],
                           starts: list[torch.Tensor] | None = None) -> None:
-        from backbone_server.projection import make_projection
-
+        size = self.layout.size
+        vectors = 1 if starts is None else 2
+        self._check_size(config, size, vectors)
+        current_budget().reserve(vectors * size * FLOAT_BYTES, f"the scales and start of {size:,} parameters")
         self.scales = torch.cat(scales).to(device) * self.base_scale
         self.start = None if starts is None else torch.cat(starts).to(device)
-        assert len(self.scales) == self.layout.size, "one scale per parameter of the layout"
-        self.projection = make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=self.layout.size,
-                                          seed=config.seed, std=1.0 / config.intrinsic_dim ** 0.5, device=device)
+        assert len(self.scales) == size, "one scale per parameter of the layout"
+        self.projection = reserved_projection(config.projection, config.intrinsic_dim, size, seed=config.seed,
+                                              std=1.0 / config.intrinsic_dim ** 0.5, device=device)
+
+    @classmethod
+    def _check_rank(cls, rank: int, limits: list[tuple[int, str]]) -> None:
+        """Refuses a rank (the adapter's bottleneck size) above what one of the modules
+        takes, before anything is allocated: `limits`, per module, the most it takes and
+        in words why ("min(in, out) of ... (64 -> 32)")."""
+        most, why = min(limits, key=lambda limit: limit[0])
+        if rank > most:
+            raise InvalidArgument(
+                f"{cls.rank_name} {rank} is more than {most}, {why}: choose {cls.rank_name} 1 .. {most} "
+                f"(0: the default, {cls.default_rank}) or targets without that module")
 
     def _build_factors(self, config: DeltaConfig, backbone, factors: list[tuple]) -> list[tuple]:
         """Layout and projection of a kind whose update of each module is a product of two
@@ -272,10 +357,13 @@ class ProjectedWeights(Delta):
         (role, shape, scale) of the first factor, (role, shape, scale) of the second). The
         first starts at a fixed random matrix drawn from the session's seed, of entries of
         standard deviation 1 / sqrt(its last dimension); the second at zero, so that z = 0
-        is the base model. Returns (module, first segment, second segment) per module."""
+        is the base model. Returns (module, first segment, second segment) per module.
+        The memory it all takes is checked before any of it is allocated."""
+        size = sum(math.prod(first[1]) + math.prod(second[1]) for _, first, second in factors)
+        self._check_size(config, size, vectors=2)
         places = ModulePlaces(backbone)
         pieces, scales, starts = [], [], []
-        generator = torch.Generator(device="cpu").manual_seed(int(config.seed))
+        generator = seeded_generator(config.seed)
         for module, (first_role, first_shape, first_scale), (second_role, second_shape, second_scale) in factors:
             path, layer = places.path(module), places.layer(module)
             pieces += [(first_role, path, first_shape, layer), (second_role, path, second_shape, layer)]
@@ -318,8 +406,8 @@ def kind_class(kind: str, whole: str | None = None) -> type[Delta]:
     """The registered class of `kind` (a part of the delta kind `whole`, if given)."""
     cls = DELTA_KINDS.get(kind)
     if cls is None:
-        where = f" in {whole!r}; parts can be" if whole and whole != kind else "; this server supports"
-        raise InvalidArgument(f"unknown delta kind {kind!r}{where} {', '.join(sorted(DELTA_KINDS))}")
+        where = f" in {shown(whole)}; parts can be" if whole and whole != kind else "; this server supports"
+        raise InvalidArgument(f"unknown delta kind {shown(kind)}{where} {', '.join(sorted(DELTA_KINDS))}")
     return cls
 
 

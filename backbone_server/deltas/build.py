@@ -6,6 +6,7 @@ import dataclasses
 
 from backbone_server.deltas.adamix import DEFAULT_COPIES, MAX_COPIES, AdaMixDelta, mixable_kinds
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, kind_class, per_layer_kinds
+from backbone_server.deltas.budget import MAX_DELTA_BYTES, delta_budget, shown
 from backbone_server.deltas.combined import CombinedDelta, not_exportable
 from backbone_server.deltas.reparametrised import LearnedSubspace, StructureAware
 from backbone_server.errors import InvalidArgument
@@ -13,15 +14,27 @@ from backbone_server.subspace import SUBSPACE_PREFIX, Subspace
 from blackbox.v1.delta_spec import ADAMIX, UNIPELT, KindInfo
 
 
-def build_delta(config: DeltaConfig, backbone, subspaces: dict[str, Subspace] | None = None) -> Delta:
+def build_delta(config: DeltaConfig, backbone, subspaces: dict[str, Subspace] | None = None,
+                max_bytes: int = MAX_DELTA_BYTES) -> Delta:
     """The delta `config` asks for; "subspace:NAME" projections come from `subspaces`,
-    the ones the server hosts."""
+    the ones the server hosts. What it pins (projections, scales, starts: all its parts
+    and copies together) may not exceed `max_bytes`, each piece checked before it is
+    allocated (RESOURCE_EXHAUSTED); sizes beyond the model are INVALID_ARGUMENT."""
+    max_length = getattr(backbone, "max_length", None)
+    if max_length is not None and config.prompt_length > max_length:
+        raise InvalidArgument(f"prompt_length {config.prompt_length} is more than the {max_length} tokens this "
+                              f"model takes; choose at most {max_length}, less the template's and the texts' tokens")
+    with delta_budget(max_bytes):
+        return _build(config, backbone, subspaces)
+
+
+def _build(config: DeltaConfig, backbone, subspaces: dict[str, Subspace] | None) -> Delta:
     if config.projection.startswith(SUBSPACE_PREFIX):
         name = config.projection[len(SUBSPACE_PREFIX):]
         if name not in (subspaces or {}):
             hosted = ", ".join(sorted(subspaces or {})) or "none"
-            raise InvalidArgument(f"this server hosts no subspace {name!r} (hosted: {hosted}); an operator hosts "
-                                  "one with --subspace NAME=FILE")
+            raise InvalidArgument(f"this server hosts no subspace {shown(name)} (hosted: {hosted}); an operator "
+                                  "hosts one with --subspace NAME=FILE")
         # The inner delta gives the start and the layout; its own projection is never used
         # (the smallest z it takes: one coordinate, or a few per part of a combination).
         inner_dim = 1 if config.form.single else 4 * (len(config.form.parts) + backbone.num_layers)

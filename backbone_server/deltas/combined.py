@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, exportable_kinds, kind_class
+from backbone_server.deltas.budget import derived_seed, shown
 from backbone_server.deltas.exported import Exported, ExportRequest
 from backbone_server.deltas.layout import Layout
 from backbone_server.errors import InvalidArgument
@@ -72,7 +73,7 @@ class CombinedDelta(Delta):
                 init_text=config.init_text if cls.takes_prompt else "",
                 intrinsic_dim=dim,
                 projection=config.projection,
-                seed=config.seed + i * PART_SEED_STRIDE,
+                seed=derived_seed(config.seed, i * PART_SEED_STRIDE),
                 projection_scale=config.projection_scale,
                 rank=config.rank if cls.rank_name else 0,
                 targets=config.targets if cls.takes_targets else (),
@@ -120,7 +121,7 @@ class CombinedDelta(Delta):
         if config.part_dims:
             if len(config.part_dims) != parts or sum(config.part_dims) != shared:
                 raise InvalidArgument(
-                    f"part_dims {list(config.part_dims)} must give each of the {parts} parts of "
+                    f"part_dims {shown(config.part_dims)} must give each of the {parts} parts of "
                     f"{config.kind!r} its size, summing to intrinsic_dim {config.intrinsic_dim}"
                     + (f" minus its {self.num_gates} gate coordinates ({shared})" if self.num_gates else ""))
             return list(config.part_dims)

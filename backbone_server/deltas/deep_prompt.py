@@ -48,13 +48,20 @@ import dataclasses
 import torch
 
 from backbone_server.deltas.base import Delta, DeltaConfig, LayerBlocks, register_delta
+from backbone_server.deltas.budget import (
+    FLOAT_BYTES,
+    current_budget,
+    delta_bytes_estimate,
+    derived_seed,
+    reserved_projection,
+    shown,
+)
 from backbone_server.deltas.exported import Exported, ExportRequest, plain_load, prefix_tuning, store, tokens_to_fold
 from backbone_server.deltas.hooks import forward_hooks, hidden_of, with_hidden
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
 from backbone_server.deltas.soft_prompt import SoftPrompt
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import make_projection
 
 LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * stride
 PROMPT_POSITIONS = ("in each encoded row, the n positions len(tokens ahead of {prompt}) .. "
@@ -77,6 +84,12 @@ class DeepPrompt(LayerBlocks, Delta):
         self.z_layers = len(layers)
         width = config.prompt_length * backbone.hidden_size
         config = self.config = self.whole_identity(config, width)
+        # Every layer's projection (the input's too) and p0, checked before any is allocated.
+        current_budget().check(
+            delta_bytes_estimate(config.projection, config.intrinsic_dim, width, projections=len(layers))
+            + width * FLOAT_BYTES,
+            f"a deep prompt of {config.prompt_length:,} vectors (D = {width:,} at each of {len(layers)} layers, "
+            f"each through a {shown(config.projection)} projection from d = {config.intrinsic_dim:,})")
         self.input = SoftPrompt(dataclasses.replace(config, per_layer_z=False), backbone)
         self.initial_token_ids = self.input.initial_token_ids
         places = ModulePlaces(backbone)
@@ -85,11 +98,11 @@ class DeepPrompt(LayerBlocks, Delta):
                                    for l in range(1, len(layers)))
         self.layer_spread = self._measure_spreads(backbone)
         self.layer_projections = [
-            make_projection(
+            reserved_projection(
                 config.projection,
                 in_dim=config.intrinsic_dim,
                 out_dim=width,
-                seed=config.seed + l * LAYER_SEED_STRIDE,
+                seed=derived_seed(config.seed, l * LAYER_SEED_STRIDE),
                 std=config.projection_scale * spread / config.intrinsic_dim ** 0.5,
                 device=backbone.device,
             )

@@ -74,6 +74,8 @@ class LoRA(ProjectedWeights):
         body = backbone.body
         targets = config.targets or default_targets(body, DEFAULT_TARGETS, is_projection, PROJECTIONS, "LoRA")
         self.modules = find_modules(body, targets, is_projection, PROJECTIONS)
+        self._check_rank(r, [(min(width_in, width_out), f"min(in, out) of {name} ({width_in} -> {width_out})")
+                             for name, (width_in, width_out) in ((n, features(m)) for n, m in self.modules)])
         self.conv1d = any(is_conv1d(module) for _, module in self.modules)
         self.description = (f"rank-{r} update B A of the weight of each of {len(self.modules)} "
                             f"{type_names(self.modules)} modules ({', '.join(targets)})")

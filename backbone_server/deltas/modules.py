@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from backbone_server.deltas.budget import shown
 from backbone_server.errors import InvalidArgument
 
 PROJECTIONS = "Linear/Conv1D modules"  # what `is_projection` accepts, in error messages
@@ -60,7 +61,7 @@ def find_modules(root: nn.Module, suffixes: tuple[str, ...], accept: Callable[[n
     candidates = [(name, module) for name, module in root.named_modules() if name and accept(module)]
     unmatched = [s for s in suffixes if not any(matches(name, s) for name, _ in candidates)]
     if unmatched:
-        raise InvalidArgument(f"targets {unmatched} match no {what} of this model; the names of its {what} "
+        raise InvalidArgument(f"targets {shown(unmatched)} match no {what} of this model; the names of its {what} "
                               f"end with {name_endings(root, accept)}")
     return [(name, module) for name, module in candidates if any(matches(name, s) for s in suffixes)]
 

@@ -39,13 +39,20 @@ import torch
 from transformers import DynamicCache
 
 from backbone_server.deltas.base import Delta, DeltaConfig, LayerBlocks, register_delta
+from backbone_server.deltas.budget import (
+    FLOAT_BYTES,
+    current_budget,
+    delta_bytes_estimate,
+    derived_seed,
+    reserved_projection,
+    shown,
+)
 from backbone_server.deltas.exported import Exported, ExportRequest, prefix_tuning
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
 from backbone_server.deltas.soft_prompt import initial_prompt_token_ids
 from backbone_server.encoding import special_tokens
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import make_projection
 
 LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * stride
 
@@ -76,16 +83,23 @@ class Prefix(LayerBlocks, Delta):
         shape = tuple(initial[0][0].shape)
         self.layout = Layout.tiled(piece for l, layer in enumerate(layers) for piece in (
             ("prefix_keys", places.path(layer), shape, l), ("prefix_values", places.path(layer), shape, l)))
+        width = 2 * initial[0][0].numel()
+        config = self.config = self.whole_identity(config, width)
+        # The layers' projections, start and scales, checked before any is allocated.
+        budget = current_budget()
+        budget.check(delta_bytes_estimate(config.projection, config.intrinsic_dim, width, vectors=2,
+                                          projections=len(layers)),
+                     f"a prefix of {n:,} tokens (D = {width:,} keys and values at each of {len(layers)} layers, "
+                     f"each through a {shown(config.projection)} projection from d = {config.intrinsic_dim:,})")
+        budget.reserve(2 * self.layout.size * FLOAT_BYTES, f"the start and scales of a {n:,}-token prefix")
         self.start = torch.cat([state.reshape(-1) for pair in initial for state in pair]).float()
         scale = self.base_scale * config.projection_scale
         self.scales = torch.cat([torch.full((state.numel(),), scale * state.float().std().item())
                                  for pair in initial for state in pair]).to(backbone.device)
-        width = 2 * initial[0][0].numel()
-        config = self.config = self.whole_identity(config, width)
         self.layer_projections = [
-            make_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=width,
-                            seed=config.seed + l * LAYER_SEED_STRIDE, std=1.0 / config.intrinsic_dim ** 0.5,
-                            device=backbone.device)
+            reserved_projection(config.projection, in_dim=config.intrinsic_dim, out_dim=width,
+                                seed=derived_seed(config.seed, l * LAYER_SEED_STRIDE),
+                                std=1.0 / config.intrinsic_dim ** 0.5, device=backbone.device)
             for l in range(len(layers))
         ]
         kv_heads, _, head_dim = shape

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from backbone_server.deltas.budget import FLOAT_BYTES, current_budget
 from backbone_server.errors import InvalidArgument
 from backbone_server.subspace import Subspace
 
@@ -24,6 +25,8 @@ class Reparametrised:
 
     def __init__(self, inner, device: torch.device):
         self.inner = inner
+        current_budget().reserve((inner.prompt_length * inner.hidden_size + inner.layout.size) * FLOAT_BYTES,
+                                 f"the start of a {type(self).__name__} delta")
         probe = torch.zeros(1, inner.z_dim, device=device)
         with torch.no_grad():
             self.start_prompts = inner.prompts(probe)  # (1, n, hidden) or (1, 0, hidden)
@@ -51,6 +54,7 @@ class StructureAware(Reparametrised):
     def __init__(self, inner, device: torch.device):
         super().__init__(inner, device)
         groups: dict[object, int] = {}
+        current_budget().reserve(inner.layout.size * 8, "SAID's group of each parameter")  # int64 each
         if self.prompt_size:
             groups["input"] = 0
         columns = []
@@ -99,6 +103,7 @@ class LearnedSubspace(Reparametrised):
         if not 1 <= dim <= subspace.dim:
             raise InvalidArgument(f"subspace {name!r} has {subspace.dim} directions; intrinsic_dim must be 1 .. "
                                   f"{subspace.dim}, got {dim}")
+        current_budget().reserve(dim * size * subspace.basis.itemsize, f"{dim:,} directions of subspace {name!r}")
         self.directions = torch.tensor(subspace.basis[:dim] * subspace.scales[:dim, None], device=device)
         self.dim = dim
         self.description = f"{inner.description}, moved along {dim} learned directions of subspace {name!r}"

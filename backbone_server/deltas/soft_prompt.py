@@ -24,8 +24,15 @@ from backbone_server.deltas.exported import (
     store,
     tokens_to_fold,
 )
+from backbone_server.deltas.budget import (
+    FLOAT_BYTES,
+    current_budget,
+    delta_bytes_estimate,
+    reserved_projection,
+    shown,
+)
 from backbone_server.errors import InvalidArgument
-from backbone_server.projection import make_projection
+from backbone_server.projection import seeded_generator
 
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
 
@@ -56,7 +63,7 @@ def initial_prompt_token_ids(tokenizer, vocab_size: int, length: int, seed: int,
             raise InvalidArgument(f"init_text {text[:40]!r} has no tokens")
         return [ids[i % len(ids)] for i in range(length)]
     candidates = _word_token_ids(tokenizer, vocab_size)
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    generator = seeded_generator(seed)
     picks = torch.randint(len(candidates), (length,), generator=generator)
     return candidates[picks].tolist()
 
@@ -71,6 +78,13 @@ class SoftPrompt(Delta):
     def __init__(self, config: DeltaConfig, backbone):
         super().__init__(config, backbone)
         embeddings = backbone.embeddings.weight
+        size = config.prompt_length * backbone.hidden_size
+        # Its projection and p0 (D float32 values), checked before either is allocated.
+        budget = current_budget()
+        budget.check(delta_bytes_estimate(config.projection, config.intrinsic_dim, size, vectors=1),
+                     f"a soft prompt of {config.prompt_length:,} vectors (D = {size:,}) through a "
+                     f"{shown(config.projection)} projection from d = {config.intrinsic_dim:,}")
+        budget.reserve(size * FLOAT_BYTES, f"p0, {config.prompt_length:,} vectors")
         self.initial_token_ids = initial_prompt_token_ids(
             backbone.tokenizer, embeddings.shape[0], config.prompt_length, config.seed, config.init_text
         )
@@ -78,10 +92,10 @@ class SoftPrompt(Delta):
         # p0 in fp32: the sum A z + p0 is formed before casting to the model's dtype.
         self.initial_prompt = embeddings[ids].detach().float()
         std = config.projection_scale * embeddings.float().std().item() / config.intrinsic_dim ** 0.5
-        self.projection = make_projection(
+        self.projection = reserved_projection(
             config.projection,
             in_dim=config.intrinsic_dim,
-            out_dim=config.prompt_length * backbone.hidden_size,
+            out_dim=size,
             seed=config.seed,
             std=std,
             device=embeddings.device,
