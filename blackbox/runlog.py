@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ import numpy as np
 RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pkl", "result.json", "best_z.npy", "curve.png")
 CHECKPOINT = "checkpoint.pkl"
 CHECKPOINT_FORMAT = 1
+# What a rerun in the same folder would lose: a folder holding neither (a run stopped before
+# its first generation was checkpointed) is started again without --overwrite.
+VALUABLE = (CHECKPOINT, "result.json")
 
 
 class RunDirError(ValueError):
@@ -27,9 +31,25 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(staging, path)
 
 
+@dataclass
+class StoredRun:
+    """What `--resume` continues: the settings (TuneConfig as a dict, maybe with config.json's
+    extra keys) and model of the run in a folder, and its checkpoint; None: the run stopped
+    before its first generation was checkpointed, and starts again from the beginning."""
+
+    config: dict[str, Any]
+    model: str
+    checkpoint: dict[str, Any] | None
+
+    @property
+    def api_calls(self) -> int:
+        return self.checkpoint["api_calls"] if self.checkpoint is not None else 0
+
+
 class RunLog:
-    """Opens a run folder: a new run (refusing to clobber one unless `overwrite`), or,
-    given the `resume_from` checkpoint read from it, the run stored there."""
+    """Opens a run folder: a new run (refusing to clobber a checkpoint or a result unless
+    `overwrite`; a run stopped before its first checkpoint has neither, and is replaced),
+    or, given the `resume_from` checkpoint read from it, the run stored there."""
 
     def __init__(self, out: str | os.PathLike, overwrite: bool = False,
                  resume_from: dict[str, Any] | None = None):
@@ -44,7 +64,7 @@ class RunLog:
                 (self.dir / name).unlink(missing_ok=True)
         else:
             existing = [name for name in RUN_FILES if (self.dir / name).exists()]
-            if existing and not overwrite:
+            if not overwrite and any(name in VALUABLE for name in existing):
                 raise RunDirError(
                     f"{self.dir} already holds a run ({', '.join(existing)}); "
                     "choose another --out, continue it with --resume, or pass --overwrite"
@@ -52,6 +72,8 @@ class RunLog:
             self.dir.mkdir(parents=True, exist_ok=True)
             for name in existing:
                 (self.dir / name).unlink()
+        # The files of an unfinished run replaced without --overwrite, for the caller to say.
+        self.replaced = [] if resume_from is not None or overwrite else existing
         self._log = self.log_path.open("a")
 
     @staticmethod
@@ -66,6 +88,28 @@ class RunLog:
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise RunDirError(f"{path} was written by another version of blackbox")
         return checkpoint
+
+    @staticmethod
+    def read_stored(out: str | os.PathLike) -> StoredRun:
+        """The run `--resume` continues in `out`: from its checkpoint, or, where the run
+        stopped before its first generation was checkpointed (config.json, no checkpoint,
+        no result), from the beginning with config.json's settings. RunDirError where
+        there is nothing to resume."""
+        out = Path(out)
+        if (out / CHECKPOINT).exists():
+            checkpoint = RunLog.read_checkpoint(out)
+            return StoredRun(checkpoint["config"], checkpoint["model"], checkpoint)
+        config_path = out / "config.json"
+        if not config_path.exists() or (out / "result.json").exists():
+            # A result without a checkpoint: a run that searched nothing (--budget 0), finished.
+            raise RunDirError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+        try:
+            config = json.loads(config_path.read_text())
+            model = config["model"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise RunDirError(f"nothing to resume: {out} has no checkpoint, and its config.json is not a "
+                              f"run's ({error!r})") from None
+        return StoredRun(config, model, None)
 
     def write_checkpoint(self, state: dict[str, Any]) -> None:
         """Only load checkpoints you wrote: they are pickles."""

@@ -268,8 +268,9 @@ def resume_config(out: str, budget: int | None = None, changes: Mapping[str, Any
     list of differences, as is a budget below the calls already spent or one that leaves
     a finished run nothing to do.
     """
-    checkpoint = RunLog.read_checkpoint(out)
-    stored = _stored_config(checkpoint["config"])
+    run = RunLog.read_stored(out)  # a run stopped before its first checkpoint: config.json's settings
+    fields = {field.name for field in dataclasses.fields(TuneConfig)}
+    stored = _stored_config({key: value for key, value in run.config.items() if key in fields})
     changes = {**(changes or {}), **({"budget": budget} if budget is not None else {})}
     unknown = sorted(set(changes) - set(stored))
     if unknown:
@@ -283,7 +284,7 @@ def resume_config(out: str, budget: int | None = None, changes: Mapping[str, Any
                          "only --budget, --max-wall-s, --patience and --data-dir may change. Start a new run "
                          "in another --out for other settings")
     config = TuneConfig(**{**stored, **{k: given[k] for k in changes if k in RESUMABLE_CHANGES}, "out": out})
-    spent = checkpoint["api_calls"]
+    spent = run.api_calls
     if config.budget < spent:
         raise ValueError(f"--budget {config.budget} is below the {spent} API calls {out} has spent already; "
                          f"give at least {spent}")
@@ -299,13 +300,17 @@ def _stored_config(stored: Mapping[str, Any]) -> dict[str, Any]:
     return {**dataclasses.asdict(TuneConfig(seed=stored.get("seed", TuneConfig.seed))), **stored}
 
 
-def check_resumable(stored_config: dict[str, Any], stored_model: str, config: TuneConfig, model: str) -> None:
-    """Refuses to resume a run stored with `stored_config` on `stored_model` as `config` on `model`."""
+def check_resumable(stored_config: dict[str, Any], stored_model: str, config: TuneConfig, model: str,
+                    searched: bool = True) -> None:
+    """Refuses to resume a run stored with `stored_config` on `stored_model` as `config` on
+    `model`; `searched`: False for a run stopped before its first checkpoint, which starts
+    again (its budget may change even where the optimizer plans by it)."""
     stored = _stored_config(stored_config)
     now = dataclasses.asdict(config)
     changed = [f"{key}: {stored.get(key)!r} -> {now[key]!r}" for key in now
                if key not in RESUMABLE_CHANGES and stored.get(key) != now[key]]
-    if stored.get("budget") != config.budget and "budget" in optimizer_class(config.optimizer).option_defaults:
+    plans_budget = "budget" in optimizer_class(config.optimizer).option_defaults
+    if searched and plans_budget and stored.get("budget") != config.budget:
         changed.append(f"budget: {stored.get('budget')!r} -> {config.budget!r} ({config.optimizer} planned its "
                        "search for the run's budget; resume it with the same one)")
     if stored_model != model:

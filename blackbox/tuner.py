@@ -203,6 +203,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     started = time.perf_counter()
     progress = Progress(bars=show_progress)
     task, info, template, splits, checkpoint = _prepare(config, client, resume, data)
+    restarting = resume and checkpoint is None  # stopped before its first checkpoint: from the beginning
     init_text = prompt_init_text(config, task.verbalizer)
     spec = delta_spec(config, info.kinds, init_text)
     # The server checks the delta before the run folder is touched.
@@ -229,6 +230,12 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
             started -= state.elapsed_s
             progress.say(f"resuming {config.out} after generation {state.generation} ({state.api_calls} API calls)")
         else:
+            if restarting:
+                progress.say(f"resuming {config.out}: it stopped before its first generation was checkpointed, "
+                             "so it starts from the beginning")
+            elif run.replaced:
+                progress.say(f"starting {config.out} again: the run there stopped before its first generation "
+                             f"was checkpointed ({', '.join(run.replaced)})")
             state = _start(config, info.model_name, session, optimizer, zero_shot, progress, label_bias)
         objective = Objective(session, "train", config.loss, label_bias)
         calls_per_generation = optimizer.popsize * optimizer.calls_per_candidate
@@ -289,9 +296,12 @@ def _prepare(config: TuneConfig, client: BackboneClient, resume: bool, data: Run
     if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
-    checkpoint = RunLog.read_checkpoint(config.out) if resume else None
-    if checkpoint is not None:
-        check_resumable(checkpoint["config"], checkpoint["model"], config, info.model_name)
+    checkpoint = None
+    if resume:  # a run stopped before its first checkpoint has none, and starts from the beginning
+        stored = RunLog.read_stored(config.out)
+        check_resumable(stored.config, stored.model, config, info.model_name,
+                        searched=stored.checkpoint is not None)
+        checkpoint = stored.checkpoint
     return task, info, template, splits, checkpoint
 
 
