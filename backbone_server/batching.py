@@ -4,7 +4,7 @@ and values of the tokens ahead of the prompt (prefix states).
 Examples are sorted by length and grouped into buckets (little padding), each at most
 the token bound for one candidate, so that a whole population of a bucket fits the
 memory bound in as few forwards as possible. A bucket's padded tensors are built once
-per evaluated range and kept in the session.
+per evaluated range and kept (`RangeCache`, bounded per session and overall).
 
 Causal models with text before the prompt take the prefix-reuse path: the tokens ahead
 of the prompt do not depend on the candidate, so their keys and values are computed
@@ -23,6 +23,7 @@ example's tokens, behind the n virtual tokens.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
@@ -33,7 +34,8 @@ from backbone_server.encoding import EncodedExample
 from backbone_server.models import Backbone
 from backbone_server.sessions import SessionState
 
-MAX_CACHED_RANGES = 64  # per session: (split, example range, token bound) bucketings kept
+DEFAULT_RANGE_CACHE_BYTES = 256 * 2**20  # the padded buckets of evaluated ranges, all sessions together
+DEFAULT_SESSION_CACHE_BYTES = 64 * 2**20  # the same, one session's
 
 PrefixStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (B, kv_heads, Lp, head_dim)
 
@@ -73,7 +75,7 @@ class PrefixStore:
     def __init__(self, limit: int):
         self.limit = limit
         self.bytes = 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.evictions = 0
         self._entries: OrderedDict[bytes, tuple[PrefixStates, int]] = OrderedDict()
 
     def get(self, key: bytes) -> PrefixStates | None:
@@ -92,6 +94,7 @@ class PrefixStore:
         while self.bytes + size > self.limit:
             _, (_, freed) = self._entries.popitem(last=False)
             self.bytes -= freed
+            self.evictions += 1
         self._entries[key] = (states, size)
         self.bytes += size
 
@@ -103,10 +106,77 @@ class PrefixStore:
                 f"{self.hits} hits, {self.misses} misses")
 
 
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class RangeCache:
+    """The buckets of each evaluated range, by (session, range), so that a generation
+    starts its forwards without host work or host-to-device copies. Least recently used
+    ranges go first past `limit` bytes overall or `session_limit` bytes for one session;
+    an evicted range is rebuilt when asked for again."""
+
+    def __init__(self, limit: int = DEFAULT_RANGE_CACHE_BYTES, session_limit: int = DEFAULT_SESSION_CACHE_BYTES):
+        self.limit = limit
+        self.session_limit = min(session_limit, limit)
+        self.bytes = 0
+        self.evictions = 0
+        self._entries: OrderedDict[tuple, tuple[list[Bucket], int]] = OrderedDict()
+        self._per_session: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str, key: tuple) -> list[Bucket] | None:
+        with self._lock:
+            entry = self._entries.get((session_id, key))
+            if entry is None:
+                return None
+            self._entries.move_to_end((session_id, key))
+            return entry[0]
+
+    def put(self, session_id: str, key: tuple, buckets: list[Bucket]) -> None:
+        size = sum(_tensor_bytes(vars(bucket).values()) for bucket in buckets)
+        if size > self.session_limit:
+            return
+        with self._lock:
+            if (session_id, key) in self._entries:
+                return
+            while self._per_session.get(session_id, 0) + size > self.session_limit:
+                self._evict(next(k for k in self._entries if k[0] == session_id))
+            while self.bytes + size > self.limit:
+                self._evict(next(iter(self._entries)))
+            self._entries[session_id, key] = (buckets, size)
+            self.bytes += size
+            self._per_session[session_id] = self._per_session.get(session_id, 0) + size
+
+    def _evict(self, entry_key: tuple) -> None:
+        self._forget(entry_key)
+        self.evictions += 1
+
+    def _forget(self, entry_key: tuple) -> None:
+        _, size = self._entries.pop(entry_key)
+        self.bytes -= size
+        left = self._per_session[entry_key[0]] - size
+        if left:
+            self._per_session[entry_key[0]] = left
+        else:
+            del self._per_session[entry_key[0]]
+
+    def drop_session(self, session_id: str) -> None:
+        """Frees a closed or expired session's ranges (not counted as evictions)."""
+        with self._lock:
+            for entry_key in [k for k in self._entries if k[0] == session_id]:
+                self._forget(entry_key)
+
+    def session_bytes(self, session_id: str) -> int:
+        with self._lock:
+            return self._per_session.get(session_id, 0)
+
+
 class Batcher:
-    def __init__(self, backbone: Backbone, prefix_cache_bytes: int):
+    def __init__(self, backbone: Backbone, prefix_cache_bytes: int, ranges: RangeCache | None = None):
         self.backbone = backbone
         self.store = PrefixStore(prefix_cache_bytes)
+        self.ranges = ranges or RangeCache()
         pad = backbone.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (backbone.tokenizer.eos_token_id or 0)
 
@@ -115,11 +185,10 @@ class Batcher:
         """Each bucket of the selected examples (its `index`: their positions in
         `selected`) with its prefix states (None without prefix reuse)."""
         key = (split, start, start + len(selected), tokens)
-        buckets = session.bucket_cache.get(key)
+        buckets = self.ranges.get(session.id, key)
         if buckets is None:
             buckets = self._buckets(session, selected, tokens)
-            if len(session.bucket_cache) < MAX_CACHED_RANGES:
-                session.bucket_cache[key] = buckets
+            self.ranges.put(session.id, key, buckets)
         for bucket in buckets:
             yield bucket, self._prefix_states(session, bucket) if bucket.reuse else None
 

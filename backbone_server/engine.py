@@ -22,16 +22,19 @@ and returns d loss / d z per candidate, for white-box comparisons.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from backbone_server.batching import Batcher, Bucket
+from backbone_server.batching import Batcher, Bucket, RangeCache
 from backbone_server.deltas import DeltaConfig, Routing, build_delta
+from backbone_server.deltas.budget import MAX_DELTA_BYTES
 from backbone_server.encoding import TemplateEncoder
-from backbone_server.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted
+from backbone_server.fairness import FairTurns
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
 from backbone_server.scoring import (
@@ -43,20 +46,41 @@ from backbone_server.scoring import (
     example_losses,
     out_of_memory,
 )
-from backbone_server.sessions import SessionRegistry, SessionState, encode_splits
+from backbone_server.sessions import SessionRegistry, SessionState, encode_splits, short
+from backbone_server.store import ServerStore
 from backbone_server.subspace import DEFAULT_MAX_BYTES, MAX_UPLOADED, Subspace, check_name, subspace_from_bytes
+from backbone_server.tenants import Tenant, open_tenant
 
 log = logging.getLogger(__name__)
 
 MAX_POPULATION = 4096
 MAX_SCORED = 256  # single-candidate scores a session keeps
+# (candidate, example) rows one Evaluate may ask for: a bigger request is split by the
+# client into several (a test pass in slices), so that the caller's deadline means something.
+MAX_ROWS_PER_CALL = 2**18
+MAX_EXAMPLES_PER_SESSION = 200_000  # all splits together, unless the tenant's limit is lower
+DEFAULT_SESSION_TTL_S = 30 * 60
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the bounds GetInfo reports)."""
+
+    max_population: int = MAX_POPULATION
+    max_rows_per_call: int = MAX_ROWS_PER_CALL
+    max_examples_per_session: int = MAX_EXAMPLES_PER_SESSION
+    max_sessions: int = 64
+    session_ttl_s: float = DEFAULT_SESSION_TTL_S
+    max_delta_bytes: int = MAX_DELTA_BYTES  # what one session's delta may pin (projections, starts)
 
 
 class Engine:
     def __init__(self, backbone: Backbone, max_batch_tokens: int = 0, max_sessions: int = 64,
                  prefix_cache_bytes: int = 0, prefix_reuse: bool = True,
                  allow_gradients: bool = False, subspaces: dict | None = None,
-                 allow_subspace_uploads: bool = False, max_subspace_bytes: int = DEFAULT_MAX_BYTES):
+                 allow_subspace_uploads: bool = False, max_subspace_bytes: int = DEFAULT_MAX_BYTES,
+                 limits: Limits | None = None, range_cache: RangeCache | None = None,
+                 store: ServerStore | None = None):
         if max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must be positive (or 0 to derive it from free memory)")
         self.backbone = backbone
@@ -69,12 +93,15 @@ class Engine:
         self.allow_subspace_uploads = allow_subspace_uploads
         self.max_subspace_bytes = max_subspace_bytes
         self.uploaded_subspaces = 0
-        self.sessions = SessionRegistry(max_sessions)
-        self.batcher = Batcher(backbone, prefix_cache_bytes or prefix_store_bytes(backbone))
+        self.limits = limits or Limits(max_sessions=max_sessions)
+        self.store = store or ServerStore()
+        self.batcher = Batcher(backbone, prefix_cache_bytes or prefix_store_bytes(backbone), range_cache)
+        self.sessions = SessionRegistry(self.limits.max_sessions, self.limits.session_ttl_s,
+                                        on_drop=lambda session: self.batcher.ranges.drop_session(session.id))
         self.scorer = Scorer(backbone, self.bounds)
         self.memo_hits = 0
-        # One forward at a time: concurrent forwards would only fight over the same cores.
-        self._compute_lock = threading.Lock()
+        # Everything that runs the model takes its turn here, one step at a time.
+        self.turns = FairTurns()
 
     @property
     def max_batch_tokens(self) -> int:
@@ -87,13 +114,24 @@ class Engine:
     # ---- sessions -------------------------------------------------------------------
 
     def create_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str,
-                       verbalizer: list[str], delta_config: DeltaConfig, truncate: bool = False) -> SessionState:
-        self.sessions.check_capacity()  # early, before tokenising; again when registering
+                       verbalizer: list[str], delta_config: DeltaConfig, truncate: bool = False,
+                       tenant: Tenant | None = None, cancelled: Callable[[], bool] | None = None) -> SessionState:
+        tenant = tenant or open_tenant()
+        self.sessions.check_capacity(tenant)  # early, before tokenising; again when registering
+        examples = sum(len(split) for split in splits.values())
+        bound = min(filter(None, (tenant.max_examples, self.limits.max_examples_per_session)))
+        if examples > bound:
+            which = "tenant's (max_examples)" if bound == tenant.max_examples else "server's"
+            raise ResourceExhausted(f"the session holds {examples} examples, more than the {which} limit of {bound} "
+                                    "per session; score the test set in a session of its own")
         encoder = TemplateEncoder(self.backbone.tokenizer, template, self.backbone.architecture,
                                   delta_config.prompt_length, self.backbone.max_length)
         verbalizer_ids, word_classes = encoder.verbalizer_ids(list(verbalizer))
         encoded = encode_splits(encoder, splits, len(verbalizer), truncate)
-        delta = build_delta(delta_config, self.backbone, self.subspaces)
+        # Some kinds run the model to build their delta (a deep prompt's start): that is a
+        # step like any other, never beside another request's forward and its hooks.
+        with self.turns.turn(tenant.name, cancelled):
+            delta = build_delta(delta_config, self.backbone, self.subspaces, self.limits.max_delta_bytes)
         if delta.kv_prompt and self.backbone.architecture == "causal":
             _check_read_after_the_prompt(encoded, delta.prompt_length)
         session = SessionState(
@@ -109,7 +147,7 @@ class Engine:
             and any(e.before for examples in encoded.values() for e in examples),
             truncated_examples=sum(e.truncated for examples in encoded.values() for e in examples),
         )
-        self.sessions.add(session)
+        self.sessions.add(session, tenant)
         return session
 
     def host_subspace(self, name: str, data: bytes) -> Subspace:
@@ -121,7 +159,7 @@ class Engine:
         if self.uploaded_subspaces >= MAX_UPLOADED:
             raise ResourceExhausted(f"this server holds {MAX_UPLOADED} uploaded subspaces already")
         subspace = subspace_from_bytes(data, self.max_subspace_bytes)
-        with self._compute_lock:  # sessions being built read the table
+        with self.turns.turn("subspaces"):  # sessions being built read the table
             if name in self.subspaces:
                 raise InvalidArgument(f"a subspace named {name!r} is hosted already; choose another name")
             self.subspaces[name] = subspace
@@ -129,32 +167,66 @@ class Engine:
         log.info("hosting uploaded subspace %r: %s", name, subspace.describe())
         return subspace
 
-    def get_session(self, session_id: str) -> SessionState:
-        return self.sessions.get(session_id)
+    def get_session(self, session_id: str, tenant: Tenant | None = None) -> SessionState:
+        return self.sessions.get(session_id, tenant or open_tenant())
 
-    def close_session(self, session_id: str) -> None:
-        self.sessions.close(session_id)
+    def close_session(self, session_id: str, tenant: Tenant | None = None) -> None:
+        self.sessions.close(session_id, tenant or open_tenant())
+
+    def _steps(self, steps: Iterator, tenant: Tenant, cancelled: Callable[[], bool] | None) -> Iterator:
+        """The items of a generator that runs the model, each computed in a turn of its own."""
+        while True:
+            with self.turns.turn(tenant.name, cancelled):
+                if cancelled is not None and cancelled():
+                    raise Cancelled("the caller went away; the rest of the request was not computed")
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+
+    def _check_rows(self, population: int, examples: int) -> None:
+        rows = population * examples
+        if rows > self.limits.max_rows_per_call:
+            raise ResourceExhausted(
+                f"{population} candidates x {examples} examples = {rows} rows in one call, more than this server's "
+                f"{self.limits.max_rows_per_call}; score fewer examples per call (start, count) or fewer candidates")
+
+    def metered(self, tenant: Tenant, population: int, examples: int):
+        """A request's use of the tenant's quota: one API call per candidate."""
+        return self.store.metered(tenant, population, population * examples)
 
     # ---- evaluation -----------------------------------------------------------------
 
-    def evaluate(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0
-                 ) -> PopulationScores:
-        session = self.sessions.get(session_id)
-        selected = session.select(split, start, count)
-        z = self._check_population(z, session.delta.z_dim)
+    def evaluate(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0,
+                 tenant: Tenant | None = None, cancelled: Callable[[], bool] | None = None) -> PopulationScores:
+        """Scores of every candidate of z on examples [start, start + count) of the split,
+        metered to the tenant, one step of the model at a time (`FairTurns`)."""
+        tenant = tenant or open_tenant()
+        with self.sessions.held(session_id, tenant) as session:
+            selected = session.select(split, start, count)
+            z = self._check_population(z, session.delta.z_dim)
+            self._check_rows(len(z), len(selected))
+            with self.metered(tenant, len(z), len(selected)):
+                return self._evaluate(session, split, start, selected, z, tenant, cancelled)
+
+    def _evaluate(self, session: SessionState, split: str, start: int, selected: list, z: np.ndarray,
+                  tenant: Tenant, cancelled: Callable[[], bool] | None) -> PopulationScores:
         key = (split, start, len(selected), z.tobytes()) if len(z) == 1 else None
-        with self._compute_lock, torch.inference_mode():
+        with torch.inference_mode():
             if key in session.scored:
                 self.memo_hits += 1
                 session.scored.move_to_end(key)
                 return session.scored[key]
-            prompts, params = self._delta_of(session, z)
+            with self.turns.turn(tenant.name, cancelled):
+                prompts, params = self._delta_of(session, z)
             logits = self._empty_logits(session, len(z), len(selected))
             tokens = self.bounds.inference
-            for bucket, prefix in self.batcher.buckets(session, split, start, selected, tokens):
+            buckets = self.batcher.buckets(session, split, start, selected, tokens)
+            for bucket, prefix in self._steps(buckets, tenant, cancelled):
                 chunks = self.scorer.score_chunks(session, bucket, prompts, params, prefix, tokens,
                                                   _routing(split, start, bucket))
-                logits[:, bucket.index] = torch.cat([chunk for _, chunk in chunks])
+                logits[:, bucket.index] = torch.cat([chunk for _, chunk in self._steps(chunks, tenant, cancelled)])
             scores = PopulationScores(logits, self._labels(selected))
             if key is not None:
                 session.scored[key] = scores
@@ -181,7 +253,8 @@ class Engine:
         return f"{self.batcher.store.report()}; single-candidate scores reused: {self.memo_hits}"
 
     def gradient(self, session_id: str, split: str, z: np.ndarray, start: int = 0, count: int = 0,
-                 loss: str = "ce") -> PopulationGradients:
+                 loss: str = "ce", tenant: Tenant | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> PopulationGradients:
         """The mean loss over the selected examples and its gradient with respect to each z.
 
         Candidates are independent, so one backward of the summed losses gives every
@@ -189,18 +262,28 @@ class Engine:
         prompts and module parameters (leaves), so activations of only one chunk are
         alive at a time; their gradients are then carried back through the projection to z.
         """
+        self.check_gradients_allowed()
+        if loss not in LOSSES:
+            raise InvalidArgument(f"unknown loss {short(loss)!r}; choose from {', '.join(LOSSES)}")
+        tenant = tenant or open_tenant()
+        with self.sessions.held(session_id, tenant) as session:
+            selected = session.select(split, start, count)
+            z = self._check_population(z, session.delta.z_dim)
+            self._check_rows(len(z), len(selected))
+            with self.metered(tenant, len(z), len(selected)), self.turns.turn(tenant.name, cancelled):
+                return self._gradient(session, split, z, selected, start, loss)
+
+    def check_gradients_allowed(self) -> None:
         if not self.allow_gradients:
             raise PermissionDenied(
                 "gradients are disabled on this server (it is a black box); "
                 "start it with --allow-gradients for white-box comparisons"
             )
-        if loss not in LOSSES:
-            raise InvalidArgument(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
-        session = self.sessions.get(session_id)
-        selected = session.select(split, start, count)
+
+    def _gradient(self, session: SessionState, split: str, z: np.ndarray, selected: list, start: int,
+                  loss: str) -> PopulationGradients:
         labels = self._labels(selected)
-        z = self._check_population(z, session.delta.z_dim)
-        with self._compute_lock, torch.enable_grad():
+        with torch.enable_grad():
             population = torch.tensor(z, device=self.backbone.device, requires_grad=True)
             prompts = session.delta.prompts(population)
             params = session.delta.parameters(population)

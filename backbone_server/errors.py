@@ -33,3 +33,13 @@ class Unavailable(ServiceError):
 
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Cancelled(ServiceError):
+    """The caller went away (its deadline passed or it cancelled): the work stops early."""
+
+    code = grpc.StatusCode.CANCELLED

@@ -32,6 +32,44 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                              "at most 16, each within --max-subspace-mb; off, only --subspace files are hosted")
     parser.add_argument("--allow-gradients", action="store_true",
                         help="answer Gradient calls (white-box comparisons); off, the server is a pure black box")
+    add_service_arguments(parser)
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """Who may call, over what, and what each call may ask for (README: running it as a service)."""
+    service = parser.add_argument_group("service")
+    service.add_argument("--api-keys", metavar="FILE",
+                         help='tenants and their limits, JSON: {"tenants": [{"name", "key_sha256", "quota_calls", '
+                              '"max_sessions", "max_examples"}]} (`blackbox keys new` makes a key and its line); '
+                              "calls then need `authorization: Bearer KEY`. Without it the server is open and binds "
+                              "loopback only")
+    service.add_argument("--insecure-open", action="store_true",
+                         help="serve a non-loopback --host without --api-keys (anyone who reaches it can use it)")
+    service.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key): clients then "
+                                                           "connect with grpcs://HOST:PORT or --tls-ca")
+    service.add_argument("--tls-key", metavar="PEM", help="the TLS certificate's private key")
+    service.add_argument("--state-db", metavar="FILE",
+                         help="SQLite file of what survives restarts (each tenant's metered calls); default: next "
+                              "to --api-keys (KEYS.state.sqlite), in memory for an open server")
+    service.add_argument("--allow-logits", action="store_true",
+                         help="return verbalizer logits when asked (Evaluate return_logits; tune's label bias "
+                              "needs them); always on for an open server")
+    service.add_argument("--session-ttl", type=float, default=30 * 60, metavar="SECONDS",
+                         help="close a session unused for this long (0: never); a client that dies loses its "
+                              "session to this, never blocks others")
+    service.add_argument("--max-sessions", type=int, default=64, help="sessions held at once, all tenants together")
+    service.add_argument("--max-examples", type=int, default=200_000,
+                         help="examples in one session, all splits together (a tenant's max_examples may be lower)")
+    service.add_argument("--cache-mb", type=float, default=256,
+                         help="memory for evaluated ranges' batches, all sessions together (least recently used "
+                              "out first; recomputed when needed)")
+    service.add_argument("--session-cache-mb", type=float, default=64, help="the same, for one session")
+    service.add_argument("--max-message-mb", type=float, default=256, help="the largest request accepted")
+    service.add_argument("--max-delta-mb", type=float, default=512,
+                         help="what one session's delta may pin: its projections, start and scales (a dense "
+                              "projection is d x D floats; fastfood and sparse ones store far less)")
+    service.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
+    service.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics bind (default loopback)")
 
 
 def add_subspace_arguments(parser: argparse.ArgumentParser) -> None:

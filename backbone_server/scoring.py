@@ -12,8 +12,9 @@ bound (`TokenBounds`) shrinks so that later calls start from the smaller one.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -82,6 +83,8 @@ class Scorer:
         self.backbone = backbone
         self.bounds = bounds
         self._shared_attention: bool | None = None  # probed on the first prefix bucket
+        # Hears each forward: (tokens run, the token bound it ran under, seconds); metrics.
+        self.on_forward: Callable[[int, int, float], None] | None = None
 
     def shares_attention(self, bucket: Bucket) -> bool:
         """Whether the bucket's candidates attend to what they share without copies (the
@@ -116,7 +119,10 @@ class Scorer:
             group = prompts[first:first + chunk]
             group_params = None if params is None else params[first:first + chunk]
             try:
+                began = time.perf_counter()
                 logits = self.forward_chunk(session, bucket, group, group_params, prefix, routing)
+                if self.on_forward is not None:
+                    self.on_forward(len(group) * per_candidate, tokens, time.perf_counter() - began)
             except Exception as error:
                 if not out_of_memory(error):
                     raise

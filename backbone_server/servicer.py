@@ -1,38 +1,57 @@
-"""The Backbone service: protobuf messages in, engine calls, protobuf messages out."""
+"""The Backbone service: protobuf messages in, engine calls, protobuf messages out.
+
+Every call but the health check names its tenant (`TenantDirectory.authenticate`); the
+engine scopes sessions and meters calls by it.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from backbone_server.deltas import DeltaConfig, delta_forms, kind_infos
 from backbone_server.engine import Engine
-from backbone_server.errors import InvalidArgument, Unavailable
+from backbone_server.errors import InvalidArgument, PermissionDenied, Unavailable
 from backbone_server.projection import PROJECTION_KINDS
 from backbone_server.subspace import SUBSPACE_PREFIX
+from backbone_server.tenants import Tenant, TenantDirectory
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1 import backbone_pb2_grpc
 from blackbox.v1.wire import WireError, array_to_tensor, tensor_to_array
 
 
 class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
-    """Holds the engine once the model is loaded; until then every call is UNAVAILABLE."""
+    """Holds the engine once the model is loaded; until then every call is UNAVAILABLE.
 
-    def __init__(self, engine: Engine | None = None):
+    `allow_logits`: whether Evaluate returns the (P, N, C) verbalizer logits when asked.
+    """
+
+    def __init__(self, engine: Engine | None = None, tenants: TenantDirectory | None = None,
+                 allow_logits: bool = True):
         self.engine = engine
+        self.tenants = tenants or TenantDirectory()
+        self.allow_logits = allow_logits
 
     def _engine(self) -> Engine:
         if self.engine is None:
             raise Unavailable("the model is still loading; retry shortly")
         return self.engine
 
+    def _caller(self, context) -> tuple[Engine, Tenant]:
+        tenant = self.tenants.authenticate(context.invocation_metadata() if context is not None else ())
+        return self._engine(), tenant
+
     def GetInfo(self, request, context):
-        engine = self._engine()
+        engine, _ = self._caller(context)
         backbone = engine.backbone
         kinds = kind_infos(backbone)
+        limits = engine.limits
+        keyed = self.tenants.keyed
         return pb.ModelInfo(
-            model_name=backbone.name,
+            # A tenant learns the model, not where the host keeps it nor how much memory it has free.
+            model_name=Path(backbone.name).name if keyed else backbone.name,
             architecture=backbone.architecture,
             hidden_size=backbone.hidden_size,
             num_layers=backbone.num_layers,
@@ -44,14 +63,31 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             dtype=str(backbone.dtype).removeprefix("torch."),
             max_batch_tokens=engine.max_batch_tokens,
             gradients_enabled=engine.allow_gradients,
-            memory_plan=engine.memory_plan.reason,
+            memory_plan=f"{engine.max_batch_tokens} tokens per forward" if keyed else engine.memory_plan.reason,
             delta_forms=delta_forms(),
             kinds=[kind.to_message() for kind in kinds],
             cache_report=engine.cache_report(),
+            logits_enabled=self.allow_logits,
+            keyed=keyed,
+            limits=pb.Limits(max_population=limits.max_population, max_rows_per_call=limits.max_rows_per_call,
+                             max_examples_per_session=limits.max_examples_per_session,
+                             max_sessions=limits.max_sessions, session_ttl_s=limits.session_ttl_s,
+                             max_delta_bytes=limits.max_delta_bytes),
+        )
+
+    def Usage(self, request, context):
+        engine, tenant = self._caller(context)
+        use = engine.store.use(tenant.name)
+        return pb.UsageResponse(
+            tenant=tenant.name, calls_used=use.calls, calls_quota=tenant.quota_calls,
+            calls_left=max(0, tenant.quota_calls - use.calls) if tenant.quota_calls else -1,
+            examples_scored=use.examples, sessions_held=engine.sessions.held_by(tenant.name),
+            max_sessions=tenant.max_sessions or engine.limits.max_sessions,
+            max_examples=min(filter(None, (tenant.max_examples, engine.limits.max_examples_per_session))),
         )
 
     def CreateSession(self, request, context):
-        engine = self._engine()
+        engine, tenant = self._caller(context)
         delta = DeltaConfig.from_message(request.delta)
         splits = {
             split.name: [(e.text_a, e.text_b, e.label) for e in split.examples] for split in request.splits
@@ -59,7 +95,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
         if len(splits) != len(request.splits):
             raise InvalidArgument("split names must be unique")
         session = engine.create_session(splits, request.template, list(request.verbalizer), delta,
-                                        truncate=request.truncate)
+                                        truncate=request.truncate, tenant=tenant, cancelled=_gone(context))
         return pb.CreateSessionResponse(
             session_id=session.id,
             verbalizer_token_ids=session.verbalizer_ids.tolist(),
@@ -73,10 +109,14 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
         )
 
     def Evaluate(self, request, context):
-        engine = self._engine()
+        engine, tenant = self._caller(context)
+        if request.return_logits and not self.allow_logits:
+            raise PermissionDenied("this server does not return logits (its operator did not pass --allow-logits); "
+                                   "score with the losses and accuracies alone (tune --no-calibrate)")
         started = time.perf_counter()
         z = _population(request)
-        scores = engine.evaluate(request.session_id, request.split, z, request.start, request.count)
+        scores = engine.evaluate(request.session_id, request.split, z, request.start, request.count,
+                                 tenant=tenant, cancelled=_gone(context))
         return pb.EvaluateResponse(
             ce_loss=array_to_tensor(scores.ce_loss),
             hinge_loss=array_to_tensor(scores.hinge_loss),
@@ -87,10 +127,13 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
         )
 
     def Gradient(self, request, context):
-        engine = self._engine()
+        engine, tenant = self._caller(context)
+        if not engine.allow_gradients:  # before anything of the request is looked at
+            engine.check_gradients_allowed()
         started = time.perf_counter()
         gradients = engine.gradient(request.session_id, request.split, _population(request), request.start,
-                                    request.count, loss=request.loss or "ce")
+                                    request.count, loss=request.loss or "ce", tenant=tenant,
+                                    cancelled=_gone(context))
         return pb.GradientResponse(
             loss=array_to_tensor(gradients.loss),
             accuracy=array_to_tensor(gradients.accuracy),
@@ -100,13 +143,20 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
         )
 
     def UploadSubspace(self, request, context):
-        subspace = self._engine().host_subspace(request.name, request.data)
+        engine, _ = self._caller(context)
+        subspace = engine.host_subspace(request.name, request.data)
         return pb.UploadSubspaceResponse(projection=SUBSPACE_PREFIX + request.name, dim=subspace.dim,
                                          delta_size=subspace.delta_size)
 
     def CloseSession(self, request, context):
-        self._engine().close_session(request.session_id)
+        engine, tenant = self._caller(context)
+        engine.close_session(request.session_id, tenant)
         return pb.CloseSessionResponse()
+
+
+def _gone(context):
+    """Whether the caller has gone away (cancelled, deadline passed): checked between steps."""
+    return None if context is None else (lambda: not context.is_active())
 
 
 def _population(request) -> np.ndarray:

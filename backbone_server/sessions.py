@@ -4,14 +4,18 @@ cached for it), and the registry that holds them."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
 from backbone_server.deltas import Delta
 from backbone_server.encoding import EncodedExample, TemplateEncoder
 from backbone_server.errors import InvalidArgument, NotFound, ResourceExhausted
+from backbone_server.tenants import OPEN_TENANT_NAME, Tenant
 
 
 @dataclass
@@ -28,9 +32,11 @@ class SessionState:
     # The content keys of the prefix states this session's buckets use (kept, shared with
     # other sessions of the same texts, by the engine's PrefixStore in batching.py).
     prefix_keys: set[bytes] = field(default_factory=set)
-    # Padded device tensors of each evaluated range, built once: a generation then starts
-    # its forwards without host work or host-to-device copies.
-    bucket_cache: dict[tuple, list] = field(default_factory=dict)
+    # The tenant it belongs to, when it was last used (time.monotonic), and the calls
+    # running on it now (which keep it from expiring).
+    tenant: str = OPEN_TENANT_NAME
+    last_used: float = 0.0
+    in_use: int = 0
     # The prompts and parameters of the rows of the last population scored, by z's bytes:
     # the generation's best, checked on dev next, needs no projection again.
     recent_rows: dict[bytes, tuple] = field(default_factory=dict)
@@ -46,7 +52,7 @@ class SessionState:
     def select(self, split: str, start: int, count: int) -> list[EncodedExample]:
         """The examples [start, start + count) of the split (count 0: to its end)."""
         if split not in self.splits:
-            raise NotFound(f"session has no split {split!r}; it has {', '.join(self.splits)}")
+            raise NotFound(f"session has no split {short(split)!r}; it has {', '.join(self.splits)}")
         examples = self.splits[split]
         if start < 0 or count < 0 or start >= len(examples):
             raise InvalidArgument(
@@ -78,38 +84,111 @@ def encode_splits(encoder: TemplateEncoder, splits: dict[str, list[tuple[str, st
     return encoded
 
 
-class SessionRegistry:
-    """The sessions of one engine, by id, at most `max_sessions` at a time."""
+def short(text: str, limit: int = 40) -> str:
+    """A client's string as it may appear in a message: cut, so that errors never echo
+    megabytes back (gRPC refuses over-long status details)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
-    def __init__(self, max_sessions: int):
+
+class SessionRegistry:
+    """The sessions of one engine, by id: at most `max_sessions` at a time, each tenant
+    within its own limit, and each dropped once idle for `ttl_s` seconds (0: never).
+
+    A session is its tenant's alone: another tenant's id answers exactly as an id that
+    does not exist. A session in use (`held`) never expires under its caller.
+    """
+
+    def __init__(self, max_sessions: int, ttl_s: float = 0, on_drop: Callable[[SessionState], None] | None = None):
         self.max_sessions = max_sessions
+        self.ttl_s = ttl_s
+        self.expired = 0  # sessions dropped by the idle time-out
+        self._on_drop = on_drop
         self._sessions: dict[str, SessionState] = {}
         self._lock = threading.Lock()
 
-    def check_capacity(self) -> None:
+    def check_capacity(self, tenant: Tenant) -> None:
+        self.expire()
         with self._lock:
-            self._check_capacity()
+            self._check_capacity(tenant)
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, tenant: Tenant) -> None:
         if len(self._sessions) >= self.max_sessions:
-            raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first")
+            raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first "
+                                    f"(idle sessions expire after {self.ttl_s:g} s)" if self.ttl_s else
+                                    f"the server holds {self.max_sessions} sessions already; close one first")
+        held = self._held_by(tenant.name)
+        if tenant.max_sessions and held >= tenant.max_sessions:
+            raise ResourceExhausted(f"tenant {tenant.name!r} holds {held} sessions, its limit (max_sessions); "
+                                    "close one first" + (f" (idle ones expire after {self.ttl_s:g} s)"
+                                                         if self.ttl_s else ""))
 
-    def add(self, session: SessionState) -> None:
+    def _held_by(self, tenant: str) -> int:
+        return sum(session.tenant == tenant for session in self._sessions.values())
+
+    def add(self, session: SessionState, tenant: Tenant) -> None:
         with self._lock:
-            self._check_capacity()
+            self._check_capacity(tenant)
+            session.tenant = tenant.name
+            session.last_used = time.monotonic()
             self._sessions[session.id] = session
 
-    def get(self, session_id: str) -> SessionState:
+    def get(self, session_id: str, tenant: Tenant) -> SessionState:
         with self._lock:
             session = self._sessions.get(session_id)
-        if session is None:
-            raise NotFound(f"no session {session_id!r} (closed, or created on another server)")
-        return session
+            if session is None or session.tenant != tenant.name:
+                raise NotFound(f"no session {short(session_id)!r} (closed, expired, or created on another server)")
+            session.last_used = time.monotonic()
+            return session
 
-    def close(self, session_id: str) -> None:
+    @contextmanager
+    def held(self, session_id: str, tenant: Tenant) -> Iterator[SessionState]:
+        """The session, kept from expiring while the caller uses it."""
+        session = self.get(session_id, tenant)
         with self._lock:
-            if self._sessions.pop(session_id, None) is None:
-                raise NotFound(f"no session {session_id!r}")
+            session.in_use += 1
+        try:
+            yield session
+        finally:
+            with self._lock:
+                session.in_use -= 1
+                session.last_used = time.monotonic()
+
+    def close(self, session_id: str, tenant: Tenant) -> None:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.tenant != tenant.name:
+                raise NotFound(f"no session {short(session_id)!r}")
+            del self._sessions[session_id]
+        self._dropped(session)
+
+    def expire(self) -> int:
+        """Drops the sessions idle for longer than the time-out; returns how many."""
+        if not self.ttl_s:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            idle = [s for s in self._sessions.values() if not s.in_use and now - s.last_used > self.ttl_s]
+            for session in idle:
+                del self._sessions[session.id]
+            self.expired += len(idle)
+        for session in idle:
+            self._dropped(session)
+        return len(idle)
+
+    def _dropped(self, session: SessionState) -> None:
+        if self._on_drop is not None:
+            self._on_drop(session)
+
+    def held_by(self, tenant: str) -> int:
+        with self._lock:
+            return self._held_by(tenant)
+
+    def by_tenant(self) -> dict[str, int]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for session in self._sessions.values():
+                counts[session.tenant] = counts.get(session.tenant, 0) + 1
+            return counts
 
     def __len__(self) -> int:
         with self._lock:

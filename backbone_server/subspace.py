@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -85,20 +86,50 @@ def load_subspace(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Subsp
     if size > max_bytes:
         raise InvalidArgument(f"the subspace file {path} has {size / 2 ** 20:.1f} MiB, over the bound of "
                               f"{max_bytes / 2 ** 20:.1f} MiB (raise it with --max-subspace-mb)")
-    return read_subspace(path, str(path))
+    return read_subspace(path, str(path), max_bytes)
 
 
-def read_subspace(source, what: str) -> Subspace:
-    """A subspace from a path or a file object (`what` names it in errors)."""
+MEMBERS = ("basis.npy", "scales.npy", "meta.npy")
+
+
+def read_subspace(source, what: str, max_bytes: int = DEFAULT_MAX_BYTES) -> Subspace:
+    """A subspace from a path or a file object (`what` names it in errors).
+
+    What the archive unpacks to is bounded before anything is unpacked (a small
+    compressed upload must not become a large array), and each array's header is checked
+    against its member's size before numpy allocates what the header claims."""
     try:
-        with np.load(source, allow_pickle=False) as archive:
-            basis, scales = archive["basis"], archive["scales"]
-            meta = json.loads(str(archive["meta"]))
+        with zipfile.ZipFile(source) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            if sorted(members) != sorted(MEMBERS):
+                raise ValueError(f"it must hold exactly {', '.join(MEMBERS)}")
+            unpacked = sum(info.file_size for info in members.values())
+            if unpacked > max_bytes:
+                raise ResourceExhausted(f"{what} unpacks to {unpacked / 2 ** 20:.1f} MiB, over the bound of "
+                                        f"{max_bytes / 2 ** 20:.1f} MiB")
+            arrays = {name.removesuffix(".npy"): _read_member(archive, members[name]) for name in MEMBERS}
+        meta = json.loads(str(arrays["meta"]))
         if not isinstance(meta, dict):
             raise ValueError("meta is not a JSON object")
-        return Subspace(np.asarray(basis, np.float32), np.asarray(scales, np.float32), meta)
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise InvalidArgument(f"{what} is not a subspace file (basis, scales, meta): {error}") from None
+        return Subspace(np.asarray(arrays["basis"], np.float32), np.asarray(arrays["scales"], np.float32), meta)
+    except ResourceExhausted:
+        raise
+    except Exception as error:  # a hostile archive fails in many ways (zlib, zipfile, the npy header)
+        raise InvalidArgument(f"{what} is not a subspace file (basis, scales, meta): "
+                              f"{type(error).__name__}: {str(error)[:200]}") from None
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+        if dtype.hasobject:
+            raise ValueError(f"{info.filename} holds Python objects")
+        if math.prod(shape) * dtype.itemsize > info.file_size:
+            raise ValueError(f"{info.filename}'s header claims shape {shape[:4]}, more than its data holds")
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
 def subspace_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Subspace:
@@ -106,7 +137,7 @@ def subspace_from_bytes(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Subs
     if len(data) > max_bytes:
         raise ResourceExhausted(f"the subspace has {len(data) / 2 ** 20:.1f} MiB, over this server's bound of "
                                 f"{max_bytes / 2 ** 20:.1f} MiB")
-    return read_subspace(io.BytesIO(data), "the uploaded data")
+    return read_subspace(io.BytesIO(data), "the uploaded data", max_bytes)
 
 
 def check_name(name: str) -> str:

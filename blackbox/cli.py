@@ -10,13 +10,15 @@ import json
 import logging
 import os
 import sys
-from typing import Any
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
 
 from backbone_server.options import add_server_arguments
 from blackbox.client import BackboneClient, BackboneError
 from blackbox.runlog import RunDirError
 from blackbox.tasks import PLACEMENTS, TaskError, list_tasks
+from blackbox.v1.auth import ENVIRONMENT_VARIABLE
 
 # Seconds to wait for a --server to answer and serve: long enough for a server that is
 # still loading a small model, short enough that a wrong address fails while one watches.
@@ -143,6 +145,7 @@ def _backbone_arguments(parser: argparse.ArgumentParser, server_help: str) -> No
     backend.add_argument("--server", help=server_help)
     backend.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                          help="seconds to wait for --server to answer and serve its model")
+    _connection_arguments(backend)
     backend.add_argument("--model", default="smollm2-135m",
                          help="model of the embedded server: smollm2-135m (bundled), tiny-llama, tiny-roberta, "
                               "tiny-gpt2, a local Hugging Face folder or a .gguf file (tune --resume: the run's own)")
@@ -155,6 +158,28 @@ def _backbone_arguments(parser: argparse.ArgumentParser, server_help: str) -> No
     backend.add_argument("--subspace", action="append", default=[], metavar="NAME=FILE",
                          help="a learned subspace (`blackbox subspace fit`) the embedded server hosts, for "
                               "--projection subspace:NAME; repeat for several")
+
+
+def _connection_arguments(group) -> None:
+    """How a client reaches a --server: its key and TLS (every client command takes them)."""
+    group.add_argument("--api-key", help=f"the tenant's API key of a server with --api-keys (default: "
+                                         f"${ENVIRONMENT_VARIABLE}); prefer the variable: a command line is visible "
+                                         "to other users of the machine")
+    group.add_argument("--tls", action="store_true",
+                       help="connect over TLS, trusting the system's certificate authorities (or write the "
+                            "address as grpcs://HOST:PORT)")
+    group.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, trusting this certificate authority "
+                                                       "(a self-signed server certificate itself)")
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """BackboneClient's (and ReplicaPool's) options from the connection arguments."""
+    return {"api_key": args.api_key, "tls": args.tls, "tls_ca": args.tls_ca,
+            "on_event": lambda message: print(f"  {message}", file=sys.stderr, flush=True)}
+
+
+def _client(args: argparse.Namespace, address: str | None = None) -> BackboneClient:
+    return BackboneClient(address or args.server, **_client_options(args))
 
 
 def _start_embedded(args: argparse.Namespace, stack: ExitStack, allow_gradients: bool, serving: str = "") -> str:
@@ -222,7 +247,10 @@ def _runs_backbone(args: argparse.Namespace, stack: ExitStack, allow_gradients: 
     embedded server's options (each Ray task starts its own: a cluster shares no loopback),
     else one embedded server for all the runs, loaded once, which `stack` stops."""
     if args.server is not None:
-        return ["--server", args.server, "--timeout", str(args.timeout)]
+        if args.api_key:  # to the runs through their environment, not their command lines
+            os.environ[ENVIRONMENT_VARIABLE] = args.api_key
+        return ["--server", args.server, "--timeout", str(args.timeout), *(["--tls"] if args.tls else []),
+                *(["--tls-ca", args.tls_ca] if args.tls_ca else [])]
     if args.ray:
         return _embedded_options(args)
     return ["--server", _start_embedded(args, stack, allow_gradients=allow_gradients, serving=serving)]
@@ -238,6 +266,11 @@ def _check_mode(args: argparse.Namespace) -> None:
                              "hosts its own model on its own device: drop them, or drop --server")
     elif "timeout" in args.given:
         raise ValueError("--timeout bounds the wait for --server; the embedded server loads its model first")
+    else:
+        for name in ("api_key", "tls", "tls_ca"):
+            if name in args.given:
+                raise ValueError(f"--{name.replace('_', '-')} is how a client reaches a --server; the embedded "
+                                 "server is open, on loopback")
 
 
 def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) -> BackboneClient:
@@ -255,9 +288,9 @@ def _connect(args: argparse.Namespace, stack: ExitStack, optimizers: list[str]) 
     if len(addresses) > 1:
         from blackbox.replicas import ReplicaPool
 
-        client = stack.enter_context(ReplicaPool(addresses))
+        client = stack.enter_context(ReplicaPool(addresses, **_client_options(args)))
     else:
-        client = stack.enter_context(BackboneClient(addresses[0] if addresses else address))
+        client = stack.enter_context(_client(args, addresses[0] if addresses else address))
     if args.server is not None:
         print(f"connecting to the backbone at {args.server} (up to {timeout:g} s, --timeout) ...",
               file=sys.stderr, flush=True)
@@ -289,7 +322,7 @@ def _tune(args: argparse.Namespace) -> int:
         if args.server is None and "model" not in args.given:
             from blackbox.runlog import RunLog
 
-            args.model = RunLog.read_checkpoint(args.out)["model"]  # the run's own
+            args.model = RunLog.read_stored(args.out).model  # the run's own
     else:
         config = _config_from_args(args, args.optimizer)
     data = _check_before_loading(config, [config.optimizer])
@@ -340,10 +373,50 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with BackboneClient(args.server) as client:
+    """The model, its limits, and the caller's own metered use (the Usage call)."""
+    with _client(args) as client:
         client.wait_ready(timeout=args.timeout,
                           on_wait=lambda heard: print(f"waiting for {args.server}: {heard}", file=sys.stderr, flush=True))
-        print(json.dumps(dataclasses.asdict(client.get_info()), indent=2))
+        info = dataclasses.asdict(client.get_info())
+        try:
+            info["usage"] = dataclasses.asdict(client.usage())
+        except BackboneError as error:
+            if error.code.name != "UNIMPLEMENTED":  # a server older than the Usage call
+                raise
+        print(json.dumps(info, indent=2))
+    return 0
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from blackbox.v1.auth import hash_key, new_key
+
+    key = new_key()
+    tenant = {"name": args.tenant, "key_sha256": hash_key(key), "quota_calls": args.quota_calls,
+              "max_sessions": args.max_sessions, "max_examples": args.max_examples}
+    if any(value < 0 for value in (args.quota_calls, args.max_sessions, args.max_examples)):
+        raise ValueError("--quota-calls, --max-sessions and --max-examples are counts >= 0")
+    if args.keys_file:
+        path = Path(args.keys_file)
+        try:
+            document = json.loads(path.read_text()) if path.exists() else {"tenants": []}
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read the keys file {path}: {error}") from None
+        tenants = document.get("tenants") if isinstance(document, dict) else None
+        if not isinstance(tenants, list):
+            raise ValueError(f'{path} must hold {{"tenants": [...]}}')
+        if any(isinstance(t, dict) and t.get("name") == args.tenant for t in tenants):
+            raise ValueError(f"{path} has a tenant {args.tenant!r} already; choose another name or edit the file")
+        tenants.append(tenant)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(document, indent=2) + "\n")
+        os.chmod(partial, 0o600)
+        partial.replace(path)
+        print(f"added tenant {args.tenant!r} to {path}; restart the server to let it in", file=sys.stderr)
+    else:
+        print("add this line to the keys file's \"tenants\" list:", file=sys.stderr)
+        print(json.dumps(tenant), file=sys.stderr)
+    print(f"the key of {args.tenant!r}, shown this once (the server keeps only its SHA-256):", file=sys.stderr)
+    print(key)
     return 0
 
 
@@ -560,7 +633,7 @@ def _subspace_upload(args: argparse.Namespace) -> int:
         data = open(path, "rb").read()
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror}") from None
-    with BackboneClient(args.server) as client:
+    with _client(args) as client:
         client.wait_ready(timeout=args.timeout)
         hosted = client.upload_subspace(name, data)
     print(f"{args.server} hosts {path} as {hosted.projection}: {hosted.dim} directions of a delta of D = "
@@ -615,7 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--server", required=True, help="HOST:PORT")
     info.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                       help="seconds to wait for the server to answer and serve its model")
+    _connection_arguments(info)
     info.set_defaults(run=_info)
+    keys = commands.add_parser("keys", help="API keys of a server's tenants (serve --api-keys)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new_key = keys_commands.add_parser("new", help="print a fresh key once, and the line of the keys file that "
+                                                   "lets it in (the file holds only the key's SHA-256)")
+    new_key.add_argument("--tenant", required=True, help="the tenant's name (letters, digits, '_', '-', '.')")
+    new_key.add_argument("--quota-calls", type=int, default=100_000, help="API calls it may spend (0: no quota)")
+    new_key.add_argument("--max-sessions", type=int, default=4, help="sessions it may hold at once")
+    new_key.add_argument("--max-examples", type=int, default=20_000, help="examples in one of its sessions")
+    new_key.add_argument("--keys-file", metavar="FILE",
+                         help="add the tenant to this keys file (created if missing) instead of only printing it")
+    new_key.set_defaults(run=_keys_new)
     optimizers = commands.add_parser("optimizers", help="list the optimizers and the options each takes")
     optimizers.set_defaults(run=_optimizers)
     suite = commands.add_parser("suite", help="run tasks x seeds x methods and print the table of results")
@@ -645,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("subspace", metavar="NAME=FILE", help="the name to host it under and the file")
     upload.add_argument("--server", required=True, help="HOST:PORT")
     upload.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the server")
+    _connection_arguments(upload)
     upload.set_defaults(run=_subspace_upload)
     tasks = commands.add_parser("tasks", help="list the built-in tasks, or check a task file of your own")
     tasks.add_argument("--check", metavar="TASK.json",
@@ -692,6 +778,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # argparse's own error for options no command takes
     args.tune_options = unknown  # intrinsic-dim hands them to every run's `blackbox tune`
     args.given = _given_options(parser, argv, args)
+    # SIGTERM (a service manager's stop, `kill`) ends a run as Ctrl-C does: its server session
+    # closed, its checkpoint kept; exit code 143 (Ctrl-C: 130). A main inside another's
+    # command (a suite's or a sweep's runs) leaves the interrupt to that one, which stops.
+    import signal
+    import threading
+
+    previous, nested = None, False
+    if (args.command in ("tune", "compare", "suite", "intrinsic-dim")
+            and threading.current_thread() is threading.main_thread()):
+        previous = signal.getsignal(signal.SIGTERM)
+        nested = getattr(previous, "ends_blackbox_runs", False)
+
+        def terminate(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+            raise KeyboardInterrupt("SIGTERM")
+
+        terminate.ends_blackbox_runs = True
+        if previous is not None:  # None: a handler not set from Python, left alone
+            signal.signal(signal.SIGTERM, terminate)
     try:
         if args.command in ("tune", "compare", "suite", "intrinsic-dim"):
             _check_mode(args)
@@ -712,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter from reporting the closed pipe again at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        if nested:
+            raise
+        terminated = interrupt.args == ("SIGTERM",)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -2,11 +2,19 @@
 
 gRPC statuses become `BackboneError`s whose message says what went wrong and what the
 server said, so a CLI user never sees a raw RpcError.
+
+Every call carries the API key (when there is one), a deadline, and rides on keepalive
+pings, so a server that stops answering fails the call instead of freezing it. A session
+holds its task, so that when its server restarts (UNAVAILABLE, or NOT_FOUND for the
+session) it waits for the server to serve again, re-creates itself and repeats the call:
+scores depend only on z, so the caller sees exactly what an unfaulted server answers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -17,12 +25,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1 import backbone_pb2_grpc
+from blackbox.v1.auth import ENVIRONMENT_VARIABLE, key_metadata
+from blackbox.v1.channel import client_options
 from blackbox.v1.delta_spec import DeltaForm, DeltaSpec, KindInfo
 from blackbox.v1.messages import message_fields
-from blackbox.v1.wire import GRPC_OPTIONS, array_to_tensor, tensor_to_array
+from blackbox.v1.wire import array_to_tensor, tensor_to_array
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALL_TIMEOUT_S = 600.0  # one call's deadline: a generation or a slice of a test split
+DEFAULT_RECOVER_S = 120.0  # how long a session waits for its restarted server
+TLS_SCHEME = "grpcs://"
+PLAIN_SCHEME = "grpc://"
 
 __all__ = ["BackboneClient", "BackboneError", "DeltaForm", "DeltaSpec", "Gradients", "KindInfo", "ModelInfo",
-           "Scores", "Session"]
+           "Scores", "Session", "Usage"]
 
 
 class BackboneError(RuntimeError):
@@ -64,6 +81,23 @@ class ModelInfo:
     delta_forms: tuple[str, ...] = ()
     kinds: dict[str, KindInfo] = dataclasses.field(default_factory=dict)  # what each of delta_kinds takes
     cache_report: str = ""
+    logits_enabled: bool = True
+    keyed: bool = False
+    limits: dict[str, float] = dataclasses.field(default_factory=dict)  # Limits: what one request may ask
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A tenant's metered use (one API call: one candidate scored in one request)."""
+
+    tenant: str
+    calls_used: int
+    calls_quota: int  # 0: no quota
+    calls_left: int  # -1: no quota
+    examples_scored: int
+    sessions_held: int
+    max_sessions: int
+    max_examples: int
 
 
 @dataclass
@@ -75,16 +109,55 @@ class Gradients:
     server_ms: float
 
 
+def parse_address(address: str, tls: bool = False) -> tuple[str, bool]:
+    """HOST:PORT and whether to use TLS: a grpcs:// address (or `tls`) does."""
+    if address.startswith(TLS_SCHEME):
+        return address[len(TLS_SCHEME):], True
+    if address.startswith(PLAIN_SCHEME):
+        if tls:
+            raise ValueError(f"{address} asks for a plain connection, and TLS was asked for too")
+        return address[len(PLAIN_SCHEME):], False
+    return address, tls
+
+
 class BackboneClient:
-    def __init__(self, address: str):
+    """A connection to one backbone server.
+
+    `api_key`: the tenant's key (default: $BLACKBOX_API_KEY). TLS: a grpcs:// address, or
+    `tls`, or `tls_ca` (a PEM file of the certificate authority to trust instead of the
+    system's). `call_timeout`: each call's deadline. `recover_s`: how long a session waits
+    for its server to come back after a restart (0: it fails at once, as replicas do).
+    `on_event` hears what a session does meanwhile, in words (default: the log).
+    """
+
+    def __init__(self, address: str, api_key: str | None = None, tls: bool = False, tls_ca: str | None = None,
+                 call_timeout: float = DEFAULT_CALL_TIMEOUT_S, recover_s: float = DEFAULT_RECOVER_S,
+                 on_event: Callable[[str], None] | None = None):
+        target, secure = parse_address(address, tls or bool(tls_ca))
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.api_key = api_key if api_key is not None else os.environ.get(ENVIRONMENT_VARIABLE) or None
+        self.call_timeout = call_timeout
+        self.recover_s = recover_s
+        self.on_event = on_event or log.warning
+        if secure:
+            root = None
+            if tls_ca:
+                try:
+                    with open(tls_ca, "rb") as handle:
+                        root = handle.read()
+                except OSError as error:
+                    raise ValueError(f"cannot read the TLS certificate authority {tls_ca}: {error.strerror}") from None
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root),
+                                                options=client_options())
+        else:
+            self._channel = grpc.insecure_channel(target, options=client_options())
+        self._metadata = key_metadata(self.api_key)
         self._stub = backbone_pb2_grpc.BackboneStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _call(self, method: str, request, timeout: float | None = None):
         try:
-            return getattr(self._stub, method)(request, timeout=timeout)
+            return getattr(self._stub, method)(request, timeout=timeout or self.call_timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise BackboneError(error.code(), error.details(), self.address, method) from None
 
@@ -115,18 +188,36 @@ class BackboneClient:
         raise TimeoutError(f"no backbone server ready at {self.address} after {timeout:g} s ({last}); "
                            "check the address and that `blackbox serve` runs there, or raise --timeout")
 
+    def serving(self, timeout: float = 1.0) -> bool:
+        """One health check: whether the server answers SERVING now."""
+        try:
+            status = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout).status
+        except grpc.RpcError:
+            return False
+        return status == health_pb2.HealthCheckResponse.SERVING
+
     def upload_subspace(self, name: str, data: bytes) -> pb.UploadSubspaceResponse:
         """Asks the server to host a subspace file's bytes under `name` (if it accepts uploads)."""
         return self._call("UploadSubspace", pb.UploadSubspaceRequest(name=name, data=data), timeout=120)
 
     def get_info(self) -> ModelInfo:
         info = self._call("GetInfo", pb.GetInfoRequest(), timeout=30)
-        return ModelInfo(**message_fields(info, ModelInfo, exclude=("kinds",)),
-                         kinds={kind.name: KindInfo.from_message(kind) for kind in info.kinds})
+        limits = {field.name: value for field, value in info.limits.ListFields()} if info.HasField("limits") else {}
+        return ModelInfo(**message_fields(info, ModelInfo, exclude=("kinds", "limits")),
+                         kinds={kind.name: KindInfo.from_message(kind) for kind in info.kinds}, limits=limits)
+
+    def usage(self) -> Usage:
+        """The calling tenant's metered use and limits."""
+        response = self._call("Usage", pb.UsageRequest(), timeout=30)
+        return Usage(**message_fields(response, Usage))
 
     def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
                        delta: DeltaSpec, truncate: bool = False) -> "Session":
         """`splits` maps a name to examples with text_a, text_b (or None) and label."""
+        return Session(self, splits, template, verbalizer, delta, truncate)
+
+    def _create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
+                        delta: DeltaSpec, truncate: bool) -> pb.CreateSessionResponse:
         request = pb.CreateSessionRequest(
             splits=[
                 pb.Split(name=name, examples=[
@@ -139,8 +230,7 @@ class BackboneClient:
             delta=delta.to_message(),
             truncate=truncate,
         )
-        response = self._call("CreateSession", request)
-        return Session(self, response, delta)
+        return self._call("CreateSession", request)
 
     def close(self) -> None:
         self._channel.close()
@@ -152,13 +242,33 @@ class BackboneClient:
         self.close()
 
 
-class Session:
-    """A task uploaded to one server; `evaluate` scores populations on its splits."""
+def _lost(error: BackboneError) -> bool:
+    """Whether a call failed because the server went away or restarted (and lost the session)."""
+    return error.code == grpc.StatusCode.UNAVAILABLE or (
+        error.code == grpc.StatusCode.NOT_FOUND and "no session" in error.details)
 
-    def __init__(self, client: BackboneClient, response: pb.CreateSessionResponse, delta: DeltaSpec):
+
+class Session:
+    """A task uploaded to one server; `evaluate` scores populations on its splits.
+
+    It keeps what it was created with, so that it can create itself again on a server
+    that restarted (`BackboneClient.recover_s`)."""
+
+    MAX_RECOVERIES = 100  # over the session's life: a server restarting forever is an error
+
+    def __init__(self, client: BackboneClient, splits: dict[str, Sequence], template: str,
+                 verbalizer: Sequence[str], delta: DeltaSpec, truncate: bool = False):
         self.client = client
-        self.id = response.session_id
         self.delta = delta
+        self._task = (splits, template, verbalizer, delta, truncate)
+        self.recoveries = 0
+        self.closed = False
+        self.metered_calls = 0  # API calls as the server meters them: candidates per request
+        self._created(client._create_session(*self._task))
+
+    def _created(self, response: pb.CreateSessionResponse) -> None:
+        delta = self.delta
+        self.id = response.session_id
         self.split_sizes = dict(response.split_sizes)
         self.prompt_position = response.prompt_position
         self.prefix_reuse = response.prefix_reuse
@@ -167,13 +277,42 @@ class Session:
         self.z_blocks = [(block.name, block.size) for block in response.z_blocks] or [("z", self.z_dim)]
         self.delta_size = response.delta_size  # D; 0 from servers older than the field
 
+    def _call(self, method: str, request_of: Callable[[str], object], candidates: int):
+        """The call, made again on a re-created session after the server restarted."""
+        client = self.client
+        while True:
+            try:
+                response = client._call(method, request_of(self.id))
+                self.metered_calls += candidates
+                return response
+            except BackboneError as error:
+                if (self.closed or not client.recover_s or not _lost(error)
+                        or self.recoveries >= self.MAX_RECOVERIES):
+                    raise
+                self._recover(error)
+
+    def _recover(self, error: BackboneError) -> None:
+        client = self.client
+        self.recoveries += 1
+        client.on_event(f"the backbone at {client.address} answered {error.code.name} ({error.details}); "
+                        f"waiting up to {client.recover_s:g} s for it to serve again")
+        client.wait_ready(timeout=client.recover_s)
+        response = client._create_session(*self._task)
+        if response.z_dim and response.z_dim != self.z_dim:
+            raise BackboneError(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the server came back with a different model: z has {response.z_dim} coordinates, "
+                                f"not {self.z_dim}", client.address, "CreateSession")
+        self._created(response)
+        client.on_event(f"re-created the session on {client.address}; repeating the call")
+
     def evaluate(self, split: str, z: np.ndarray, start: int = 0, count: int = 0,
                  return_logits: bool = False) -> Scores:
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
-        response = self.client._call("Evaluate", pb.EvaluateRequest(
-            session_id=self.id, split=split, z=array_to_tensor(z), start=start, count=count,
+        wire_z = array_to_tensor(z)
+        response = self._call("Evaluate", lambda session_id: pb.EvaluateRequest(
+            session_id=session_id, split=split, z=wire_z, start=start, count=count,
             return_logits=return_logits,
-        ))
+        ), len(z))
         return Scores(
             ce_loss=tensor_to_array(response.ce_loss),
             hinge_loss=tensor_to_array(response.hinge_loss),
@@ -186,9 +325,10 @@ class Session:
     def gradient(self, split: str, z: np.ndarray, start: int = 0, count: int = 0, loss: str = "ce") -> Gradients:
         """d loss / d z at each row of z; only servers started with --allow-gradients answer."""
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
-        response = self.client._call("Gradient", pb.GradientRequest(
-            session_id=self.id, split=split, z=array_to_tensor(z), start=start, count=count, loss=loss,
-        ))
+        wire_z = array_to_tensor(z)
+        response = self._call("Gradient", lambda session_id: pb.GradientRequest(
+            session_id=session_id, split=split, z=wire_z, start=start, count=count, loss=loss,
+        ), len(z))
         return Gradients(
             loss=tensor_to_array(response.loss),
             accuracy=tensor_to_array(response.accuracy),
@@ -198,4 +338,5 @@ class Session:
         )
 
     def close(self) -> None:
-        self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.id))
+        self.closed = True
+        self.client._call("CloseSession", pb.CloseSessionRequest(session_id=self.id), timeout=30)

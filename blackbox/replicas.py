@@ -5,9 +5,12 @@ replica; each call splits the population's rows into contiguous near-equal share
 live replica, scores the shares concurrently and concatenates the answers in order. Rows
 are scored independently, so the merged answer is the one a single server gives.
 
-A replica whose call fails as if it were gone (unreachable, crashed, restarted and lost
-the session) is marked dead for good and its share is scored by the others; a caller's
-error (INVALID_ARGUMENT and the like) is raised as it is.
+A replica whose call fails as if it were gone (unreachable, stalled past the keepalive,
+restarted and lost the session) is marked dead and its share is scored by the others; a
+caller's error (INVALID_ARGUMENT and the like) is raised as it is, and so is INTERNAL (a
+bug of the server, which another replica would repeat). A dead replica is probed again
+every REPROBE_S seconds: once it serves, each session is created on it again and it takes
+its share. With every replica gone, a call waits up to `recover_s` for one to come back.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
-from blackbox.client import BackboneClient, BackboneError, DeltaSpec, ModelInfo, Session
+from blackbox.client import DEFAULT_RECOVER_S, BackboneClient, BackboneError, DeltaSpec, ModelInfo, Session
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +34,8 @@ log = logging.getLogger(__name__)
 SAME_MODEL_FIELDS = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "dtype")
 
 # Statuses that mean the replica is gone or broken, not that the request was wrong.
-GONE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
-              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+GONE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+REPROBE_S = 5.0  # how often a dead replica is asked whether it serves again
 
 
 def _replica_gone(error: BackboneError) -> bool:
@@ -63,15 +67,20 @@ def _merge(parts: list[Any], rows: list[int]) -> Any:
 class ReplicaPool:
     """Backbone servers hosting the same model, used through the `BackboneClient` interface."""
 
-    def __init__(self, addresses: Sequence[str]):
+    def __init__(self, addresses: Sequence[str], recover_s: float = DEFAULT_RECOVER_S, **client_options):
+        """`client_options`: BackboneClient's (api_key, tls, tls_ca, call_timeout, on_event)."""
         addresses = list(addresses)
         if not addresses:
             raise ValueError("a replica pool needs at least one server address")
         if len(set(addresses)) < len(addresses):
             raise ValueError(f"a server is listed twice in {','.join(addresses)}")
         self.address = ",".join(addresses)
-        self.clients = [BackboneClient(address) for address in addresses]
+        # Each replica fails at once when gone: the pool, not the client, rides it out.
+        self.clients = [BackboneClient(address, recover_s=0, **client_options) for address in addresses]
+        self.recover_s = recover_s
+        self.on_event = self.clients[0].on_event
         self.errors: dict[int, BackboneError] = {}  # replica -> the error that killed it
+        self._probed: dict[int, float] = {}  # dead replica -> when it was last probed
         self._lock = threading.Lock()
         self._turn = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=len(addresses), thread_name_prefix="replica")
@@ -92,6 +101,20 @@ class ReplicaPool:
             left = len(self.clients) - len(self.errors)
         log.warning("backbone replica %s dropped (%s: %s); %d left", self.clients[replica].address,
                     error.code.name, error.details, left)
+
+    def due_for_probe(self, replicas: Sequence[int]) -> list[int]:
+        """Those of `replicas` not probed within REPROBE_S, each then counted as probed now."""
+        now = time.monotonic()
+        with self._lock:
+            due = [i for i in replicas if now - self._probed.get(i, -REPROBE_S) >= REPROBE_S]
+            self._probed.update({i: now for i in due})
+        return due
+
+    def mark_alive(self, replica: int) -> None:
+        with self._lock:
+            if self.errors.pop(replica, None) is None:
+                return
+        self.on_event(f"backbone replica {self.clients[replica].address} is back")
 
     def all_failed(self, method: str) -> BackboneError:
         with self._lock:
@@ -150,9 +173,9 @@ class ReplicaPool:
 
     def create_session(self, splits: dict[str, Sequence], template: str, verbalizer: Sequence[str],
                        delta: DeltaSpec, truncate: bool = False) -> "ReplicatedSession":
-        sessions = self.each_live(
-            lambda client: client.create_session(splits, template, verbalizer, delta, truncate), "CreateSession")
-        return ReplicatedSession(self, sessions)
+        task = (splits, template, verbalizer, delta, truncate)
+        sessions = self.each_live(lambda client: client.create_session(*task), "CreateSession")
+        return ReplicatedSession(self, sessions, task)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
@@ -169,11 +192,11 @@ class ReplicaPool:
 class ReplicatedSession:
     """One session per live replica, used through the `Session` interface."""
 
-    def __init__(self, pool: ReplicaPool, sessions: dict[int, Session]):
+    def __init__(self, pool: ReplicaPool, sessions: dict[int, Session], task: tuple):
         self.pool = pool
         self.sessions = sessions
+        self._task = task  # what each session was created with, to create it on a replica back
         first = next(iter(sessions.values()))
-        self.id = ",".join(session.id for session in sessions.values())
         self.delta = first.delta
         self.split_sizes = first.split_sizes
         self.prompt_position = first.prompt_position
@@ -196,9 +219,7 @@ class ReplicatedSession:
         done: dict[tuple[int, int], Any] = {}
         pending = [(0, len(z))]
         while pending:
-            live = [i for i in self.pool.live() if i in self.sessions]
-            if not live:
-                raise self.pool.all_failed(method.capitalize())
+            live = self._live(method)
             turn = self.pool.next_turn()
             shares = [share for first, end in pending for share in _shares(first, end, len(live))]
             owners = [live[(turn + k) % len(live)] for k in range(len(shares))]
@@ -210,6 +231,47 @@ class ReplicatedSession:
             pending = [shares[k] for k in failed]
         order = sorted(done)
         return _merge([done[share] for share in order], [end - first for first, end in order])
+
+    @property
+    def id(self) -> str:
+        return ",".join(session.id for session in self.sessions.values())
+
+    @property
+    def metered_calls(self) -> int:
+        return sum(session.metered_calls for session in self.sessions.values())
+
+    def _live(self, method: str) -> list[int]:
+        """The replicas holding this session now, after bringing back those that serve
+        again; with none, waits up to the pool's recover_s for one."""
+        deadline = time.monotonic() + self.pool.recover_s
+        waited = False
+        while True:
+            self._revive()
+            live = [i for i in self.pool.live() if i in self.sessions]
+            if live:
+                return live
+            if time.monotonic() >= deadline:
+                raise self.pool.all_failed(method.capitalize())
+            if not waited:
+                self.pool.on_event(f"every backbone replica is gone; waiting up to {self.pool.recover_s:g} s "
+                                   "for one to come back")
+                waited = True
+            time.sleep(min(1.0, REPROBE_S))
+
+    def _revive(self) -> None:
+        """Creates the session on the replicas that serve again (or never had it)."""
+        live = set(self.pool.live())
+        missing = [i for i in range(len(self.pool.clients)) if i not in live or i not in self.sessions]
+        for replica in self.pool.due_for_probe(missing):
+            client = self.pool.clients[replica]
+            if not client.serving():
+                continue
+            try:
+                self.sessions[replica] = client.create_session(*self._task)
+            except BackboneError as error:
+                log.debug("replica %s not back yet: %s", client.address, error)
+                continue
+            self.pool.mark_alive(replica)
 
     def close(self) -> None:
         """Closes the session on the live replicas, best effort."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62lackbox/v1/backbone.proto\x12\x0b\x62lackbox.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xf0\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x13\n\x0b\x64\x65lta_kinds\x18\x07 \x03(\t\x12\x18\n\x10projection_kinds\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\x03\x12\x19\n\x11gradients_enabled\x18\x0c \x01(\x08\x12\x13\n\x0bmemory_plan\x18\r \x01(\t\x12\x13\n\x0b\x64\x65lta_forms\x18\x0e \x03(\t\x12%\n\x05kinds\x18\x0f \x03(\x0b\x32\x16.blackbox.v1.DeltaKind\x12\x14\n\x0c\x63\x61\x63he_report\x18\x10 \x01(\t\"\x86\x02\n\tDeltaKind\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x14\n\x0ctakes_prompt\x18\x03 \x01(\x08\x12\x11\n\trank_name\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_rank\x18\x05 \x01(\x05\x12\x15\n\rtakes_targets\x18\x06 \x01(\x08\x12\x13\n\x0bgated_roles\x18\x07 \x03(\t\x12\x11\n\tpeft_type\x18\x08 \x01(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x0f\n\x07mixable\x18\n \x01(\x08\x12\x15\n\rreuses_prefix\x18\x0b \x01(\x08\x12\x11\n\tkv_prompt\x18\x0c \x01(\x08\x12\x0c\n\x04note\x18\r \x01(\t\"8\n\x07\x45xample\x12\x0e\n\x06text_a\x18\x01 \x01(\t\x12\x0e\n\x06text_b\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x05\"=\n\x05Split\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.blackbox.v1.Example\"\xeb\x01\n\tDeltaSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x15\n\rintrinsic_dim\x18\x03 \x01(\x05\x12\x12\n\nprojection\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x18\n\x10projection_scale\x18\x06 \x01(\x02\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x0f\n\x07targets\x18\x08 \x03(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x11\n\tpart_dims\x18\n \x03(\x05\x12\x11\n\tinit_text\x18\x0b \x01(\t\x12\x0c\n\x04said\x18\x0c \x01(\x08\"$\n\x06ZBlock\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x05\"\x99\x01\n\x14\x43reateSessionRequest\x12\"\n\x06splits\x18\x01 \x03(\x0b\x32\x12.blackbox.v1.Split\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x12\n\nverbalizer\x18\x03 \x03(\t\x12%\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x16.blackbox.v1.DeltaSpec\x12\x10\n\x08truncate\x18\x05 \x01(\x08\"\xda\x02\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14verbalizer_token_ids\x18\x02 \x03(\x05\x12G\n\x0bsplit_sizes\x18\x03 \x03(\x0b\x32\x32.blackbox.v1.CreateSessionResponse.SplitSizesEntry\x12\x17\n\x0fprompt_position\x18\x04 \x01(\t\x12\x14\n\x0cprefix_reuse\x18\x05 \x01(\x08\x12\x1a\n\x12truncated_examples\x18\x06 \x01(\x05\x12\r\n\x05z_dim\x18\x07 \x01(\x05\x12%\n\x08z_blocks\x18\x08 \x03(\x0b\x32\x13.blackbox.v1.ZBlock\x12\x12\n\ndelta_size\x18\t \x01(\x03\x1a\x31\n\x0fSplitSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x89\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x15\n\rreturn_logits\x18\x06 \x01(\x08\"\xd6\x01\n\x10\x45valuateResponse\x12$\n\x07\x63\x65_loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\'\n\nhinge_loss\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12#\n\x06logits\x18\x04 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x05\x12\x11\n\tserver_ms\x18\x06 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x80\x01\n\x0fGradientRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x0c\n\x04loss\x18\x06 \x01(\t\"\xa8\x01\n\x10GradientResponse\x12!\n\x04loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12!\n\x04grad\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x05\x12\x11\n\tserver_ms\x18\x05 \x01(\x01\"3\n\x15UploadSubspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"M\n\x16UploadSubspaceResponse\x12\x12\n\nprojection\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x12\n\ndelta_size\x18\x03 \x01(\x03\x32\xe4\x03\n\x08\x42\x61\x63kbone\x12>\n\x07GetInfo\x12\x1b.blackbox.v1.GetInfoRequest\x1a\x16.blackbox.v1.ModelInfo\x12V\n\rCreateSession\x12!.blackbox.v1.CreateSessionRequest\x1a\".blackbox.v1.CreateSessionResponse\x12G\n\x08\x45valuate\x12\x1c.blackbox.v1.EvaluateRequest\x1a\x1d.blackbox.v1.EvaluateResponse\x12S\n\x0c\x43loseSession\x12 .blackbox.v1.CloseSessionRequest\x1a!.blackbox.v1.CloseSessionResponse\x12G\n\x08Gradient\x12\x1c.blackbox.v1.GradientRequest\x1a\x1d.blackbox.v1.GradientResponse\x12Y\n\x0eUploadSubspace\x12\".blackbox.v1.UploadSubspaceRequest\x1a#.blackbox.v1.UploadSubspaceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62lackbox/v1/backbone.proto\x12\x0b\x62lackbox.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xbc\x03\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x13\n\x0b\x64\x65lta_kinds\x18\x07 \x03(\t\x12\x18\n\x10projection_kinds\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x18\n\x10max_batch_tokens\x18\x0b \x01(\x03\x12\x19\n\x11gradients_enabled\x18\x0c \x01(\x08\x12\x13\n\x0bmemory_plan\x18\r \x01(\t\x12\x13\n\x0b\x64\x65lta_forms\x18\x0e \x03(\t\x12%\n\x05kinds\x18\x0f \x03(\x0b\x32\x16.blackbox.v1.DeltaKind\x12\x14\n\x0c\x63\x61\x63he_report\x18\x10 \x01(\t\x12\x16\n\x0elogits_enabled\x18\x11 \x01(\x08\x12\r\n\x05keyed\x18\x12 \x01(\x08\x12#\n\x06limits\x18\x13 \x01(\x0b\x32\x13.blackbox.v1.Limits\"\xa3\x01\n\x06Limits\x12\x16\n\x0emax_population\x18\x01 \x01(\x05\x12\x19\n\x11max_rows_per_call\x18\x02 \x01(\x03\x12 \n\x18max_examples_per_session\x18\x03 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\x05\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\x12\x17\n\x0fmax_delta_bytes\x18\x06 \x01(\x03\"\x86\x02\n\tDeltaKind\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x14\n\x0ctakes_prompt\x18\x03 \x01(\x08\x12\x11\n\trank_name\x18\x04 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_rank\x18\x05 \x01(\x05\x12\x15\n\rtakes_targets\x18\x06 \x01(\x08\x12\x13\n\x0bgated_roles\x18\x07 \x03(\t\x12\x11\n\tpeft_type\x18\x08 \x01(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x0f\n\x07mixable\x18\n \x01(\x08\x12\x15\n\rreuses_prefix\x18\x0b \x01(\x08\x12\x11\n\tkv_prompt\x18\x0c \x01(\x08\x12\x0c\n\x04note\x18\r \x01(\t\"8\n\x07\x45xample\x12\x0e\n\x06text_a\x18\x01 \x01(\t\x12\x0e\n\x06text_b\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\x05\"=\n\x05Split\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08\x65xamples\x18\x02 \x03(\x0b\x32\x14.blackbox.v1.Example\"\xeb\x01\n\tDeltaSpec\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x05\x12\x15\n\rintrinsic_dim\x18\x03 \x01(\x05\x12\x12\n\nprojection\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x18\n\x10projection_scale\x18\x06 \x01(\x02\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x0f\n\x07targets\x18\x08 \x03(\t\x12\x13\n\x0bper_layer_z\x18\t \x01(\x08\x12\x11\n\tpart_dims\x18\n \x03(\x05\x12\x11\n\tinit_text\x18\x0b \x01(\t\x12\x0c\n\x04said\x18\x0c \x01(\x08\"$\n\x06ZBlock\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x05\"\x99\x01\n\x14\x43reateSessionRequest\x12\"\n\x06splits\x18\x01 \x03(\x0b\x32\x12.blackbox.v1.Split\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x12\n\nverbalizer\x18\x03 \x03(\t\x12%\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x16.blackbox.v1.DeltaSpec\x12\x10\n\x08truncate\x18\x05 \x01(\x08\"\xda\x02\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14verbalizer_token_ids\x18\x02 \x03(\x05\x12G\n\x0bsplit_sizes\x18\x03 \x03(\x0b\x32\x32.blackbox.v1.CreateSessionResponse.SplitSizesEntry\x12\x17\n\x0fprompt_position\x18\x04 \x01(\t\x12\x14\n\x0cprefix_reuse\x18\x05 \x01(\x08\x12\x1a\n\x12truncated_examples\x18\x06 \x01(\x05\x12\r\n\x05z_dim\x18\x07 \x01(\x05\x12%\n\x08z_blocks\x18\x08 \x03(\x0b\x32\x13.blackbox.v1.ZBlock\x12\x12\n\ndelta_size\x18\t \x01(\x03\x1a\x31\n\x0fSplitSizesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x89\x01\n\x0f\x45valuateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x15\n\rreturn_logits\x18\x06 \x01(\x08\"\xd6\x01\n\x10\x45valuateResponse\x12$\n\x07\x63\x65_loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\'\n\nhinge_loss\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12#\n\x06logits\x18\x04 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x05\x12\x11\n\tserver_ms\x18\x06 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x80\x01\n\x0fGradientRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05split\x18\x02 \x01(\t\x12\x1e\n\x01z\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x05\x12\r\n\x05\x63ount\x18\x05 \x01(\x05\x12\x0c\n\x04loss\x18\x06 \x01(\t\"\xa8\x01\n\x10GradientResponse\x12!\n\x04loss\x18\x01 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12%\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12!\n\x04grad\x18\x03 \x01(\x0b\x32\x13.blackbox.v1.Tensor\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x05\x12\x11\n\tserver_ms\x18\x05 \x01(\x01\"3\n\x15UploadSubspaceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"M\n\x16UploadSubspaceResponse\x12\x12\n\nprojection\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x12\n\ndelta_size\x18\x03 \x01(\x03\"\x0e\n\x0cUsageRequest\"\xb8\x01\n\rUsageResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\ncalls_used\x18\x02 \x01(\x03\x12\x13\n\x0b\x63\x61lls_quota\x18\x03 \x01(\x03\x12\x12\n\ncalls_left\x18\x04 \x01(\x03\x12\x17\n\x0f\x65xamples_scored\x18\x05 \x01(\x03\x12\x15\n\rsessions_held\x18\x06 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\x05\x12\x14\n\x0cmax_examples\x18\x08 \x01(\x05\x32\xa4\x04\n\x08\x42\x61\x63kbone\x12>\n\x07GetInfo\x12\x1b.blackbox.v1.GetInfoRequest\x1a\x16.blackbox.v1.ModelInfo\x12V\n\rCreateSession\x12!.blackbox.v1.CreateSessionRequest\x1a\".blackbox.v1.CreateSessionResponse\x12G\n\x08\x45valuate\x12\x1c.blackbox.v1.EvaluateRequest\x1a\x1d.blackbox.v1.EvaluateResponse\x12S\n\x0c\x43loseSession\x12 .blackbox.v1.CloseSessionRequest\x1a!.blackbox.v1.CloseSessionResponse\x12G\n\x08Gradient\x12\x1c.blackbox.v1.GradientRequest\x1a\x1d.blackbox.v1.GradientResponse\x12Y\n\x0eUploadSubspace\x12\".blackbox.v1.UploadSubspaceRequest\x1a#.blackbox.v1.UploadSubspaceResponse\x12>\n\x05Usage\x12\x19.blackbox.v1.UsageRequest\x1a\x1a.blackbox.v1.UsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,39 +38,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=97
   _globals['_GETINFOREQUEST']._serialized_end=113
   _globals['_MODELINFO']._serialized_start=116
-  _globals['_MODELINFO']._serialized_end=484
-  _globals['_DELTAKIND']._serialized_start=487
-  _globals['_DELTAKIND']._serialized_end=749
-  _globals['_EXAMPLE']._serialized_start=751
-  _globals['_EXAMPLE']._serialized_end=807
-  _globals['_SPLIT']._serialized_start=809
-  _globals['_SPLIT']._serialized_end=870
-  _globals['_DELTASPEC']._serialized_start=873
-  _globals['_DELTASPEC']._serialized_end=1108
-  _globals['_ZBLOCK']._serialized_start=1110
-  _globals['_ZBLOCK']._serialized_end=1146
-  _globals['_CREATESESSIONREQUEST']._serialized_start=1149
-  _globals['_CREATESESSIONREQUEST']._serialized_end=1302
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=1305
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=1651
-  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_start=1602
-  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_end=1651
-  _globals['_EVALUATEREQUEST']._serialized_start=1654
-  _globals['_EVALUATEREQUEST']._serialized_end=1791
-  _globals['_EVALUATERESPONSE']._serialized_start=1794
-  _globals['_EVALUATERESPONSE']._serialized_end=2008
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2010
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2051
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2053
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2075
-  _globals['_GRADIENTREQUEST']._serialized_start=2078
-  _globals['_GRADIENTREQUEST']._serialized_end=2206
-  _globals['_GRADIENTRESPONSE']._serialized_start=2209
-  _globals['_GRADIENTRESPONSE']._serialized_end=2377
-  _globals['_UPLOADSUBSPACEREQUEST']._serialized_start=2379
-  _globals['_UPLOADSUBSPACEREQUEST']._serialized_end=2430
-  _globals['_UPLOADSUBSPACERESPONSE']._serialized_start=2432
-  _globals['_UPLOADSUBSPACERESPONSE']._serialized_end=2509
-  _globals['_BACKBONE']._serialized_start=2512
-  _globals['_BACKBONE']._serialized_end=2996
+  _globals['_MODELINFO']._serialized_end=560
+  _globals['_LIMITS']._serialized_start=563
+  _globals['_LIMITS']._serialized_end=726
+  _globals['_DELTAKIND']._serialized_start=729
+  _globals['_DELTAKIND']._serialized_end=991
+  _globals['_EXAMPLE']._serialized_start=993
+  _globals['_EXAMPLE']._serialized_end=1049
+  _globals['_SPLIT']._serialized_start=1051
+  _globals['_SPLIT']._serialized_end=1112
+  _globals['_DELTASPEC']._serialized_start=1115
+  _globals['_DELTASPEC']._serialized_end=1350
+  _globals['_ZBLOCK']._serialized_start=1352
+  _globals['_ZBLOCK']._serialized_end=1388
+  _globals['_CREATESESSIONREQUEST']._serialized_start=1391
+  _globals['_CREATESESSIONREQUEST']._serialized_end=1544
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=1547
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=1893
+  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_start=1844
+  _globals['_CREATESESSIONRESPONSE_SPLITSIZESENTRY']._serialized_end=1893
+  _globals['_EVALUATEREQUEST']._serialized_start=1896
+  _globals['_EVALUATEREQUEST']._serialized_end=2033
+  _globals['_EVALUATERESPONSE']._serialized_start=2036
+  _globals['_EVALUATERESPONSE']._serialized_end=2250
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2252
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2293
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2295
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2317
+  _globals['_GRADIENTREQUEST']._serialized_start=2320
+  _globals['_GRADIENTREQUEST']._serialized_end=2448
+  _globals['_GRADIENTRESPONSE']._serialized_start=2451
+  _globals['_GRADIENTRESPONSE']._serialized_end=2619
+  _globals['_UPLOADSUBSPACEREQUEST']._serialized_start=2621
+  _globals['_UPLOADSUBSPACEREQUEST']._serialized_end=2672
+  _globals['_UPLOADSUBSPACERESPONSE']._serialized_start=2674
+  _globals['_UPLOADSUBSPACERESPONSE']._serialized_end=2751
+  _globals['_USAGEREQUEST']._serialized_start=2753
+  _globals['_USAGEREQUEST']._serialized_end=2767
+  _globals['_USAGERESPONSE']._serialized_start=2770
+  _globals['_USAGERESPONSE']._serialized_end=2954
+  _globals['_BACKBONE']._serialized_start=2957
+  _globals['_BACKBONE']._serialized_end=3505
 # @@protoc_insertion_point(module_scope)

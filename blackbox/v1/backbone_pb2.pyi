@@ -21,7 +21,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms", "kinds", "cache_report")
+    __slots__ = ("model_name", "architecture", "hidden_size", "num_layers", "vocab_size", "max_length", "delta_kinds", "projection_kinds", "device", "dtype", "max_batch_tokens", "gradients_enabled", "memory_plan", "delta_forms", "kinds", "cache_report", "logits_enabled", "keyed", "limits")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,9 @@ class ModelInfo(_message.Message):
     DELTA_FORMS_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     CACHE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    KEYED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     hidden_size: int
@@ -54,7 +57,26 @@ class ModelInfo(_message.Message):
     delta_forms: _containers.RepeatedScalarFieldContainer[str]
     kinds: _containers.RepeatedCompositeFieldContainer[DeltaKind]
     cache_report: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[DeltaKind, _Mapping]]] = ..., cache_report: _Optional[str] = ...) -> None: ...
+    logits_enabled: bool
+    keyed: bool
+    limits: Limits
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., delta_kinds: _Optional[_Iterable[str]] = ..., projection_kinds: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_tokens: _Optional[int] = ..., gradients_enabled: _Optional[bool] = ..., memory_plan: _Optional[str] = ..., delta_forms: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[DeltaKind, _Mapping]]] = ..., cache_report: _Optional[str] = ..., logits_enabled: _Optional[bool] = ..., keyed: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_population", "max_rows_per_call", "max_examples_per_session", "max_sessions", "session_ttl_s", "max_delta_bytes")
+    MAX_POPULATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_population: int
+    max_rows_per_call: int
+    max_examples_per_session: int
+    max_sessions: int
+    session_ttl_s: float
+    max_delta_bytes: int
+    def __init__(self, max_population: _Optional[int] = ..., max_rows_per_call: _Optional[int] = ..., max_examples_per_session: _Optional[int] = ..., max_sessions: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_delta_bytes: _Optional[int] = ...) -> None: ...
 
 class DeltaKind(_message.Message):
     __slots__ = ("name", "summary", "takes_prompt", "rank_name", "default_rank", "takes_targets", "gated_roles", "peft_type", "per_layer_z", "mixable", "reuses_prefix", "kv_prompt", "note")
@@ -272,3 +294,27 @@ class UploadSubspaceResponse(_message.Message):
     dim: int
     delta_size: int
     def __init__(self, projection: _Optional[str] = ..., dim: _Optional[int] = ..., delta_size: _Optional[int] = ...) -> None: ...
+
+class UsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UsageResponse(_message.Message):
+    __slots__ = ("tenant", "calls_used", "calls_quota", "calls_left", "examples_scored", "sessions_held", "max_sessions", "max_examples")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_USED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    CALLS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_SCORED_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_HELD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    calls_used: int
+    calls_quota: int
+    calls_left: int
+    examples_scored: int
+    sessions_held: int
+    max_sessions: int
+    max_examples: int
+    def __init__(self, tenant: _Optional[str] = ..., calls_used: _Optional[int] = ..., calls_quota: _Optional[int] = ..., calls_left: _Optional[int] = ..., examples_scored: _Optional[int] = ..., sessions_held: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_examples: _Optional[int] = ...) -> None: ...

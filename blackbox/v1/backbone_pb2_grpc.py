@@ -64,6 +64,11 @@ class BackboneStub:
                 request_serializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceRequest.SerializeToString,
                 response_deserializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceResponse.FromString,
                 _registered_method=True)
+        self.Usage = channel.unary_unary(
+                '/blackbox.v1.Backbone/Usage',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.UsageRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class BackboneServicer:
@@ -115,6 +120,13 @@ class BackboneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Usage(self, request, context):
+        """The calling tenant's metered use: API calls used and left of its quota, sessions held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackboneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +159,11 @@ def add_BackboneServicer_to_server(servicer, server):
                     servicer.UploadSubspace,
                     request_deserializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceRequest.FromString,
                     response_serializer=blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceResponse.SerializeToString,
+            ),
+            'Usage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Usage,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.UsageRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +328,33 @@ class Backbone:
             '/blackbox.v1.Backbone/UploadSubspace',
             blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceRequest.SerializeToString,
             blackbox_dot_v1_dot_backbone__pb2.UploadSubspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Usage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/Usage',
+            blackbox_dot_v1_dot_backbone__pb2.UsageRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

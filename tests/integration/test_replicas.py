@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -27,10 +28,10 @@ DELTA = DeltaSpec(prompt_length=3, intrinsic_dim=4)
 TIMING_KEYS = ("server_ms", "generation_ms", "elapsed_s")
 
 
-def start(model="tiny-llama"):
+def start(model="tiny-llama", address="127.0.0.1:0"):
     # One at a time: tiny models are built from torch's global seed, so two loading at
     # once could get different weights.
-    running = create_server(model, "127.0.0.1:0", device="cpu", dtype="float32")
+    running = create_server(model, address, device="cpu", dtype="float32")
     running.wait_ready(timeout=120)
     return running
 
@@ -71,8 +72,8 @@ def assert_same_scores(got, want):
     assert got.num_examples == want.num_examples
 
 
-def pooled_session(addresses):
-    pool = ReplicaPool(addresses)
+def pooled_session(addresses, **options):
+    pool = ReplicaPool(addresses, **options)
     pool.wait_ready(timeout=30)
     return pool, pool.create_session({"train": TRAIN}, TEMPLATE, VERBALIZER, DELTA)
 
@@ -128,18 +129,55 @@ def test_a_replica_stopped_mid_run_has_its_share_retried(servers, victims, caplo
         session.close()  # best effort, on the survivors
 
 
-def test_a_replica_that_lost_the_session_is_dropped(servers):
+def test_a_replica_that_lost_the_session_gets_it_again(servers, caplog):
     z = population()
     want = reference(servers[0], z)
     pool, session = pooled_session([servers[0].address, servers[1].address])
-    with pool:
+    with pool, caplog.at_level(logging.WARNING):
+        lost = session.sessions[1].id
         session.sessions[1].close()  # as if that server had restarted
+        assert_same_scores(session.evaluate("train", z), want)  # its share retried on the other
         assert_same_scores(session.evaluate("train", z), want)
-        assert pool.live() == [0]
+        assert pool.live() == [0, 1] and session.sessions[1].id != lost
+        assert any("is back" in r.getMessage() for r in caplog.records)
+
+
+def test_a_replica_that_comes_back_takes_its_share_again(victims, monkeypatch):
+    monkeypatch.setattr("blackbox.replicas.REPROBE_S", 0.2)
+    z = population()
+    want = reference(victims[1], z)
+    pool, session = pooled_session([v.address for v in victims])
+    with pool:
+        address = victims[0].address
+        victims[0].stop(0)
+        assert_same_scores(session.evaluate("train", z), want)
+        assert pool.live() == [1]
+        victims[0] = start(address=address)  # the same replica, restarted
+        for _ in range(20):
+            assert_same_scores(session.evaluate("train", z), want)
+            if pool.live() == [0, 1]:
+                break
+            time.sleep(0.2)
+        assert pool.live() == [0, 1]
+        served = victims[0].servicer.engine.sessions
+        assert len(served) == 1
+
+
+def test_an_internal_error_of_one_replica_is_raised_not_taken_for_gone(servers, monkeypatch):
+    pool, session = pooled_session([servers[0].address, servers[1].address])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    with pool:
+        monkeypatch.setattr(servers[1].servicer.engine, "evaluate", broken)
+        with pytest.raises(BackboneError) as caught:
+            session.evaluate("train", population())
+        assert caught.value.code == grpc.StatusCode.INTERNAL and pool.live() == [0, 1]
 
 
 def test_all_replicas_dead_is_an_error_naming_each(victims):
-    pool, session = pooled_session([v.address for v in victims])
+    pool, session = pooled_session([v.address for v in victims], recover_s=0.5)
     with pool:
         for victim in victims:
             victim.stop(0)
