@@ -330,12 +330,12 @@ class Engine:
         return torch.empty(population, examples, session.num_classes,
                            device=self.backbone.device, dtype=torch.float32)
 
-    @staticmethod
-    def _check_population(z: np.ndarray, dim: int) -> np.ndarray:
+    def _check_population(self, z: np.ndarray, dim: int) -> np.ndarray:
         if z.ndim != 2 or z.shape[1] != dim or z.shape[0] < 1:
             raise InvalidArgument(f"z must have shape (P, {dim}) with P >= 1, got {tuple(z.shape)}")
-        if z.shape[0] > MAX_POPULATION:
-            raise ResourceExhausted(f"population {z.shape[0]} exceeds the limit of {MAX_POPULATION}")
+        if z.shape[0] > self.limits.max_population:
+            raise ResourceExhausted(f"population {z.shape[0]} exceeds this server's limit of "
+                                    f"{self.limits.max_population} candidates per call")
         if not np.isfinite(z).all():
             bad = np.argwhere(~np.isfinite(z))[0]
             raise InvalidArgument(f"z holds a non-finite value (first at candidate {bad[0]}, coordinate {bad[1]})")

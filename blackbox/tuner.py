@@ -203,6 +203,9 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
     started = time.perf_counter()
     progress = Progress(bars=show_progress)
     task, info, template, splits, checkpoint = _prepare(config, client, resume, data)
+    if config.calibrated and not info.logits_enabled:  # a keyed server whose operator keeps logits back
+        config = dataclasses.replace(config, calibrate=False)
+        progress.say("label bias off: the server returns no logits (its operator did not pass --allow-logits)")
     restarting = resume and checkpoint is None  # stopped before its first checkpoint: from the beginning
     init_text = prompt_init_text(config, task.verbalizer)
     spec = delta_spec(config, info.kinds, init_text)
@@ -293,6 +296,10 @@ def _prepare(config: TuneConfig, client: BackboneClient, resume: bool, data: Run
     info = client.get_info()
     template = with_demonstrations(place_prompt(task.template_for(info.architecture), config.placement),
                                    data.demonstrations, task.verbalizer)
+    if not info.logits_enabled and (config.calibrate or config.ensemble > 1):
+        raise ValueError(f"{'--calibrate' if config.calibrate else '--ensemble'} needs the verbalizer logits, and "
+                         f"the server hosting {info.model_name} does not return them (its operator's "
+                         "--allow-logits); pass --no-calibrate / drop --ensemble")
     if optimizer_class(config.optimizer).uses_gradients and not info.gradients_enabled:
         raise ValueError(f"optimizer {config.optimizer!r} needs gradients, and the server hosting "
                          f"{info.model_name} does not allow them (start it with --allow-gradients)")
@@ -339,6 +346,9 @@ def _result(config: TuneConfig, task, info, spec, session: Session, optimizer: O
         "sigma": config.sigma,
         "budget": config.budget,
         "api_calls": state.api_calls,
+        # Every request's candidates, dev and test included, as the server meters them
+        # (its Usage call), in this process: a resumed run counts from where it resumed.
+        "metered_calls": session.metered_calls,
         "generations": state.generation,
         "best_generation": state.best_generation,
         "best_dev_acc": state.best_dev_acc,

@@ -75,7 +75,7 @@ from google.protobuf.message_factory import GetMessageClass  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from blackbox.v1 import backbone_pb2 as pb  # noqa: E402
-from blackbox.v1.wire import GRPC_OPTIONS  # noqa: E402
+from blackbox.v1.channel import client_options  # noqa: E402
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Backbone"]
 DEADLINE_S = 10.0
@@ -212,7 +212,7 @@ class Fuzzer:
 
     def connect(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = grpc.insecure_channel(address, options=client_options())
         self.raw = {m.name: self.channel.unary_unary(method_path(m.name), request_serializer=None,
                                                      response_deserializer=None) for m in self.methods}
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

@@ -198,6 +198,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=4)
     parser.add_argument("--samples", type=int, default=16, help="responses per tenant re-scored alone afterwards")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the load with new sessions this many times (server memory after each "
+                             "round, rss_mb_after_rounds, shows whether closed sessions leave memory behind)")
     parser.add_argument("--api-key", action="append", default=[],
                         help="with --server: a key to send (repeat: tenants take them in turn)")
     parser.add_argument("--server-pid", type=int, help="with --server: its process id, to read its RSS")
@@ -257,6 +260,53 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace, address: str, pid: int | None, keys: list, auth: str) -> int:
     harness.wait_serving(address, harness.auth_metadata(keys[0]), timeout=60)
     rss_before = harness.rss_mb(pid)
+    tenants, rounds_after, peak, elapsed = [], [], 0.0, 0.0
+    checked = differing = 0
+    for round_number in range(1, max(1, args.rounds) + 1):
+        if args.rounds > 1:
+            harness.log(f"round {round_number} of {args.rounds}")
+        more, seconds, round_peak, round_checked, round_differing = one_round(args, address, pid, keys, auth)
+        tenants += more
+        elapsed += seconds
+        peak = max(peak, round_peak or 0)
+        checked += round_checked
+        differing += round_differing
+        time.sleep(0.5)
+        rounds_after.append(harness.rss_mb(pid))
+    rss_after = rounds_after[-1]
+
+    latencies = [s for t in tenants for s in t.latencies]
+    errors = sum((t.errors for t in tenants), collections.Counter())
+    limited = sum((t.limited for t in tenants), collections.Counter())
+    requests = sum(t.requests for t in tenants)
+    candidates = sum(t.candidates for t in tenants)
+    result = {
+        "script": "load_test", "server": address, "auth": auth, "model": args.model, "tenants": args.tenants,
+        "seconds": args.seconds, "rounds": args.rounds, "elapsed_s": round(elapsed, 3), "popsize": args.popsize,
+        "examples_per_tenant": args.examples,
+        "requests": requests, "candidates": candidates,
+        "calls_per_s": round(candidates / elapsed, 2) if elapsed > 0 else None,
+        "requests_per_s": round(requests / elapsed, 2) if elapsed > 0 else None,
+        "latency_ms_p50": harness.percentile_ms(latencies, 50),
+        "latency_ms_p99": harness.percentile_ms(latencies, 99),
+        "per_tenant": [t.report() for t in tenants[:args.tenants]] if args.rounds == 1 else
+        [{"round": 1 + i // args.tenants, **t.report()} for i, t in enumerate(tenants)],
+        "errors": sum(errors.values()), "errors_by_code": dict(errors),
+        "limited": sum(limited.values()), "limited_by_code": dict(limited),
+        "crosstalk": differing, "crosstalk_checked": checked,
+        "rss_mb_before": rss_before, "rss_mb_peak": peak or None, "rss_mb_after": rss_after,
+        "rss_mb_after_rounds": rounds_after,
+    }
+    harness.log(f"{candidates / max(elapsed, 1e-9):.1f} candidates/s, p50 {result['latency_ms_p50']} ms, "
+                f"p99 {result['latency_ms_p99']} ms, {result['errors']} errors, crosstalk {differing}/{checked}, "
+                f"RSS {rss_before} -> {peak} -> {rss_after} MB (after each round: {rounds_after})")
+    harness.emit(result)
+    return 0
+
+
+def one_round(args: argparse.Namespace, address: str, pid: int | None, keys: list, auth: str):
+    """N tenants for T seconds, then their samples re-scored alone and their sessions closed:
+    (tenants, seconds, RSS peak, samples checked, samples differing)."""
     tenants = [Tenant(i, address, keys[i], args) for i in range(args.tenants)]
     start = threading.Barrier(len(tenants) + 1)
     stop_at = [float("inf")]
@@ -291,34 +341,7 @@ def run(args: argparse.Namespace, address: str, pid: int | None, keys: list, aut
                 differing += two
         for tenant in tenants:
             tenant.close()
-    time.sleep(0.5)
-    rss_after = harness.rss_mb(pid)
-
-    latencies = [s for t in tenants for s in t.latencies]
-    errors = sum((t.errors for t in tenants), collections.Counter())
-    limited = sum((t.limited for t in tenants), collections.Counter())
-    requests = sum(t.requests for t in tenants)
-    candidates = sum(t.candidates for t in tenants)
-    result = {
-        "script": "load_test", "server": address, "auth": auth, "model": args.model, "tenants": args.tenants,
-        "seconds": args.seconds, "elapsed_s": round(elapsed, 3), "popsize": args.popsize,
-        "examples_per_tenant": args.examples,
-        "requests": requests, "candidates": candidates,
-        "calls_per_s": round(candidates / elapsed, 2) if elapsed > 0 else None,
-        "requests_per_s": round(requests / elapsed, 2) if elapsed > 0 else None,
-        "latency_ms_p50": harness.percentile_ms(latencies, 50),
-        "latency_ms_p99": harness.percentile_ms(latencies, 99),
-        "per_tenant": [t.report() for t in tenants],
-        "errors": sum(errors.values()), "errors_by_code": dict(errors),
-        "limited": sum(limited.values()), "limited_by_code": dict(limited),
-        "crosstalk": differing, "crosstalk_checked": checked,
-        "rss_mb_before": rss_before, "rss_mb_peak": sampler.peak, "rss_mb_after": rss_after,
-    }
-    harness.log(f"{candidates / max(elapsed, 1e-9):.1f} candidates/s, p50 {result['latency_ms_p50']} ms, "
-                f"p99 {result['latency_ms_p99']} ms, {result['errors']} errors, crosstalk {differing}/{checked}, "
-                f"RSS {rss_before} -> {sampler.peak} -> {rss_after} MB")
-    harness.emit(result)
-    return 0
+    return tenants, elapsed, sampler.peak, checked, differing
 
 
 if __name__ == "__main__":

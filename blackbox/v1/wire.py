@@ -1,5 +1,5 @@
 """Arrays on the wire: raw little-endian float32 bytes plus a shape (no torch needed),
-and the gRPC channel options both sides use."""
+and the largest message either side sends (channel.py builds the options from it)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,6 @@ WIRE_DTYPE = np.dtype("<f4")
 # Test splits of tens of thousands of texts travel in one CreateSession; the 4 MiB
 # default would refuse them.
 MAX_MESSAGE_BYTES = 256 * 2**20
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 # The dimensions a tensor may have (the service sends and takes 1-d and 2-d arrays).
