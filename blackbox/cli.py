@@ -9,10 +9,12 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from backbone_server.options import add_server_arguments
 from blackbox.client import BackboneClient, BackboneError
@@ -778,27 +780,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # argparse's own error for options no command takes
     args.tune_options = unknown  # intrinsic-dim hands them to every run's `blackbox tune`
     args.given = _given_options(parser, argv, args)
-    # SIGTERM (a service manager's stop, `kill`) ends a run as Ctrl-C does: its server session
-    # closed, its checkpoint kept; exit code 143 (Ctrl-C: 130). A main inside another's
-    # command (a suite's or a sweep's runs) leaves the interrupt to that one, which stops.
-    import signal
-    import threading
+    with _terminate_as_interrupt(args.command) as nested:
+        return _run(args, nested)
 
-    previous, nested = None, False
-    if (args.command in ("tune", "compare", "suite", "intrinsic-dim")
-            and threading.current_thread() is threading.main_thread()):
-        previous = signal.getsignal(signal.SIGTERM)
-        nested = getattr(previous, "ends_blackbox_runs", False)
 
-        def terminate(signum, frame):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-            raise KeyboardInterrupt("SIGTERM")
+RUN_COMMANDS = ("tune", "compare", "suite", "intrinsic-dim")
 
-        terminate.ends_blackbox_runs = True
-        if previous is not None:  # None: a handler not set from Python, left alone
-            signal.signal(signal.SIGTERM, terminate)
+
+@contextmanager
+def _terminate_as_interrupt(command: str) -> Iterator[bool]:
+    """SIGTERM (a service manager's stop, `kill`) ends a run as Ctrl-C does: its server
+    session closed, its checkpoint kept; exit code 143 (Ctrl-C: 130). Yields whether this
+    main runs inside another's (a suite's or a sweep's runs), which then handles the
+    interrupt and stops."""
+    if command not in RUN_COMMANDS or threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise KeyboardInterrupt("SIGTERM")
+
+    terminate.ends_blackbox_runs = True
+    if previous is not None:  # None: a handler not set from Python, left alone
+        signal.signal(signal.SIGTERM, terminate)
     try:
-        if args.command in ("tune", "compare", "suite", "intrinsic-dim"):
+        yield getattr(previous, "ends_blackbox_runs", False)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, nested: bool) -> int:
+    """The command, with every error it can meet as one line and an exit code."""
+    try:
+        if args.command in RUN_COMMANDS:
             _check_mode(args)
         code = args.run(args)
         sys.stdout.flush()  # a reader gone away shows here, where it is handled
@@ -823,6 +840,3 @@ def main(argv: list[str] | None = None) -> int:
         terminated = interrupt.args == ("SIGTERM",)
         print("terminated" if terminated else "interrupted", file=sys.stderr)
         return 143 if terminated else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
