@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import SHOWN_CHARS, InvalidArgument, shown
 from blackbox.v1.verbalizer import label_words
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -47,12 +47,6 @@ MAX_TEMPLATE_CHARS = 10_000  # a template is a sentence or two around the texts,
 # normaliser strips) hold fewer tokens than that; they are cut or refused as if they
 # were long, the message saying why.
 CHARS_PER_TOKEN = 64
-SHOWN_CHARS = 60  # what a message shows of a client's text
-
-
-def _shown(text: str, limit: int = SHOWN_CHARS) -> str:
-    """`text` as a message may show it: its repr, cut to `limit` characters."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def _opening(text: str) -> str:
@@ -76,7 +70,7 @@ def parse_template(template: str) -> list[tuple[str, str]]:
     """[("literal", text) | ("field", name)], validated."""
     if len(template) > MAX_TEMPLATE_CHARS:
         raise InvalidArgument(f"the template has {len(template):,} characters, more than the {MAX_TEMPLATE_CHARS:,} "
-                              f"a template may have ({_shown(template)}); put long text in the examples' texts")
+                              f"a template may have ({shown(template)}); put long text in the examples' texts")
     parts: list[tuple[str, str]] = []
     position = 0
     for match in PLACEHOLDER.finditer(template):
@@ -93,10 +87,10 @@ def parse_template(template: str) -> list[tuple[str, str]]:
     fields = [name for kind, name in parts if kind == "field"]
     for name in ("text_a", "mask"):
         if fields.count(name) != 1:
-            raise InvalidArgument(f"template must contain {{{name}}} exactly once: {_shown(template)}")
+            raise InvalidArgument(f"template must contain {{{name}}} exactly once: {shown(template)}")
     for name in ("text_b", "prompt"):
         if fields.count(name) > 1:
-            raise InvalidArgument(f"template may contain {{{name}}} at most once: {_shown(template)}")
+            raise InvalidArgument(f"template may contain {{{name}}} at most once: {shown(template)}")
     if "prompt" not in fields:
         parts.insert(0, ("field", "prompt"))
     return parts
@@ -164,7 +158,7 @@ class TemplateEncoder:
             for word in label_words(entry):
                 tokens = self._tokenize(" " + word.strip())
                 if not word.strip() or not tokens:
-                    raise InvalidArgument(f"verbalizer word {_shown(word)} (of {_shown(entry)}) tokenises to nothing")
+                    raise InvalidArgument(f"verbalizer word {shown(word)} (of {shown(entry)}) tokenises to nothing")
                 ids.append(tokens[0])
                 classes.append(label)
         if len(set(ids)) != len(ids):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,10 +31,10 @@ import numpy as np
 import torch
 
 from backbone_server.batching import Batcher, Bucket, RangeCache
-from backbone_server.deltas import DeltaConfig, Routing, build_delta
+from backbone_server.deltas import Delta, DeltaConfig, Routing, build_delta
 from backbone_server.deltas.budget import MAX_DELTA_BYTES
 from backbone_server.encoding import TemplateEncoder
-from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted
+from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted, shown
 from backbone_server.fairness import FairTurns
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
@@ -46,7 +47,7 @@ from backbone_server.scoring import (
     example_losses,
     out_of_memory,
 )
-from backbone_server.sessions import SessionRegistry, SessionState, encode_splits, short
+from backbone_server.sessions import SessionRegistry, SessionState, encode_splits
 from backbone_server.store import ServerStore
 from backbone_server.subspace import DEFAULT_MAX_BYTES, MAX_UPLOADED, Subspace, check_name, subspace_from_bytes
 from backbone_server.tenants import Tenant, open_tenant
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_POPULATION = 4096
 MAX_SCORED = 256  # single-candidate scores a session keeps
+MAX_BUILT = 8  # deltas of transient sessions (stored deltas in use) kept built
 # (candidate, example) rows one Evaluate may ask for: a bigger request is split by the
 # client into several (a test pass in slices), so that the caller's deadline means something.
 MAX_ROWS_PER_CALL = 2**18
@@ -102,6 +104,7 @@ class Engine:
         self.memo_hits = 0
         # Everything that runs the model takes its turn here, one step at a time.
         self.turns = FairTurns()
+        self._built: OrderedDict[str, Delta] = OrderedDict()  # transient sessions' deltas, by config
 
     @property
     def max_batch_tokens(self) -> int:
@@ -118,6 +121,33 @@ class Engine:
                        tenant: Tenant | None = None, cancelled: Callable[[], bool] | None = None) -> SessionState:
         tenant = tenant or open_tenant()
         self.sessions.check_capacity(tenant)  # early, before tokenising; again when registering
+        session = self._new_session(splits, template, verbalizer, delta_config, truncate, tenant, cancelled)
+        self.sessions.add(session, tenant)
+        return session
+
+    def transient_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str,
+                          verbalizer: list[str], delta_config: DeltaConfig, truncate: bool, tenant: Tenant,
+                          cancelled: Callable[[], bool] | None = None) -> SessionState:
+        """A session for one call (Predict, Generate), not registered; its delta is reused
+        from the last few built (`MAX_BUILT`), since a stored delta is used call after call."""
+        return self._new_session(splits, template, verbalizer, delta_config, truncate, tenant, cancelled,
+                                 reuse_delta=True)
+
+    def score_transient(self, session: SessionState, split: str, z: np.ndarray, tenant: Tenant,
+                        cancelled: Callable[[], bool] | None = None) -> PopulationScores:
+        """`evaluate` on a transient session: metered the same way, its batches not kept."""
+        selected = session.select(split, 0, 0)
+        z = self._check_population(z, session.delta.z_dim)
+        self._check_rows(len(z), len(selected))
+        try:
+            with self.metered(tenant, len(z), len(selected)):
+                return self._evaluate(session, split, 0, selected, z, tenant, cancelled)
+        finally:
+            self.batcher.ranges.drop_session(session.id)
+
+    def _new_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str, verbalizer: list[str],
+                     delta_config: DeltaConfig, truncate: bool, tenant: Tenant,
+                     cancelled: Callable[[], bool] | None, reuse_delta: bool = False) -> SessionState:
         examples = sum(len(split) for split in splits.values())
         bound = min(filter(None, (tenant.max_examples, self.limits.max_examples_per_session)))
         if examples > bound:
@@ -130,8 +160,14 @@ class Engine:
         encoded = encode_splits(encoder, splits, len(verbalizer), truncate)
         # Some kinds run the model to build their delta (a deep prompt's start): that is a
         # step like any other, never beside another request's forward and its hooks.
-        with self.turns.turn(tenant.name, cancelled):
-            delta = build_delta(delta_config, self.backbone, self.subspaces, self.limits.max_delta_bytes)
+        delta = self._built.get(repr(delta_config)) if reuse_delta else None
+        if delta is None:
+            with self.turns.turn(tenant.name, cancelled):
+                delta = build_delta(delta_config, self.backbone, self.subspaces, self.limits.max_delta_bytes)
+            if reuse_delta:
+                self._built[repr(delta_config)] = delta
+                while len(self._built) > MAX_BUILT:
+                    self._built.popitem(last=False)
         if delta.kv_prompt and self.backbone.architecture == "causal":
             _check_read_after_the_prompt(encoded, delta.prompt_length)
         session = SessionState(
@@ -146,8 +182,8 @@ class Engine:
             and not delta.changes_prefix
             and any(e.before for examples in encoded.values() for e in examples),
             truncated_examples=sum(e.truncated for examples in encoded.values() for e in examples),
+            tenant=tenant.name,
         )
-        self.sessions.add(session, tenant)
         return session
 
     def host_subspace(self, name: str, data: bytes) -> Subspace:
@@ -264,7 +300,7 @@ class Engine:
         """
         self.check_gradients_allowed()
         if loss not in LOSSES:
-            raise InvalidArgument(f"unknown loss {short(loss)!r}; choose from {', '.join(LOSSES)}")
+            raise InvalidArgument(f"unknown loss {shown(loss)}; choose from {', '.join(LOSSES)}")
         tenant = tenant or open_tenant()
         with self.sessions.held(session_id, tenant) as session:
             selected = session.select(split, start, count)

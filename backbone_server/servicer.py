@@ -15,6 +15,7 @@ from backbone_server.deltas import DeltaConfig, delta_forms, kind_infos
 from backbone_server.engine import Engine
 from backbone_server.errors import InvalidArgument, PermissionDenied, Unavailable
 from backbone_server.projection import PROJECTION_KINDS
+from backbone_server.stored import DeltaLibrary, answers
 from backbone_server.subspace import SUBSPACE_PREFIX
 from backbone_server.tenants import Tenant, TenantDirectory
 from blackbox.v1 import backbone_pb2 as pb
@@ -148,10 +149,48 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
         return pb.UploadSubspaceResponse(projection=SUBSPACE_PREFIX + request.name, dim=subspace.dim,
                                          delta_size=subspace.delta_size)
 
+    def SaveDelta(self, request, context):
+        engine, tenant = self._caller(context)
+        stored = DeltaLibrary(engine).save(tenant, request.delta, request.overwrite, cancelled=_gone(context))
+        return pb.SaveDeltaResponse(name=stored.name, z_dim=len(stored.z.data) // 4)
+
+    def ListDeltas(self, request, context):
+        engine, tenant = self._caller(context)
+        return pb.ListDeltasResponse(deltas=DeltaLibrary(engine).list(tenant))
+
+    def DeleteDelta(self, request, context):
+        engine, tenant = self._caller(context)
+        DeltaLibrary(engine).delete(tenant, request.name)
+        return pb.DeleteDeltaResponse()
+
+    def Predict(self, request, context):
+        engine, tenant = self._caller(context)
+        library = DeltaLibrary(engine)
+        record = library.resolve(tenant, request.delta_name, request.delta if request.HasField("delta") else None)
+        labels, probabilities = library.predict(tenant, record, _texts(request), cancelled=_gone(context))
+        # Class probabilities are the logits up to a constant: the operator's --allow-logits decides.
+        return pb.PredictResponse(labels=labels.tolist(),
+                                  probabilities=array_to_tensor(probabilities) if self.allow_logits else None,
+                                  label_words=answers(record.verbalizer))
+
+    def Generate(self, request, context):
+        engine, tenant = self._caller(context)
+        library = DeltaLibrary(engine)
+        record = library.resolve(tenant, request.delta_name, request.delta if request.HasField("delta") else None)
+        results = library.generate(tenant, record, _texts(request), request.max_new_tokens, request.temperature,
+                                   request.seed, list(request.stop), cancelled=_gone(context))
+        return pb.GenerateResponse(generations=[
+            pb.Generation(text=result.text, tokens=list(result.tokens), finish_reason=result.finish_reason)
+            for result in results])
+
     def CloseSession(self, request, context):
         engine, tenant = self._caller(context)
         engine.close_session(request.session_id, tenant)
         return pb.CloseSessionResponse()
+
+
+def _texts(request) -> list[tuple[str, str]]:
+    return [(example.text_a, example.text_b) for example in request.texts]
 
 
 def _gone(context):

@@ -14,7 +14,7 @@ import torch
 
 from backbone_server.deltas import Delta
 from backbone_server.encoding import EncodedExample, TemplateEncoder
-from backbone_server.errors import InvalidArgument, NotFound, ResourceExhausted
+from backbone_server.errors import InvalidArgument, NotFound, ResourceExhausted, shown
 from backbone_server.tenants import OPEN_TENANT_NAME, Tenant
 
 
@@ -52,7 +52,7 @@ class SessionState:
     def select(self, split: str, start: int, count: int) -> list[EncodedExample]:
         """The examples [start, start + count) of the split (count 0: to its end)."""
         if split not in self.splits:
-            raise NotFound(f"session has no split {short(split)!r}; it has {', '.join(self.splits)}")
+            raise NotFound(f"session has no split {shown(split)}; it has {', '.join(self.splits)}")
         examples = self.splits[split]
         if start < 0 or count < 0 or start >= len(examples):
             raise InvalidArgument(
@@ -83,11 +83,6 @@ def encode_splits(encoder: TemplateEncoder, splits: dict[str, list[tuple[str, st
                 raise InvalidArgument(f"split {name!r}, {error}") from None
     return encoded
 
-
-def short(text: str, limit: int = 40) -> str:
-    """A client's string as it may appear in a message: cut, so that errors never echo
-    megabytes back (gRPC refuses over-long status details)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class SessionRegistry:
@@ -136,7 +131,7 @@ class SessionRegistry:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.tenant != tenant.name:
-                raise NotFound(f"no session {short(session_id)!r} (closed, expired, or created on another server)")
+                raise NotFound(f"no session {shown(session_id)} (closed, expired, or created on another server)")
             session.last_used = time.monotonic()
             return session
 
@@ -157,7 +152,7 @@ class SessionRegistry:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.tenant != tenant.name:
-                raise NotFound(f"no session {short(session_id)!r}")
+                raise NotFound(f"no session {shown(session_id)}")
             del self._sessions[session_id]
         self._dropped(session)
 

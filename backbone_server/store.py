@@ -1,4 +1,5 @@
-"""What the server keeps across restarts, in one SQLite file: each tenant's metered use.
+"""What the server keeps across restarts, in one SQLite file: each tenant's metered use
+and the deltas it stored (SaveDelta: tiny records, a z and what it takes to use it).
 
 Replicas may share the file (SQLite's write-ahead log serialises their writers), and then
 share each tenant's quota. Without a file (`path` None) the store lives in memory, for
@@ -14,14 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from backbone_server.errors import ResourceExhausted
+from backbone_server.errors import InvalidArgument, NotFound, ResourceExhausted, shown
 from backbone_server.tenants import Tenant
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT PRIMARY KEY,
     calls INTEGER NOT NULL DEFAULT 0,     -- candidates scored, one per candidate per request
     examples INTEGER NOT NULL DEFAULT 0   -- candidate x example pairs scored
+);
+CREATE TABLE IF NOT EXISTS deltas (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record BLOB NOT NULL,                 -- a serialised blackbox.v1.StoredDelta
+    saved REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
 );
 """
 
@@ -89,6 +98,40 @@ class ServerStore:
     def _release(self, tenant: str, calls: int) -> None:
         with self._lock:
             self._in_flight[tenant] -= calls
+
+    # ---- stored deltas ----------------------------------------------------------------
+
+    def save_delta(self, tenant: str, name: str, record: bytes, saved: float, overwrite: bool,
+                   max_deltas: int) -> None:
+        with self._lock:
+            exists = self._db.execute("SELECT 1 FROM deltas WHERE tenant = ? AND name = ?", (tenant, name)).fetchone()
+            if exists and not overwrite:
+                raise InvalidArgument(f"a delta named {name!r} is stored already; pass overwrite to replace it")
+            if not exists:
+                (count,) = self._db.execute("SELECT COUNT(*) FROM deltas WHERE tenant = ?", (tenant,)).fetchone()
+                if count >= max_deltas:
+                    raise ResourceExhausted(f"tenant {tenant!r} stores {count} deltas, the limit; delete one first")
+            self._db.execute("INSERT OR REPLACE INTO deltas (tenant, name, record, saved) VALUES (?, ?, ?, ?)",
+                             (tenant, name, record, saved))
+
+    def load_delta(self, tenant: str, name: str) -> bytes:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM deltas WHERE tenant = ? AND name = ?",
+                                   (tenant, name)).fetchone()
+        if row is None:
+            raise NotFound(f"no stored delta {shown(name)}")
+        return row[0]
+
+    def list_deltas(self, tenant: str) -> list[bytes]:
+        with self._lock:
+            return [row[0] for row in self._db.execute(
+                "SELECT record FROM deltas WHERE tenant = ? ORDER BY name", (tenant,))]
+
+    def delete_delta(self, tenant: str, name: str) -> None:
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM deltas WHERE tenant = ? AND name = ?", (tenant, name)).rowcount
+        if not deleted:
+            raise NotFound(f"no stored delta {shown(name)}")
 
     def close(self) -> None:
         with self._lock:

@@ -139,6 +139,10 @@ def _tune_arguments(parser: argparse.ArgumentParser, comparing: bool = False) ->
         output.add_argument("--resume", action="store_true",
                             help="continue the run stored in --out with its own settings and the --budget given now")
     output.add_argument("--quiet", action="store_true", help="no progress bars")
+    if not comparing:
+        output.add_argument("--save-as", metavar="NAME",
+                            help="store the run's best z on the --server under NAME (SaveDelta), for `blackbox "
+                                 "predict --delta-name NAME` and `generate`; --overwrite replaces a stored one")
 
 
 def _backbone_arguments(parser: argparse.ArgumentParser, server_help: str) -> None:
@@ -328,10 +332,22 @@ def _tune(args: argparse.Namespace) -> int:
     else:
         config = _config_from_args(args, args.optimizer)
     data = _check_before_loading(config, [config.optimizer])
+    if args.save_as and args.server is None:
+        raise ValueError("--save-as stores the delta on a --server; an embedded server keeps nothing after the run "
+                         "(its run folder is the delta: `blackbox predict --run DIR`)")
     with ExitStack() as stack:
         client = _connect(args, stack, [config.optimizer])
+        if args.save_as and not args.overwrite and args.save_as in {d.name for d in client.list_deltas()}:
+            raise ValueError(f"the server stores a delta named {args.save_as!r} already; choose another name or "
+                             "pass --overwrite")  # before the run, not after it
         result = run_tune(config, client, show_progress=not args.quiet, overwrite=args.overwrite,
                           resume=args.resume, data=data)
+        if args.save_as:
+            from blackbox.deltas import saved_delta_of_run
+
+            client.save_delta(saved_delta_of_run(args.out, args.save_as, client.get_info().kinds), overwrite=True)
+            print(f"saved the best z on {args.server} as {args.save_as!r}: blackbox predict --server {args.server} "
+                  f"--delta-name {args.save_as} --input TEXTS.jsonl --out PREDICTIONS.jsonl", file=sys.stderr)
     zero_shot = result["zero_shot_test_acc"]
     print(
         f"{result['task']} seed {result['seed']} on {result['model']}: zero-shot test acc "
@@ -386,6 +402,72 @@ def _info(args: argparse.Namespace) -> int:
             if error.code.name != "UNIMPLEMENTED":  # a server older than the Usage call
                 raise
         print(json.dumps(info, indent=2))
+    return 0
+
+
+def _deltas(args: argparse.Namespace) -> int:
+    """deltas list | save | delete on a --server, the tenant's own."""
+    with _client(args) as client:
+        client.wait_ready(timeout=args.timeout)
+        if args.deltas_command == "list":
+            listed = [{"name": d.name, "delta": d.delta.kind, "z_dim": d.z_dim, "model": d.model_name,
+                       "saved": d.saved_unix, **d.notes} for d in client.list_deltas()]
+            print(json.dumps(listed, indent=2))
+        elif args.deltas_command == "save":
+            from blackbox.deltas import saved_delta_of_run
+
+            saved = saved_delta_of_run(args.run_dir, args.name, client.get_info().kinds)
+            z_dim = client.save_delta(saved, overwrite=args.overwrite)
+            print(f"stored {args.run_dir}'s best z ({z_dim} coordinates) on {args.server} as {args.name!r}")
+        else:
+            client.delete_delta(args.name)
+            print(f"deleted {args.name!r} on {args.server}")
+    return 0
+
+
+def _used_delta(args: argparse.Namespace):
+    """(name, SavedDelta) of predict and generate: a stored delta, or a run folder's best z."""
+    if bool(args.delta_name) == bool(args.run_dir):
+        raise ValueError("give --delta-name NAME (stored on the --server) or --run DIR (a tune run folder)")
+    if args.delta_name and args.server is None:
+        raise ValueError("--delta-name names a delta stored on a --server; an embedded server stores none "
+                         "(use --run DIR)")
+    if args.run_dir and args.server is None and "model" not in args.given:
+        try:
+            args.model = json.loads((Path(args.run_dir) / "config.json").read_text())["model"]
+        except (OSError, ValueError, KeyError):
+            raise RunDirError(f"{args.run_dir} holds no tune run (config.json)") from None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from blackbox.deltas import predict_file, read_texts, saved_delta_of_run
+    from blackbox.progress import Progress
+
+    _check_mode(args)
+    _used_delta(args)
+    texts = read_texts(args.input)
+    with ExitStack() as stack:
+        client = _connect(args, stack, [])
+        delta = saved_delta_of_run(args.run_dir, "run", client.get_info().kinds) if args.run_dir else None
+        predicted = predict_file(client, texts, args.out, name=args.delta_name or "", delta=delta,
+                                 progress=Progress(bars=not args.quiet))
+    print(f"predictions: {args.out} ({predicted} texts now, {len(texts) - predicted} from before)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from blackbox.deltas import saved_delta_of_run
+
+    _check_mode(args)
+    _used_delta(args)
+    with ExitStack() as stack:
+        client = _connect(args, stack, [])
+        delta = saved_delta_of_run(args.run_dir, "run", client.get_info().kinds) if args.run_dir else None
+        (generation,) = client.generate([(args.prompt, args.text_b)], name=args.delta_name or "", delta=delta,
+                                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        seed=args.seed, stop=args.stop)
+    print(generation.text)
+    print(f"({len(generation.tokens)} tokens, stopped by {generation.finish_reason})", file=sys.stderr)
     return 0
 
 
@@ -692,6 +774,42 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds to wait for the server to answer and serve its model")
     _connection_arguments(info)
     info.set_defaults(run=_info)
+    deltas = commands.add_parser("deltas", help="tuned deltas stored on a server (SaveDelta): list, save, delete")
+    deltas_commands = deltas.add_subparsers(dest="deltas_command", required=True)
+    for name, what in (("list", "the tenant's stored deltas"), ("save", "store a tune run's best z"),
+                       ("delete", "delete a stored delta")):
+        command = deltas_commands.add_parser(name, help=what)
+        command.add_argument("--server", required=True, help="HOST:PORT")
+        command.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the server")
+        _connection_arguments(command)
+        if name == "save":
+            command.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="a tune run folder")
+            command.add_argument("--overwrite", action="store_true", help="replace a stored delta of that name")
+        if name in ("save", "delete"):
+            command.add_argument("--name", required=True, help="the delta's name on the server")
+        command.set_defaults(run=_deltas)
+    for name, what in (("predict", "labels and class probabilities of texts under a tuned delta"),
+                       ("generate", "text continued under a tuned delta (causal models)")):
+        command = commands.add_parser(name, help=what)
+        used = command.add_argument_group("the delta")
+        used.add_argument("--delta-name", help="a delta stored on the --server (tune --save-as, deltas save)")
+        used.add_argument("--run", dest="run_dir", metavar="DIR", help="a tune run folder's best z")
+        _backbone_arguments(command, "HOST:PORT of a backbone server; without it an embedded one starts with the "
+                                     "run's model")
+        if name == "predict":
+            command.add_argument("--input", required=True, help='JSONL: {"text_a": ..., "text_b": ...} per line')
+            command.add_argument("--out", required=True, help="JSONL: each line with label, label_word and "
+                                                              "probabilities; a partial one is continued")
+            command.add_argument("--quiet", action="store_true", help="no progress bar")
+            command.set_defaults(run=_predict)
+        else:
+            command.add_argument("--prompt", required=True, help="the text (text_a) that fills the template")
+            command.add_argument("--text-b", help="the second text of a pair task's template")
+            command.add_argument("--max-new-tokens", type=int, default=32)
+            command.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+            command.add_argument("--seed", type=int, default=0, help="the sampling seed")
+            command.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+            command.set_defaults(run=_generate)
     keys = commands.add_parser("keys", help="API keys of a server's tenants (serve --api-keys)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new_key = keys_commands.add_parser("new", help="print a fresh key once, and the line of the keys file that "

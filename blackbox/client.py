@@ -38,8 +38,53 @@ DEFAULT_RECOVER_S = 120.0  # how long a session waits for its restarted server
 TLS_SCHEME = "grpcs://"
 PLAIN_SCHEME = "grpc://"
 
-__all__ = ["BackboneClient", "BackboneError", "DeltaForm", "DeltaSpec", "Gradients", "KindInfo", "ModelInfo",
-           "Scores", "Session", "Usage"]
+__all__ = ["BackboneClient", "BackboneError", "DeltaForm", "DeltaSpec", "Generation", "Gradients", "KindInfo",
+           "ModelInfo", "Prediction", "SavedDelta", "Scores", "Session", "Usage"]
+
+
+@dataclass
+class SavedDelta:
+    """A tuned delta as the server stores it (SaveDelta): z and what it takes to use it."""
+
+    name: str
+    delta: DeltaSpec
+    template: str
+    verbalizer: tuple[str, ...]
+    z: np.ndarray | None  # (z_dim,); None in a listing
+    truncate: bool = False
+    label_bias: tuple[float, ...] = ()  # per-class offsets added to the logits
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    model_name: str = ""  # set by the server
+    saved_unix: float = 0.0  # set by the server
+    z_dim: int = 0
+
+    def to_message(self) -> pb.StoredDelta:
+        return pb.StoredDelta(name=self.name, delta=self.delta.to_message(), template=self.template,
+                              verbalizer=list(self.verbalizer),
+                              z=array_to_tensor(np.asarray(self.z, np.float32)) if self.z is not None else None,
+                              truncate=self.truncate, label_bias=list(self.label_bias), notes=self.notes,
+                              model_name=self.model_name, saved_unix=self.saved_unix)
+
+    @classmethod
+    def from_message(cls, message: pb.StoredDelta) -> "SavedDelta":
+        z = tensor_to_array(message.z) if message.z.data else None
+        return cls(message.name, DeltaSpec.from_message(message.delta), message.template, tuple(message.verbalizer),
+                   z, message.truncate, tuple(message.label_bias), dict(message.notes), message.model_name,
+                   message.saved_unix, int(message.z.shape[0]) if len(message.z.shape) else 0)
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray  # (N,)
+    probabilities: np.ndarray | None  # (N, C); None from a server that keeps logits back (--allow-logits)
+    label_words: tuple[str, ...]
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str  # "eos", "length" or "stop"
 
 
 class BackboneError(RuntimeError):
@@ -232,6 +277,36 @@ class BackboneClient:
         )
         return self._call("CreateSession", request)
 
+    # ---- stored deltas ----------------------------------------------------------------
+
+    def save_delta(self, saved: SavedDelta, overwrite: bool = False) -> int:
+        """Stores a tuned delta on the server under saved.name; returns its z_dim."""
+        return self._call("SaveDelta", pb.SaveDeltaRequest(delta=saved.to_message(), overwrite=overwrite)).z_dim
+
+    def list_deltas(self) -> list[SavedDelta]:
+        return [SavedDelta.from_message(m) for m in self._call("ListDeltas", pb.ListDeltasRequest(), timeout=30).deltas]
+
+    def delete_delta(self, name: str) -> None:
+        self._call("DeleteDelta", pb.DeleteDeltaRequest(name=name), timeout=30)
+
+    def predict(self, texts: Sequence[tuple[str, str | None]], name: str = "",
+                delta: SavedDelta | None = None) -> Prediction:
+        """Labels and class probabilities of (text_a, text_b) pairs under a stored delta
+        (`name`) or one given whole (`delta`). One call is one API call."""
+        response = self._call("Predict", pb.PredictRequest(
+            delta_name=name, delta=delta.to_message() if delta is not None else None, texts=_examples(texts)))
+        probabilities = tensor_to_array(response.probabilities) if response.HasField("probabilities") else None
+        return Prediction(np.asarray(response.labels), probabilities, tuple(response.label_words))
+
+    def generate(self, texts: Sequence[tuple[str, str | None]], name: str = "", delta: SavedDelta | None = None,
+                 max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
+                 stop: Sequence[str] = ()) -> list[Generation]:
+        """Each text's continuation under the delta, from the template up to {mask}."""
+        response = self._call("Generate", pb.GenerateRequest(
+            delta_name=name, delta=delta.to_message() if delta is not None else None, texts=_examples(texts),
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=list(stop)))
+        return [Generation(g.text, tuple(g.tokens), g.finish_reason) for g in response.generations]
+
     def close(self) -> None:
         self._channel.close()
 
@@ -240,6 +315,10 @@ class BackboneClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _examples(texts: Sequence[tuple[str, str | None]]) -> list[pb.Example]:
+    return [pb.Example(text_a=text_a, text_b=text_b or "") for text_a, text_b in texts]
 
 
 def _lost(error: BackboneError) -> bool:

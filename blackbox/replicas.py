@@ -177,6 +177,13 @@ class ReplicaPool:
         sessions = self.each_live(lambda client: client.create_session(*task), "CreateSession")
         return ReplicatedSession(self, sessions, task)
 
+    def save_delta(self, saved, overwrite: bool = False) -> int:
+        """Stores the delta on every live replica (each keeps its own store)."""
+        return next(iter(self.each_live(lambda client: client.save_delta(saved, overwrite), "SaveDelta").values()))
+
+    def list_deltas(self):
+        return next(iter(self.each_live(lambda client: client.list_deltas(), "ListDeltas").values()))
+
     def close(self) -> None:
         self._executor.shutdown(wait=False)
         for client in self.clients:

@@ -222,6 +222,7 @@ def run_tune(config: TuneConfig, client: BackboneClient, show_progress: bool = T
             session.close()
         raise
     run.write_config({**dataclasses.asdict(config), "template": template, "init_text": init_text,
+                      "verbalizer": list(task.verbalizer),
                       "model": info.model_name,
                       "architecture": info.architecture})
     label_bias = (LabelBias({name: np.array([e.label for e in examples]) for name, examples in splits.items()})

@@ -26,12 +26,11 @@ from backbone_server.deltas.budget import (
     current_budget,
     delta_bytes_estimate,
     reserved_projection,
-    shown,
 )
 from backbone_server.deltas.exported import Exported, ExportRequest
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 from backbone_server.projection import seeded_generator
 from blackbox.v1.delta_spec import DeltaSpec, KindInfo
 

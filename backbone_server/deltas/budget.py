@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from backbone_server.errors import ResourceExhausted
+from backbone_server.errors import ResourceExhausted, shown
 from backbone_server.projection import make_projection, projection_bytes
 
 # The memory one delta may pin, unless the engine (build_delta's max_bytes) says otherwise:
@@ -40,24 +40,7 @@ SEED_MODULUS = 2**64  # seeds are the wire's uint64; derived seeds wrap around (
 MAX_NAME_CHARS = 200  # a delta kind, a projection kind, one target's name
 MAX_TARGETS = 1024  # module-name suffixes in `targets`
 MAX_PARTS = 16  # entries of part_dims (a combination has one part per kind)
-SHOWN_CHARS = 60  # what an error message shows of a client's text or list
 FLOAT_BYTES = 4  # the deltas keep their scales, starts and prompts in float32
-
-
-def shown(value, limit: int = SHOWN_CHARS) -> str:
-    """A client's string or list as an error message may show it: its repr, cut to about
-    `limit` characters, saying how long it was. A long list is never formatted whole."""
-    if isinstance(value, str):
-        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value):,} characters)"
-    parts: list[str] = []
-    size = 0
-    for item in value:
-        text = shown(item, limit) if isinstance(item, str) else repr(item)[:limit]
-        if parts and size + len(text) > limit:
-            return "[" + ", ".join(parts) + f", ...] ({len(value):,} entries)"
-        parts.append(text)
-        size += len(text) + 2
-    return "[" + ", ".join(parts) + "]"
 
 
 def human_bytes(nbytes: int) -> str:

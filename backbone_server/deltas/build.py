@@ -6,10 +6,10 @@ import dataclasses
 
 from backbone_server.deltas.adamix import DEFAULT_COPIES, MAX_COPIES, AdaMixDelta, mixable_kinds
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, kind_class, per_layer_kinds
-from backbone_server.deltas.budget import MAX_DELTA_BYTES, delta_budget, shown
+from backbone_server.deltas.budget import MAX_DELTA_BYTES, delta_budget
 from backbone_server.deltas.combined import CombinedDelta, not_exportable
 from backbone_server.deltas.reparametrised import LearnedSubspace, StructureAware
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 from backbone_server.subspace import SUBSPACE_PREFIX, Subspace
 from blackbox.v1.delta_spec import ADAMIX, UNIPELT, KindInfo
 

@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from backbone_server.deltas.base import DELTA_KINDS, Delta, DeltaConfig, exportable_kinds, kind_class
-from backbone_server.deltas.budget import derived_seed, shown
+from backbone_server.deltas.budget import derived_seed
 from backbone_server.deltas.exported import Exported, ExportRequest
 from backbone_server.deltas.layout import Layout
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 
 PART_SEED_STRIDE = 7_000_003
 GATE_SCALE = 1.0

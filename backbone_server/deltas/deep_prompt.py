@@ -54,14 +54,13 @@ from backbone_server.deltas.budget import (
     delta_bytes_estimate,
     derived_seed,
     reserved_projection,
-    shown,
 )
 from backbone_server.deltas.exported import Exported, ExportRequest, plain_load, prefix_tuning, store, tokens_to_fold
 from backbone_server.deltas.hooks import forward_hooks, hidden_of, with_hidden
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
 from backbone_server.deltas.soft_prompt import SoftPrompt
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 
 LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * stride
 PROMPT_POSITIONS = ("in each encoded row, the n positions len(tokens ahead of {prompt}) .. "

@@ -14,8 +14,7 @@ from typing import Callable, Iterable
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from backbone_server.deltas.budget import shown
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 
 PROJECTIONS = "Linear/Conv1D modules"  # what `is_projection` accepts, in error messages
 

@@ -45,14 +45,13 @@ from backbone_server.deltas.budget import (
     delta_bytes_estimate,
     derived_seed,
     reserved_projection,
-    shown,
 )
 from backbone_server.deltas.exported import Exported, ExportRequest, prefix_tuning
 from backbone_server.deltas.layout import Layout
 from backbone_server.deltas.modules import ModulePlaces, find_layers
 from backbone_server.deltas.soft_prompt import initial_prompt_token_ids
 from backbone_server.encoding import special_tokens
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 
 LAYER_SEED_STRIDE = 1_000_003  # layer l's projection is drawn with seed + l * stride
 

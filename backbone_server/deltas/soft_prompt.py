@@ -29,9 +29,8 @@ from backbone_server.deltas.budget import (
     current_budget,
     delta_bytes_estimate,
     reserved_projection,
-    shown,
 )
-from backbone_server.errors import InvalidArgument
+from backbone_server.errors import InvalidArgument, shown
 from backbone_server.projection import seeded_generator
 
 WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")

@@ -318,3 +318,124 @@ class UsageResponse(_message.Message):
     max_sessions: int
     max_examples: int
     def __init__(self, tenant: _Optional[str] = ..., calls_used: _Optional[int] = ..., calls_quota: _Optional[int] = ..., calls_left: _Optional[int] = ..., examples_scored: _Optional[int] = ..., sessions_held: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_examples: _Optional[int] = ...) -> None: ...
+
+class StoredDelta(_message.Message):
+    __slots__ = ("name", "delta", "template", "verbalizer", "z", "truncate", "label_bias", "model_name", "saved_unix", "notes")
+    class NotesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VERBALIZER_FIELD_NUMBER: _ClassVar[int]
+    Z_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_BIAS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    SAVED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    delta: DeltaSpec
+    template: str
+    verbalizer: _containers.RepeatedScalarFieldContainer[str]
+    z: Tensor
+    truncate: bool
+    label_bias: _containers.RepeatedScalarFieldContainer[float]
+    model_name: str
+    saved_unix: float
+    notes: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., delta: _Optional[_Union[DeltaSpec, _Mapping]] = ..., template: _Optional[str] = ..., verbalizer: _Optional[_Iterable[str]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., truncate: _Optional[bool] = ..., label_bias: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., saved_unix: _Optional[float] = ..., notes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SaveDeltaRequest(_message.Message):
+    __slots__ = ("delta", "overwrite")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    delta: StoredDelta
+    overwrite: bool
+    def __init__(self, delta: _Optional[_Union[StoredDelta, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class SaveDeltaResponse(_message.Message):
+    __slots__ = ("name", "z_dim")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    Z_DIM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    z_dim: int
+    def __init__(self, name: _Optional[str] = ..., z_dim: _Optional[int] = ...) -> None: ...
+
+class ListDeltasRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDeltasResponse(_message.Message):
+    __slots__ = ("deltas",)
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    deltas: _containers.RepeatedCompositeFieldContainer[StoredDelta]
+    def __init__(self, deltas: _Optional[_Iterable[_Union[StoredDelta, _Mapping]]] = ...) -> None: ...
+
+class DeleteDeltaRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteDeltaResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("delta_name", "delta", "texts")
+    DELTA_NAME_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    delta_name: str
+    delta: StoredDelta
+    texts: _containers.RepeatedCompositeFieldContainer[Example]
+    def __init__(self, delta_name: _Optional[str] = ..., delta: _Optional[_Union[StoredDelta, _Mapping]] = ..., texts: _Optional[_Iterable[_Union[Example, _Mapping]]] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("labels", "probabilities", "label_words")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_WORDS_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    probabilities: Tensor
+    label_words: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, labels: _Optional[_Iterable[int]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., label_words: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("delta_name", "delta", "texts", "max_new_tokens", "temperature", "seed", "stop")
+    DELTA_NAME_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    delta_name: str
+    delta: StoredDelta
+    texts: _containers.RepeatedCompositeFieldContainer[Example]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, delta_name: _Optional[str] = ..., delta: _Optional[_Union[StoredDelta, _Mapping]] = ..., texts: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Generation(_message.Message):
+    __slots__ = ("text", "tokens", "finish_reason")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    finish_reason: str
+    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("generations",)
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    generations: _containers.RepeatedCompositeFieldContainer[Generation]
+    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ...) -> None: ...

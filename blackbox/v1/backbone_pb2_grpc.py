@@ -69,6 +69,31 @@ class BackboneStub:
                 request_serializer=blackbox_dot_v1_dot_backbone__pb2.UsageRequest.SerializeToString,
                 response_deserializer=blackbox_dot_v1_dot_backbone__pb2.UsageResponse.FromString,
                 _registered_method=True)
+        self.SaveDelta = channel.unary_unary(
+                '/blackbox.v1.Backbone/SaveDelta',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.SaveDeltaRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.SaveDeltaResponse.FromString,
+                _registered_method=True)
+        self.ListDeltas = channel.unary_unary(
+                '/blackbox.v1.Backbone/ListDeltas',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.ListDeltasRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.ListDeltasResponse.FromString,
+                _registered_method=True)
+        self.DeleteDelta = channel.unary_unary(
+                '/blackbox.v1.Backbone/DeleteDelta',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.DeleteDeltaRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.DeleteDeltaResponse.FromString,
+                _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/blackbox.v1.Backbone/Predict',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.PredictRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.PredictResponse.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/blackbox.v1.Backbone/Generate',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class BackboneServicer:
@@ -127,6 +152,41 @@ class BackboneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveDelta(self, request, context):
+        """Stores a tuned z with its delta, template and verbalizer under a name, the tenant's
+        alone, kept across restarts (the server's --state-db); listed and deleted per tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeltas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDelta(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Predict(self, request, context):
+        """Labels and class probabilities of unlabelled texts under a stored or given delta.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Text continuation under a stored or given delta (causal models), from the template
+        filled in with each text, up to {mask}: where the tuned model speaks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackboneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +224,31 @@ def add_BackboneServicer_to_server(servicer, server):
                     servicer.Usage,
                     request_deserializer=blackbox_dot_v1_dot_backbone__pb2.UsageRequest.FromString,
                     response_serializer=blackbox_dot_v1_dot_backbone__pb2.UsageResponse.SerializeToString,
+            ),
+            'SaveDelta': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveDelta,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.SaveDeltaRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.SaveDeltaResponse.SerializeToString,
+            ),
+            'ListDeltas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeltas,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.ListDeltasRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.ListDeltasResponse.SerializeToString,
+            ),
+            'DeleteDelta': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDelta,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.DeleteDeltaRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.DeleteDeltaResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.PredictRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.PredictResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.GenerateRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -355,6 +440,141 @@ class Backbone:
             '/blackbox.v1.Backbone/Usage',
             blackbox_dot_v1_dot_backbone__pb2.UsageRequest.SerializeToString,
             blackbox_dot_v1_dot_backbone__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveDelta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/SaveDelta',
+            blackbox_dot_v1_dot_backbone__pb2.SaveDeltaRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.SaveDeltaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeltas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/ListDeltas',
+            blackbox_dot_v1_dot_backbone__pb2.ListDeltasRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.ListDeltasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDelta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/DeleteDelta',
+            blackbox_dot_v1_dot_backbone__pb2.DeleteDeltaRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.DeleteDeltaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/Predict',
+            blackbox_dot_v1_dot_backbone__pb2.PredictRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blackbox.v1.Backbone/Generate',
+            blackbox_dot_v1_dot_backbone__pb2.GenerateRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
