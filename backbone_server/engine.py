@@ -36,6 +36,7 @@ from backbone_server.deltas.budget import MAX_DELTA_BYTES
 from backbone_server.encoding import TemplateEncoder
 from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted, shown
 from backbone_server.fairness import FairTurns
+from backbone_server.scheduler import DEFAULT_WINDOW_MS, ForwardMerger
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
 from backbone_server.scoring import (
@@ -82,7 +83,7 @@ class Engine:
                  allow_gradients: bool = False, subspaces: dict | None = None,
                  allow_subspace_uploads: bool = False, max_subspace_bytes: int = DEFAULT_MAX_BYTES,
                  limits: Limits | None = None, range_cache: RangeCache | None = None,
-                 store: ServerStore | None = None):
+                 store: ServerStore | None = None, batch_window_ms: float | None = None):
         if max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must be positive (or 0 to derive it from free memory)")
         self.backbone = backbone
@@ -101,10 +102,17 @@ class Engine:
         self.sessions = SessionRegistry(self.limits.max_sessions, self.limits.session_ttl_s,
                                         on_drop=lambda session: self.batcher.ranges.drop_session(session.id))
         self.scorer = Scorer(backbone, self.bounds)
+        self.scorer.probe_attention()
         self.memo_hits = 0
         # Everything that runs the model takes its turn here, one step at a time.
         self.turns = FairTurns()
         self._built: OrderedDict[str, Delta] = OrderedDict()  # transient sessions' deltas, by config
+        # Chunks of different requests that can share a forward run as one (0 ms: never).
+        # None: on a GPU only; on a CPU merged forwards measured no faster (docs/performance.md)
+        # and they round differently from a request alone.
+        if batch_window_ms is None:
+            batch_window_ms = DEFAULT_WINDOW_MS if backbone.device.type == "cuda" else 0.0
+        self.merger = ForwardMerger(self.scorer, self.turns, batch_window_ms / 1e3)
 
     @property
     def max_batch_tokens(self) -> int:
@@ -140,7 +148,7 @@ class Engine:
         z = self._check_population(z, session.delta.z_dim)
         self._check_rows(len(z), len(selected))
         try:
-            with self.metered(tenant, len(z), len(selected)):
+            with self.metered(tenant, len(z), len(selected)), self.merger.request():
                 return self._evaluate(session, split, 0, selected, z, tenant, cancelled)
         finally:
             self.batcher.ranges.drop_session(session.id)
@@ -209,7 +217,7 @@ class Engine:
     def close_session(self, session_id: str, tenant: Tenant | None = None) -> None:
         self.sessions.close(session_id, tenant or open_tenant())
 
-    def _steps(self, steps: Iterator, tenant: Tenant, cancelled: Callable[[], bool] | None) -> Iterator:
+    def in_turns(self, steps: Iterator, tenant: Tenant, cancelled: Callable[[], bool] | None) -> Iterator:
         """The items of a generator that runs the model, each computed in a turn of its own."""
         while True:
             with self.turns.turn(tenant.name, cancelled):
@@ -220,6 +228,19 @@ class Engine:
                 except StopIteration:
                     return
             yield item
+
+    def _forward_in_turn(self, tenant: Tenant, cancelled: Callable[[], bool] | None) -> Callable:
+        """How a request's chunk runs: merged with other requests' where it can share a
+        forward (`ForwardMerger`), else alone; either way in a turn of the request's tenant."""
+        def forward(session, bucket, group, group_params, prefix, routing):
+            if cancelled is not None and cancelled():
+                raise Cancelled("the caller went away; the rest of the request was not computed")
+            if self.merger.window_s > 0 and self.scorer.mergeable(session, bucket, group_params, prefix):
+                return self.merger.forward(session, bucket, group, prefix, tenant.name, self.bounds.inference,
+                                           cancelled)
+            with self.turns.turn(tenant.name, cancelled):
+                return self.scorer.forward_chunk(session, bucket, group, group_params, prefix, routing)
+        return forward
 
     def _check_rows(self, population: int, examples: int) -> None:
         rows = population * examples
@@ -243,7 +264,7 @@ class Engine:
             selected = session.select(split, start, count)
             z = self._check_population(z, session.delta.z_dim)
             self._check_rows(len(z), len(selected))
-            with self.metered(tenant, len(z), len(selected)):
+            with self.metered(tenant, len(z), len(selected)), self.merger.request():
                 return self._evaluate(session, split, start, selected, z, tenant, cancelled)
 
     def _evaluate(self, session: SessionState, split: str, start: int, selected: list, z: np.ndarray,
@@ -259,10 +280,11 @@ class Engine:
             logits = self._empty_logits(session, len(z), len(selected))
             tokens = self.bounds.inference
             buckets = self.batcher.buckets(session, split, start, selected, tokens)
-            for bucket, prefix in self._steps(buckets, tenant, cancelled):
+            forward = self._forward_in_turn(tenant, cancelled)
+            for bucket, prefix in self.in_turns(buckets, tenant, cancelled):
                 chunks = self.scorer.score_chunks(session, bucket, prompts, params, prefix, tokens,
-                                                  _routing(split, start, bucket))
-                logits[:, bucket.index] = torch.cat([chunk for _, chunk in self._steps(chunks, tenant, cancelled)])
+                                                  _routing(split, start, bucket), forward)
+                logits[:, bucket.index] = torch.cat([chunk for _, chunk in chunks])
             scores = PopulationScores(logits, self._labels(selected))
             if key is not None:
                 session.scored[key] = scores

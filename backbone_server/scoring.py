@@ -85,6 +85,7 @@ class Scorer:
         self._shared_attention: bool | None = None  # probed on the first prefix bucket
         # Hears each forward: (tokens run, the token bound it ran under, seconds); metrics.
         self.on_forward: Callable[[int, int, float], None] | None = None
+        self.forwards = self.rows_run = 0  # scoring forwards run, and their (candidate, example) rows
 
     def shares_attention(self, bucket: Bucket) -> bool:
         """Whether the bucket's candidates attend to what they share without copies (the
@@ -92,10 +93,17 @@ class Scorer:
         if not bucket.virtual or self.backbone.architecture != "causal":
             return False
         if self._shared_attention is None:
+            self.probe_attention()
+        return self._shared_attention
+
+    def probe_attention(self) -> None:
+        """Checks once whether this model takes shared attention. The check runs the model
+        (and switches its attention while it does), so the engine runs it before it serves
+        anyone, not between other requests' steps."""
+        if self.backbone.architecture == "causal" and self._shared_attention is None:
             self._shared_attention = attention.supported(self.backbone)
             log.info("shared attention for the prefix path: %s", "on" if self._shared_attention else
                      "off (this model's attention does not take it; the cache path runs instead)")
-        return self._shared_attention
 
     def tokens_per_candidate(self, bucket: Bucket) -> int:
         """What one candidate costs a forward on the bucket, in tokens held: its rows, and
@@ -108,10 +116,13 @@ class Scorer:
 
     def score_chunks(self, session: SessionState, bucket: Bucket, prompts: torch.Tensor,
                      params: torch.Tensor | None, prefix: PrefixStates | None, tokens: int,
-                     routing: Routing | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                     routing: Routing | None = None, forward: Callable | None = None
+                     ) -> Iterator[tuple[int, torch.Tensor]]:
         """(P, n, h) prompts and (P, D) module parameters (or None) -> (first candidate,
         (p, B, C) float32 verbalizer logits) for each chunk of candidates that fits
-        `tokens`, in order."""
+        `tokens`, in order. `forward` (default `forward_chunk`, same arguments) runs a
+        chunk: the engine's runs it in a turn, or merged with other requests' chunks."""
+        forward = forward or self.forward_chunk
         per_candidate = self.tokens_per_candidate(bucket)
         chunk = max(1, tokens // per_candidate)
         first = 0
@@ -120,7 +131,7 @@ class Scorer:
             group_params = None if params is None else params[first:first + chunk]
             try:
                 began = time.perf_counter()
-                logits = self.forward_chunk(session, bucket, group, group_params, prefix, routing)
+                logits = forward(session, bucket, group, group_params, prefix, routing)
                 if self.on_forward is not None:
                     self.on_forward(len(group) * per_candidate, tokens, time.perf_counter() - began)
             except Exception as error:
@@ -155,17 +166,12 @@ class Scorer:
         """(p, n, h) prompts and (p, D) module parameters (or None) of some candidates ->
         (p, B, C) verbalizer logits on the bucket."""
         backbone = self.backbone
-        size, width = bucket.row_ids.shape
+        self._count(len(group) * len(bucket.indices))
         slot = bucket.row_ids < 0
-        token_embeddings = backbone.embeddings(bucket.row_ids.clamp(min=0))
         slot_index = (-bucket.row_ids - 1).clamp(min=0)
         p = len(group)
-        if group.shape[1]:
-            # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
-            rows = torch.where(slot[None, :, :, None], group[:, slot_index], token_embeddings[None])
-        else:  # no prompt: every candidate reads the same rows
-            rows = token_embeddings[None].expand(p, -1, -1, -1)
-        rows = rows.reshape(p * size, width, -1)
+        rows = self.rows(bucket, group)
+        width = rows.shape[1]
         kwargs = {}
         if bucket.row_start is not None:
             positions = bucket.row_start[:, None] + torch.arange(width, device=rows.device)
@@ -184,6 +190,87 @@ class Scorer:
                 mask = torch.cat([past_mask, mask], dim=1)
             hidden = backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         return self._read(session, bucket, hidden, p)
+
+    def rows(self, bucket: Bucket, group: torch.Tensor) -> torch.Tensor:
+        """(p * B, Ls, h) input embeddings of p candidates on the bucket's rows, candidate-major."""
+        size, width = bucket.row_ids.shape
+        token_embeddings = self.backbone.embeddings(bucket.row_ids.clamp(min=0))
+        p = len(group)
+        if group.shape[1]:
+            # (p, B, Ls, h): each candidate's prompt vectors spliced into the shared rows.
+            slot_index = (-bucket.row_ids - 1).clamp(min=0)
+            rows = torch.where((bucket.row_ids < 0)[None, :, :, None], group[:, slot_index], token_embeddings[None])
+        else:  # no prompt: every candidate reads the same rows
+            rows = token_embeddings[None].expand(p, -1, -1, -1)
+        return rows.reshape(p * size, width, -1)
+
+    def mergeable(self, session: SessionState, bucket: Bucket, group_params: torch.Tensor | None,
+                  prefix: PrefixStates | None) -> bool:
+        """Whether this chunk's forward can share a forward with other sessions' chunks
+        (`scheduler.py`): its rows, spliced with its candidates' prompts, behind nothing or
+        behind the shared states of its tokens ahead; no virtual keys and values, no
+        changed modules."""
+        if group_params is not None or bucket.virtual or session.delta.changes_modules:
+            return False
+        if bucket.prefix_ids is not None and prefix is None:  # tokens ahead run per candidate
+            return False
+        return self.backbone.architecture == "causal" or bucket.row_start is None
+
+    def forward_merged(self, chunks: list[tuple[SessionState, Bucket, torch.Tensor, PrefixStates | None]]
+                       ) -> list[torch.Tensor]:
+        """One forward of several mergeable chunks (session, bucket, prompts, prefix states)
+        -> each chunk's (p, B, C) verbalizer logits. Rows are padded on the right to the
+        widest, the states ahead on the right to the longest, both masked there; a causal
+        model gets every row's own positions, so that no real position moves."""
+        causal = self.backbone.architecture == "causal"
+        parts = []
+        for session, bucket, group, prefix in chunks:
+            p = len(group)
+            rows = self.rows(bucket, group)
+            width = rows.shape[1]
+            start = bucket.row_start if bucket.row_start is not None else torch.zeros(
+                len(bucket.indices), dtype=torch.long, device=rows.device)
+            positions = (start[:, None] + torch.arange(width, device=rows.device)).repeat(p, 1)
+            past, past_mask = self._past(session, bucket, prefix, None, p) if prefix is not None else ([], None)
+            parts.append((rows, bucket.row_mask.repeat(p, 1), positions, past, past_mask))
+        width = max(part[0].shape[1] for part in parts)
+        ahead = max((part[4].shape[1] for part in parts if part[4] is not None), default=0)
+        rows = torch.cat([F.pad(r, (0, 0, 0, width - r.shape[1])) for r, *_ in parts])
+        mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m, *_ in parts])
+        kwargs = {}
+        if causal:
+            kwargs["position_ids"] = torch.cat([F.pad(q, (0, width - q.shape[1])) for _, _, q, *_ in parts])
+        if ahead:
+            layers = []
+            for layer in range(len(next(part[3] for part in parts if part[3]))):
+                keys, values = [], []
+                for r, _, _, past, _ in parts:
+                    for held, target in ((0, keys), (1, values)):
+                        if past:
+                            state = past[layer][held]
+                            target.append(F.pad(state, (0, 0, 0, ahead - state.shape[2])))
+                        else:
+                            reference = next(part[3] for part in parts if part[3])[layer][held]
+                            target.append(reference.new_zeros(len(r), reference.shape[1], ahead, reference.shape[3]))
+                layers.append((torch.cat(keys), torch.cat(values)))
+            past_mask = torch.cat([F.pad(pm, (0, ahead - pm.shape[1])) if pm is not None else
+                                   mask.new_zeros(len(r), ahead) for r, _, _, _, pm in parts])
+            kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
+            mask = torch.cat([past_mask, mask], dim=1)
+        self._count(len(rows))
+        hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+        logits, first = [], 0
+        for (session, bucket, group, _), (part, *_) in zip(chunks, parts):
+            logits.append(self._read(session, bucket, hidden[first:first + len(part)], len(group)))
+            first += len(part)
+        return logits
+
+    def _count(self, rows: int) -> None:
+        self.forwards += 1  # under the turn: one forward at a time
+        self.rows_run += rows
+
+    def rows_per_forward(self) -> float:
+        return self.rows_run / self.forwards if self.forwards else 0.0
 
     def _read(self, session: SessionState, bucket: Bucket, hidden: torch.Tensor, p: int) -> torch.Tensor:
         """(p, B, C) verbalizer logits at the rows' read positions."""

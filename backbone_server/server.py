@@ -108,6 +108,9 @@ class Service:
     range_cache_mb: float = 256
     session_cache_mb: float = 64
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # How long a chunk waits for other requests' chunks to share its forward (0: off;
+    # None: DEFAULT_WINDOW_MS on a GPU, off on a CPU).
+    batch_window_ms: float | None = None
 
     @property
     def logits(self) -> bool:
@@ -211,7 +214,7 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
                             max_subspace_bytes=int(max_subspace_mb * 2 ** 20), limits=service.limits,
                             range_cache=RangeCache(int(service.range_cache_mb * 2**20),
                                                    int(service.session_cache_mb * 2**20)),
-                            store=store)
+                            store=store, batch_window_ms=service.batch_window_ms)
             engine.scorer.on_forward = metrics.observe_forward
             servicer.engine = engine
             for name in ("", SERVICE_NAME):
@@ -266,6 +269,8 @@ def service_from_args(args: argparse.Namespace) -> Service:
             tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
         except OSError as error:
             raise ValueError(f"cannot read {error.filename}: {error.strerror}") from None
+    if args.batch_window_ms is not None and args.batch_window_ms < 0:
+        raise ValueError("--batch-window-ms is >= 0 (0: every request's chunks in forwards of their own)")
     if args.session_ttl < 0:
         raise ValueError("--session-ttl is in seconds, >= 0 (0: sessions never expire)")
     state_db = args.state_db
@@ -277,7 +282,7 @@ def service_from_args(args: argparse.Namespace) -> Service:
                       session_ttl_s=args.session_ttl, max_delta_bytes=int(args.max_delta_mb * 2**20)),
         state_db=state_db, tls=tls, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         range_cache_mb=args.cache_mb, session_cache_mb=args.session_cache_mb,
-        max_message_bytes=int(args.max_message_mb * 2**20),
+        max_message_bytes=int(args.max_message_mb * 2**20), batch_window_ms=args.batch_window_ms,
     )
 
 

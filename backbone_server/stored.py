@@ -25,8 +25,7 @@ from blackbox.v1.wire import WireError, tensor_to_array
 
 MAX_DELTAS_PER_TENANT = 1000
 MAX_RECORD_BYTES = 4 * 2**20  # a stored delta: a z and a few strings
-MAX_TEXTS_PER_CALL = 4096  # Predict and Generate take texts in slices of at most this many
-MAX_GENERATE_TEXTS = 64
+MAX_TEXTS_PER_CALL = 4096  # Predict takes texts in slices of at most this many
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 PREDICT_SPLIT = "predict"
 
@@ -99,18 +98,19 @@ class DeltaLibrary:
 
     def generate(self, tenant: Tenant, record: pb.StoredDelta, texts: list[tuple[str, str]], max_new_tokens: int,
                  temperature: float, seed: int, stop: list[str], cancelled: Callable[[], bool] | None = None):
-        """Each text's continuation at {mask} under the delta: one API call per text."""
-        from backbone_server.generation import generate
+        """Each text's continuation at {mask} under the delta, one token of all the texts
+        per turn at the model: one API call per text."""
+        from backbone_server.generation import MAX_TEXTS, Generation
 
-        _check_texts(texts, MAX_GENERATE_TEXTS)
-        if not np.isfinite(temperature) or temperature < 0:
-            raise InvalidArgument(f"temperature must be finite and >= 0, got {temperature}")
+        _check_texts(texts, MAX_TEXTS)
         session = self._session(tenant, record, texts, cancelled)
-        z = _z(record, session.delta.z_dim)
         engine = self.engine
-        with engine.metered(tenant, len(texts), max_new_tokens), engine.turns.turn(tenant.name, cancelled):
-            return generate(engine.backbone, session.delta, session.encoder, z, texts, max_new_tokens,
-                            temperature=temperature, seed=seed, stop=list(stop))
+        generation = Generation(engine.backbone, session.delta, session.encoder, _z(record, session.delta.z_dim),
+                                texts, max_new_tokens, temperature, seed, stop)
+        with engine.metered(tenant, len(texts), len(texts) * max_new_tokens):
+            for _ in engine.in_turns(generation.steps(), tenant, cancelled):
+                pass
+        return generation.results
 
     def _session(self, tenant: Tenant, record: pb.StoredDelta, texts: list[tuple[str, str]],
                  cancelled: Callable[[], bool] | None):

@@ -247,6 +247,12 @@ class Delta:
                               f"{', '.join(exportable_kinds())}")
 
     @property
+    def changes_modules(self) -> bool:
+        """Whether the kind installs hooks (`patched`): its candidates' forwards cannot share
+        a forward with another session's."""
+        return type(self).patched is not Delta.patched
+
+    @property
     def num_parameters(self) -> int:
         """D: the size of the delta generated from z (prompt vectors or module parameters)."""
         return self.prompt_length * self.hidden_size + self.layout.size

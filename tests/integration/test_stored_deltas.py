@@ -135,3 +135,31 @@ def test_predict_is_metered_as_one_call(server):
         alice.predict(TEXTS, name="sentiment")
         use = alice.usage()
     assert use.calls_used - before == 1
+
+
+def test_generate_under_a_stored_delta_at_z_zero_is_the_plain_models_greedy_output(server, tiny_llama):
+    import torch
+
+    lora = DeltaSpec(kind="lora", prompt_length=0, intrinsic_dim=4)
+    with connect(server, "alice") as alice:
+        alice.save_delta(SavedDelta("plain", lora, TEMPLATE, VERBALIZER, np.zeros(4, np.float32)))
+        (got,) = alice.generate([("a great film", None)], name="plain", max_new_tokens=6)
+        before = alice.usage().calls_used
+        two = alice.generate([("a great film", None), ("a bad one", None)], name="plain", max_new_tokens=6)
+        assert alice.usage().calls_used - before == 2 and two[0] == got  # one call per text; batching changes nothing
+        code, details = code_of(lambda: alice.generate([("x", None)], name="plain", max_new_tokens=5000))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "1024" in details
+    engine = server.servicer.engine
+    encoder_input = engine.transient_session({"x": [("a great film", "", 0)]}, TEMPLATE, list(VERBALIZER),
+                                             _config(lora), False, Tenant("alice")).splits["x"][0]
+    ids = torch.tensor([encoder_input.before + encoder_input.after[:encoder_input.read - len(encoder_input.before) + 1]])
+    with torch.inference_mode():
+        want = tiny_llama.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                         pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert list(got.tokens) == want[:len(got.tokens)] and got.finish_reason in ("length", "eos")
+
+
+def _config(delta):
+    from backbone_server.deltas import DeltaConfig
+
+    return DeltaConfig.from_message(delta.to_message())

@@ -1,0 +1,120 @@
+"""Chunks of different sessions merged into one forward (issue 16): the same scores as
+each request alone, for every kind on both architectures, mixed kinds in one window."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from backbone_server.deltas import DeltaConfig
+from backbone_server.engine import Engine
+from backbone_server.tenants import Tenant
+
+TEXTS = ["a great film", "a bad film", "very good indeed", "not good at all", "the story was fine",
+         "music and story both weak", "I loved it", "dull"]
+SPLIT = [(text, "", i % 2) for i, text in enumerate(TEXTS)]
+KINDS = {
+    "prompt-first": (DeltaConfig(kind="prompt", prompt_length=3, intrinsic_dim=6), "{prompt} {text_a} It was {mask}"),
+    "prompt-after": (DeltaConfig(kind="prompt", prompt_length=3, intrinsic_dim=6), "{text_a} {prompt} It was {mask}"),
+    "prefix": (DeltaConfig(kind="prefix", prompt_length=3, intrinsic_dim=6), "{text_a} It was {prompt} so {mask}"),
+    "deep-prompt": (DeltaConfig(kind="deep-prompt", prompt_length=3, intrinsic_dim=6), "{text_a} {prompt} It was {mask}"),
+    "lora": (DeltaConfig(kind="lora", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
+    "bias": (DeltaConfig(kind="bias", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
+}
+
+
+def population(seed, size=5):
+    return np.random.default_rng(seed).normal(size=(size, 6)).astype(np.float32)
+
+
+def sessions(engine, kinds, copies=2):
+    """`copies` sessions of each kind, each its own tenant, with texts of its own."""
+    made = []
+    for number, name in enumerate(k for k in kinds for _ in range(copies)):
+        config, template = KINDS[name]
+        texts = [(f"{text}{' and more' * number}", b, label) for text, b, label in SPLIT]  # widths differ
+        tenant = Tenant(f"t{number}")
+        session = engine.create_session({"train": texts}, template, ["bad", "great"], config, tenant=tenant)
+        made.append((name, tenant, session, population(number)))
+    return made
+
+
+def alone(backbone, kinds):
+    engine = Engine(backbone, batch_window_ms=0)
+    return [engine.evaluate(session.id, "train", z, tenant=tenant).logits
+            for _, tenant, session, z in sessions(engine, kinds)]
+
+
+def together(backbone, kinds, window_ms=200):
+    engine = Engine(backbone, batch_window_ms=window_ms)
+    made = sessions(engine, kinds)
+    results = [None] * len(made)
+    start = threading.Barrier(len(made))
+
+    def run(index):
+        _, tenant, session, z = made[index]
+        start.wait()
+        results[index] = engine.evaluate(session.id, "train", z, tenant=tenant).logits
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(made))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, engine
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_roberta"])
+def test_mixed_kinds_in_one_window_score_as_each_alone(model, request):
+    backbone = request.getfixturevalue(model)
+    kinds = list(KINDS)
+    want = alone(backbone, kinds)
+    got, engine = together(backbone, kinds)
+    for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    # The soft prompts share forwards (behind their tokens ahead on a causal model); the rest run alone.
+    assert engine.merger.merged_chunks >= 4 and engine.scorer.rows_per_forward() > len(TEXTS) * 5
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2", "tiny_roberta"])
+def test_soft_prompts_of_many_sessions_share_forwards(model, request):
+    backbone = request.getfixturevalue(model)
+    kinds = ["prompt-first", "prompt-after"]
+    got, engine = together(backbone, kinds * 2)
+    want = alone(backbone, kinds * 2)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert engine.merger.merged_chunks >= 4 and engine.scorer.forwards < len(got)
+
+
+def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monkeypatch):
+    engine = Engine(tiny_roberta, batch_window_ms=200)
+    made = sessions(engine, ["prompt-first"], copies=3)
+    want = Engine(tiny_roberta, batch_window_ms=0)
+    calls = []
+
+    def out_of_memory(chunks):
+        calls.append(len(chunks))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.scorer, "forward_merged", out_of_memory)
+    results = [None] * len(made)
+    start = threading.Barrier(len(made))
+
+    def run(index):
+        _, tenant, session, z = made[index]
+        start.wait()
+        results[index] = engine.evaluate(session.id, "train", z, tenant=tenant).logits
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(made))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls and all(result is not None for result in results)
+    reference = sessions(want, ["prompt-first"], copies=3)
+    for result, (_, tenant, session, z) in zip(results, reference):
+        np.testing.assert_allclose(result, want.evaluate(session.id, "train", z, tenant=tenant).logits, atol=1e-5)
