@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -322,13 +321,10 @@ class Generation:
 
 def _past_states(backbone: Backbone, delta: Delta, bucket: Bucket, params: torch.Tensor | None
                  ) -> tuple[PrefixStates, torch.Tensor]:
-    """The engine's prefix path for one candidate (`Scorer._past`): the states of the
+    """The engine's prefix path for one candidate (`Scorer.past`): the states of the
     bucket's tokens ahead (run now, under the delta's hooks, which the caller enters) and
-    the candidate's virtual keys and values behind them, per layer, with their mask.
-    `Scorer._past` reads only the session's delta; a public form of it taking a delta
-    would make this wrapper unnecessary."""
-    scorer = Scorer(backbone, TokenBounds(0, 0))
-    return scorer._past(SimpleNamespace(delta=delta), bucket, None, params, 1)
+    the candidate's virtual keys and values behind them, per layer, with their mask."""
+    return Scorer(backbone, TokenBounds(0, 0)).past(delta, bucket, None, params, 1)
 
 
 def _no_slots(ids: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from backbone_server import attention
 from backbone_server.batching import Bucket, PrefixStates
-from backbone_server.deltas import Routing
+from backbone_server.deltas import Delta, Routing
 from backbone_server.errors import ResourceExhausted
 from backbone_server.models import Backbone
 from backbone_server.sessions import SessionState
@@ -179,11 +179,11 @@ class Scorer:
         slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
         with session.delta.patched(group_params, slots, routing):
             if self.shares_attention(bucket):
-                shared = self._shared_past(session, bucket, prefix, group_params, p)
+                shared = self._shared_past(session.delta, bucket, prefix, group_params, p)
                 with attention.attending(backbone, shared):
                     hidden = backbone.body(inputs_embeds=rows, use_cache=False, **kwargs).last_hidden_state
                 return self._read(session, bucket, hidden, p)
-            past, past_mask = self._past(session, bucket, prefix, group_params, p)
+            past, past_mask = self.past(session.delta, bucket, prefix, group_params, p)
             mask = bucket.row_mask.repeat(p, 1)
             if past:
                 kwargs["cache"] = DynamicCache(ddp_cache_data=past, config=backbone.model.config)
@@ -231,7 +231,7 @@ class Scorer:
             start = bucket.row_start if bucket.row_start is not None else torch.zeros(
                 len(bucket.indices), dtype=torch.long, device=rows.device)
             positions = (start[:, None] + torch.arange(width, device=rows.device)).repeat(p, 1)
-            past, past_mask = self._past(session, bucket, prefix, None, p) if prefix is not None else ([], None)
+            past, past_mask = self.past(session.delta, bucket, prefix, None, p) if prefix is not None else ([], None)
             parts.append((rows, bucket.row_mask.repeat(p, 1), positions, past, past_mask))
         width = max(part[0].shape[1] for part in parts)
         ahead = max((part[4].shape[1] for part in parts if part[4] is not None), default=0)
@@ -278,7 +278,7 @@ class Scorer:
         picked = hidden[torch.arange(p * size, device=hidden.device), bucket.read.repeat(p)]
         return self._verbalizer_logits(session, picked).view(p, size, -1)
 
-    def _shared_past(self, session: SessionState, bucket: Bucket, prefix: PrefixStates | None,
+    def _shared_past(self, delta: Delta, bucket: Bucket, prefix: PrefixStates | None,
                      group_params: torch.Tensor | None, p: int) -> attention.SharedPast:
         """The tokens ahead (shared states, or run now per candidate) and the candidates'
         virtual keys and values, each kept once."""
@@ -289,11 +289,11 @@ class Scorer:
             if prefix is not None:
                 ahead = [(k[None], v[None]) for k, v in prefix]
             else:  # the candidates change the tokens ahead: run them, candidate-major rows
-                states, _ = self._past(session, bucket, None, group_params, p, virtual=False)
+                states, _ = self.past(delta, bucket, None, group_params, p, virtual=False)
                 ahead = [(k.view(p, size, *k.shape[1:]), v.view(p, size, *v.shape[1:])) for k, v in states]
-        return attention.SharedPast(p, size, ahead, mask, session.delta.key_values(group_params))
+        return attention.SharedPast(p, size, ahead, mask, delta.key_values(group_params))
 
-    def _past(self, session: SessionState, bucket: Bucket, prefix: PrefixStates | None,
+    def past(self, delta: Delta, bucket: Bucket, prefix: PrefixStates | None,
               group_params: torch.Tensor | None, p: int, virtual: bool = True
               ) -> tuple[PrefixStates, torch.Tensor | None]:
         """What the rows of p candidates attend to ahead of themselves, per layer, and its
@@ -314,7 +314,7 @@ class Scorer:
                 past = [(layer.keys, layer.values) for layer in cache.layers]
         if bucket.virtual and virtual:
             states = [(k.repeat_interleave(size, dim=0), v.repeat_interleave(size, dim=0))
-                      for k, v in session.delta.key_values(group_params)]
+                      for k, v in delta.key_values(group_params)]
             past = [(torch.cat([k, vk], dim=2), torch.cat([v, vv], dim=2)) for (k, v), (vk, vv) in
                     zip(past, states)] if past else states
             masks.append(bucket.row_mask.new_ones(p * size, bucket.virtual))
