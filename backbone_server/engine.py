@@ -236,8 +236,8 @@ class Engine:
             if cancelled is not None and cancelled():
                 raise Cancelled("the caller went away; the rest of the request was not computed")
             if self.merger.window_s > 0 and self.scorer.mergeable(session, bucket, group_params, prefix):
-                return self.merger.forward(session, bucket, group, prefix, tenant.name, self.bounds.inference,
-                                           cancelled)
+                return self.merger.forward(session, bucket, group, group_params, prefix, tenant.name,
+                                           self.bounds.inference, cancelled)
             with self.turns.turn(tenant.name, cancelled):
                 return self.scorer.forward_chunk(session, bucket, group, group_params, prefix, routing)
         return forward

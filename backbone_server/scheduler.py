@@ -3,9 +3,10 @@ Punica's idea for adapters): chunks of different requests that arrive within a s
 window and can share a forward are run as one.
 
 A chunk can share when its forward is its rows behind nothing or behind the shared states
-of its tokens ahead (`Scorer.mergeable`: a soft prompt spliced into the rows; no virtual
-keys and values, no changed modules). Any other chunk (a prefix's virtual tokens, LoRA,
-adapters, bias, deep prompts) runs in its own forward, as before.
+of its tokens ahead, changed by row-local hooks at most (`Scorer.mergeable`: soft prompts
+spliced into the rows; LoRA, adapters, bias, each hooked on its own rows). Any other chunk
+(a prefix's virtual tokens, deep prompts, AdaMix, combinations) runs in its own forward,
+as before.
 
 There is no scheduler thread. A request's chunk is put in the pending list; the request
 waits the window when other requests are in flight, then takes its turn at the model
@@ -39,6 +40,7 @@ class Chunk:
     session: SessionState
     bucket: Bucket
     group: torch.Tensor  # (p, n, h) prompts
+    params: torch.Tensor | None  # (p, D) module parameters of a row-local kind
     prefix: PrefixStates | None  # the shared states of its tokens ahead, if any
     tokens: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -69,10 +71,11 @@ class ForwardMerger:
             with self._lock:
                 self._in_flight -= 1
 
-    def forward(self, session: SessionState, bucket: Bucket, group: torch.Tensor, prefix: PrefixStates | None,
-                tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
+    def forward(self, session: SessionState, bucket: Bucket, group: torch.Tensor, params: torch.Tensor | None,
+                prefix: PrefixStates | None, tenant: str, bound: int,
+                cancelled: Callable[[], bool] | None) -> torch.Tensor:
         """The chunk's (p, B, C) logits, computed in a forward shared with other pending chunks."""
-        chunk = Chunk(session, bucket, group, prefix, len(group) * bucket.tokens_per_candidate)
+        chunk = Chunk(session, bucket, group, params, prefix, len(group) * bucket.tokens_per_candidate)
         with self._lock:
             self._pending.append(chunk)
             others = self._in_flight > 1
@@ -103,7 +106,7 @@ class ForwardMerger:
             return
         try:
             began = time.perf_counter()
-            outputs = self.scorer.forward_merged([(c.session, c.bucket, c.group, c.prefix) for c in batch])
+            outputs = self.scorer.forward_merged([(c.session, c.bucket, c.group, c.params, c.prefix) for c in batch])
             if self.scorer.on_forward is not None:
                 self.scorer.on_forward(tokens, bound, time.perf_counter() - began)
         except Exception as error:
@@ -123,4 +126,4 @@ class ForwardMerger:
             member.done.set()
 
     def _forward_alone(self, chunk: Chunk) -> torch.Tensor:
-        return self.scorer.forward_chunk(chunk.session, chunk.bucket, chunk.group, None, chunk.prefix)
+        return self.scorer.forward_chunk(chunk.session, chunk.bucket, chunk.group, chunk.params, chunk.prefix)

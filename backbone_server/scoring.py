@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from backbone_server import attention
 from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.deltas import Delta, Routing
+from backbone_server.deltas.hooks import forward_hooks
 from backbone_server.errors import ResourceExhausted
 from backbone_server.models import Backbone
 from backbone_server.sessions import SessionState
@@ -210,21 +211,26 @@ class Scorer:
         (`scheduler.py`): its rows, spliced with its candidates' prompts, behind nothing or
         behind the shared states of its tokens ahead; no virtual keys and values, no
         changed modules."""
-        if group_params is not None or bucket.virtual or session.delta.changes_modules:
+        delta = session.delta
+        if bucket.virtual or (delta.changes_modules and not delta.row_local):
+            return False
+        if group_params is not None and not delta.row_local:
             return False
         if bucket.prefix_ids is not None and prefix is None:  # tokens ahead run per candidate
             return False
         return self.backbone.architecture == "causal" or bucket.row_start is None
 
-    def forward_merged(self, chunks: list[tuple[SessionState, Bucket, torch.Tensor, PrefixStates | None]]
-                       ) -> list[torch.Tensor]:
-        """One forward of several mergeable chunks (session, bucket, prompts, prefix states)
-        -> each chunk's (p, B, C) verbalizer logits. Rows are padded on the right to the
-        widest, the states ahead on the right to the longest, both masked there; a causal
-        model gets every row's own positions, so that no real position moves."""
+    def forward_merged(self, chunks: list[tuple[SessionState, Bucket, torch.Tensor, torch.Tensor | None,
+                                                PrefixStates | None]]) -> list[torch.Tensor]:
+        """One forward of several mergeable chunks (session, bucket, prompts, module
+        parameters, prefix states) -> each chunk's (p, B, C) verbalizer logits. Rows are
+        padded on the right to the widest, the states ahead on the right to the longest,
+        both masked there; a causal model gets every row's own positions, so that no real
+        position moves. Each chunk's module hooks act on its own rows (segment-wise, as
+        S-LoRA and Punica serve many adapters in one batch)."""
         causal = self.backbone.architecture == "causal"
         parts = []
-        for session, bucket, group, prefix in chunks:
+        for session, bucket, group, _, prefix in chunks:
             p = len(group)
             rows = self.rows(bucket, group)
             width = rows.shape[1]
@@ -258,9 +264,10 @@ class Scorer:
             kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
             mask = torch.cat([past_mask, mask], dim=1)
         self._count(len(rows))
-        hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+        with forward_hooks(_segment_hooks(chunks, [len(part[0]) for part in parts])):
+            hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         logits, first = [], 0
-        for (session, bucket, group, _), (part, *_) in zip(chunks, parts):
+        for (session, bucket, group, _, _), (part, *_) in zip(chunks, parts):
             logits.append(self._read(session, bucket, hidden[first:first + len(part)], len(group)))
             first += len(part)
         return logits
@@ -336,6 +343,36 @@ class Scorer:
             return words
         member = session.word_classes[None, :] == torch.arange(session.num_classes, device=words.device)[:, None]
         return torch.logsumexp(words[:, None, :].masked_fill(~member[None], float("-inf")), dim=-1)
+
+
+def _segment_hooks(chunks, sizes: list[int]) -> list[tuple[torch.nn.Module, Callable]]:
+    """One forward hook per hooked module: each chunk's own hook on that chunk's rows."""
+    segments: dict[torch.nn.Module, list[tuple[int, int, Callable]]] = {}
+    first = 0
+    for (session, _, _, params, _), size in zip(chunks, sizes):
+        if params is not None:
+            for module, hook in session.delta.row_hooks(params):
+                segments.setdefault(module, []).append((first, first + size, hook))
+        first += size
+    return [(module, _segmented(parts)) for module, parts in segments.items()]
+
+
+def _segmented(parts: list[tuple[int, int, Callable]]) -> Callable:
+    def hook(module, args, output):
+        whole = output[0] if isinstance(output, tuple) else output
+        pieces, last = [], 0
+        for start, end, own in parts:
+            pieces.append(whole[last:start])
+            own_args = (args[0][start:end], *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
+            own_output = (whole[start:end], *output[1:]) if isinstance(output, tuple) else whole[start:end]
+            changed = own(module, own_args, own_output)
+            changed = own_output if changed is None else changed
+            pieces.append(changed[0] if isinstance(changed, tuple) else changed)
+            last = end
+        pieces.append(whole[last:])
+        merged = torch.cat(pieces)
+        return (merged, *output[1:]) if isinstance(output, tuple) else merged
+    return hook
 
 
 def out_of_memory(error: Exception) -> bool:

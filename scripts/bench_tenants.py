@@ -11,9 +11,9 @@ rows per forward, and latency p50/p99 per tenant, and ends with one JSON line ho
 `merged_vs_serial` (throughput on / off), `rows_per_forward` and `p99_ms` (of the merged
 phase), and `p99_over_mean_max` (the worst tenant's p99 over the mean latency).
 
-What merges: soft prompts on rows of their own (a masked model, or a causal one whose
-template puts nothing ahead of the prompt); everything else runs alone, so a causal
-model's template with text (or BOS) ahead of the prompt measures the fallback.
+What merges (`--delta`): soft prompts, behind nothing or behind their shared prefix
+states, and the row-local weight kinds (lora, bias, adapter), each on its own rows; the
+prefix kind, deep prompts and mixes run alone, so `--delta prefix` measures the fallback.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def phase(backbone, args, window_ms: float) -> dict:
     running = create_server(args.model, "127.0.0.1:0", backbone=backbone,
                             service=Service(tenants=directory, batch_window_ms=window_ms, allow_logits=True))
     running.wait_ready(timeout=300)
-    delta = DeltaSpec(kind="prompt", prompt_length=args.prompt_length, intrinsic_dim=args.dim)
+    delta = DeltaSpec(kind=args.delta, prompt_length=args.prompt_length if "prompt" in args.delta else 0,
+                      intrinsic_dim=args.dim)
     latencies: dict[str, list[float]] = {name: [] for name in keys}
     stop = threading.Event()
     start = threading.Barrier(len(keys) + 1)
@@ -126,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--window-ms", type=float, default=2.0, help="the scheduler's window in the merged phase")
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--prompt-length", type=int, default=4)
+    parser.add_argument("--delta", default="prompt", help="the tenants' delta kind (prompt, lora, bias, adapter, ...)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if not 1 <= args.tenants <= 64 or not 1 <= args.popsize <= 1024 or not 0 < args.seconds <= 600:
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
     merged = phase(backbone, args, args.window_ms)
     serial = phase(backbone, args, 0.0)
     result = {
-        "script": "bench_tenants", "model": args.model, "device": str(backbone.device), "tenants": args.tenants,
+        "script": "bench_tenants", "model": args.model, "delta": args.delta, "device": str(backbone.device),
+        "tenants": args.tenants,
         "popsize": args.popsize, "seconds": args.seconds, "window_ms": args.window_ms,
         "merged_vs_serial": round(merged["generations_per_s"] / serial["generations_per_s"], 3)
         if serial["generations_per_s"] else None,

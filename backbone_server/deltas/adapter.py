@@ -98,14 +98,19 @@ class Adapter(ProjectedWeights):
             for (_, module), width in zip(self.modules, widths)
         ])
 
+    row_local = True
+
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
+        return forward_hooks(self.row_hooks(params))
+
+    def row_hooks(self, params: torch.Tensor) -> list:
         hooks = []
         for module, down_segment, up_segment in self._targets:
             # (p, width, m) and (p, m, width), in the model's dtype.
             down_t = down_segment.of(params).transpose(1, 2).to(dtype=self.dtype)
             up_t = up_segment.of(params).transpose(1, 2).to(dtype=self.dtype)
             hooks.append((module, _adapter_hook(down_t, up_t)))
-        return forward_hooks(hooks)
+        return hooks
 
     def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
         tensors = {peft_key(segment): store(segment.of(params)) for segment in self.layout}

@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import ClassVar, ContextManager
+from typing import Callable, ClassVar, ContextManager
 
 import torch
 
@@ -246,11 +246,20 @@ class Delta:
         raise InvalidArgument(f"delta kind {self.config.kind!r} cannot be exported; exportable kinds: "
                               f"{', '.join(exportable_kinds())}")
 
+    # Its hooks (`row_hooks`, what `patched` installs) act on each row alone: a module's
+    # output for a row depends on that row's input and its candidate's parameters only, so
+    # its rows can share a forward with other deltas' rows, each hooked by its own delta.
+    row_local = False
+
     @property
     def changes_modules(self) -> bool:
-        """Whether the kind installs hooks (`patched`): its candidates' forwards cannot share
-        a forward with another session's."""
+        """Whether the kind installs hooks (`patched`)."""
         return type(self).patched is not Delta.patched
+
+    def row_hooks(self, params: torch.Tensor) -> list[tuple[torch.nn.Module, Callable]]:
+        """(module, forward hook) pairs for the candidates of `params` (p, D), whose rows are
+        candidate-major (kinds with `row_local` only)."""
+        raise NotImplementedError(f"delta kind {self.name!r} has no row-local hooks")
 
     @property
     def num_parameters(self) -> int:

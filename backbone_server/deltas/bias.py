@@ -99,13 +99,18 @@ class BiasShift(ProjectedWeights):
         self._targets = list(zip((module for _, module in self.modules), self.layout))
         self._build_projection(config, backbone.device, scales)
 
+    row_local = True
+
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
+        return forward_hooks(self.row_hooks(params))
+
+    def row_hooks(self, params: torch.Tensor) -> list:
         hooks = []
         for module, segment in self._targets:
             weight = module.weight
             shift = segment.of(params)[:, None].to(device=weight.device, dtype=weight.dtype)  # (p, 1, width)
             hooks.append((module, _shift_hook(shift, params.shape[0])))
-        return forward_hooks(hooks)
+        return hooks
 
     def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
         tensors = {peft_key(segment, suffix=""): store(segment.of(params)) for segment in self.layout}

@@ -88,7 +88,12 @@ class LoRA(ProjectedWeights):
                             ("lora_B", (width_out, r), scale * spread * (width_in / r) ** 0.5)))
         self._targets = self._build_factors(config, backbone, factors)
 
+    row_local = True
+
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
+        return forward_hooks(self.row_hooks(params))
+
+    def row_hooks(self, params: torch.Tensor) -> list:
         hooks = []
         for module, a_segment, b_segment in self._targets:
             weight = module.weight
@@ -96,7 +101,7 @@ class LoRA(ProjectedWeights):
             a_t = a_segment.of(params).transpose(1, 2).to(device=weight.device, dtype=weight.dtype)
             b_t = b_segment.of(params).transpose(1, 2).to(device=weight.device, dtype=weight.dtype)
             hooks.append((module, _lora_hook(a_t, b_t)))
-        return forward_hooks(hooks)
+        return hooks
 
     def export_parameters(self, params: torch.Tensor, request: ExportRequest) -> Exported:
         tensors = {peft_key(segment): store(segment.of(params)) for segment in self.layout}

@@ -23,6 +23,8 @@ KINDS = {
     "deep-prompt": (DeltaConfig(kind="deep-prompt", prompt_length=3, intrinsic_dim=6), "{text_a} {prompt} It was {mask}"),
     "lora": (DeltaConfig(kind="lora", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
     "bias": (DeltaConfig(kind="bias", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
+    "adapter": (DeltaConfig(kind="adapter", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
+    "prompt+lora": (DeltaConfig(kind="prompt+lora", prompt_length=2, intrinsic_dim=6), "{text_a} {prompt} It was {mask}"),
 }
 
 
@@ -88,6 +90,19 @@ def test_soft_prompts_of_many_sessions_share_forwards(model, request):
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert engine.merger.merged_chunks >= 4 and engine.scorer.forwards < len(got)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2", "tiny_roberta"])
+def test_weight_kinds_of_many_sessions_share_forwards_each_on_its_own_rows(model, request):
+    """LoRA, bias and adapters of different sessions in one forward, each delta's hooks on
+    its own rows (segment-wise)."""
+    backbone = request.getfixturevalue(model)
+    kinds = ["lora", "bias", "adapter", "prompt-after"]
+    got, engine = together(backbone, kinds)
+    want = alone(backbone, kinds)
+    for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    assert engine.merger.merged_chunks >= 6
 
 
 def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monkeypatch):
