@@ -43,7 +43,9 @@ class SharedPast:
     virtual: list[tuple[torch.Tensor, torch.Tensor]]
 
 
-_ACTIVE: contextvars.ContextVar[SharedPast | None] = contextvars.ContextVar("shared_past", default=None)
+# One SharedPast for all the rows, or (first row, end row, SharedPast) segments: several
+# chunks of different requests in one forward (backbone_server/scheduler.py).
+_ACTIVE: contextvars.ContextVar[SharedPast | list | None] = contextvars.ContextVar("shared_past", default=None)
 
 
 def shared_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -57,6 +59,14 @@ def shared_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     if dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
         raise NotImplementedError("shared attention has no dropout, softcapping or sliding window")
+    if isinstance(past, list):
+        return torch.cat([_attend(module, query[a:b], key[a:b], value[a:b], part, scaling)
+                          for a, b, part in past]), None
+    return _attend(module, query, key, value, past, scaling), None
+
+
+def _attend(module, query, key, value, past: SharedPast, scaling: float | None) -> torch.Tensor:
+    """One chunk's rows: (p * B, L, heads, d)."""
     p, size = past.candidates, past.examples
     rows, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -79,7 +89,7 @@ def shared_attention(module, query, key, value, attention_mask, dropout: float =
     for part, weight in zip(parts, weights):
         out = out + part.values(weight)
     out = out.reshape(rows, heads, length, dim)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 class _VirtualPart:
@@ -127,8 +137,9 @@ AttentionInterface.register(ATTENTION_NAME, shared_attention)
 
 
 @contextlib.contextmanager
-def attending(backbone, past: SharedPast):
-    """The body's forwards inside use shared attention over `past`."""
+def attending(backbone, past: SharedPast | list):
+    """The body's forwards inside use shared attention over `past` (or over each
+    (first row, end row, SharedPast) segment for its rows)."""
     config = backbone.model.config
     token = _ACTIVE.set(past)
     previous, config._attn_implementation = config._attn_implementation, ATTENTION_NAME

@@ -4,9 +4,10 @@ window and can share a forward are run as one.
 
 A chunk can share when its forward is its rows behind nothing or behind the shared states
 of its tokens ahead, changed by row-local hooks at most (`Scorer.mergeable`: soft prompts
-spliced into the rows; LoRA, adapters, bias, each hooked on its own rows). Any other chunk
-(a prefix's virtual tokens, deep prompts, AdaMix, combinations) runs in its own forward,
-as before.
+spliced into the rows; LoRA, adapters, bias, each hooked on its own rows), or, along the
+shared-attention path, a prefix's rows behind its own virtual keys and values. Chunks of
+the two paths never share a forward. Any other chunk (deep prompts, AdaMix, combinations)
+runs in its own forward, as before.
 
 There is no scheduler thread. A request's chunk is put in the pending list; the request
 waits the window when other requests are in flight, then takes its turn at the model
@@ -94,8 +95,10 @@ class ForwardMerger:
         """In the caller's turn: its chunk and every pending chunk that fits with it."""
         with self._lock:
             batch, tokens = [chunk], chunk.tokens
+            path = self.scorer.merge_path(chunk.bucket)
             for other in self._pending:
-                if other is not chunk and not other.done.is_set() and tokens + other.tokens <= bound:
+                if (other is not chunk and not other.done.is_set() and tokens + other.tokens <= bound
+                        and self.scorer.merge_path(other.bucket) == path):
                     batch.append(other)
                     tokens += other.tokens
             for member in batch:

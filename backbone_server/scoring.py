@@ -212,13 +212,21 @@ class Scorer:
         behind the shared states of its tokens ahead; no virtual keys and values, no
         changed modules."""
         delta = session.delta
-        if bucket.virtual or (delta.changes_modules and not delta.row_local):
+        if bucket.prefix_ids is not None and prefix is None:  # tokens ahead run per candidate
+            return False
+        if bucket.virtual:  # a prefix's keys and values: shared attention, segment by segment
+            return self.shares_attention(bucket) and not delta.changes_modules
+        if delta.changes_modules and not delta.row_local:
             return False
         if group_params is not None and not delta.row_local:
             return False
-        if bucket.prefix_ids is not None and prefix is None:  # tokens ahead run per candidate
-            return False
         return self.backbone.architecture == "causal" or bucket.row_start is None
+
+    @staticmethod
+    def merge_path(bucket: Bucket) -> str:
+        """Chunks share a forward only along the same path: shared attention over virtual
+        keys and values, or the cache path."""
+        return "shared" if bucket.virtual else "cache"
 
     def forward_merged(self, chunks: list[tuple[SessionState, Bucket, torch.Tensor, torch.Tensor | None,
                                                 PrefixStates | None]]) -> list[torch.Tensor]:
@@ -228,15 +236,14 @@ class Scorer:
         both masked there; a causal model gets every row's own positions, so that no real
         position moves. Each chunk's module hooks act on its own rows (segment-wise, as
         S-LoRA and Punica serve many adapters in one batch)."""
+        if chunks[0][1].virtual:
+            return self._forward_merged_shared(chunks)
         causal = self.backbone.architecture == "causal"
         parts = []
         for session, bucket, group, _, prefix in chunks:
             p = len(group)
             rows = self.rows(bucket, group)
-            width = rows.shape[1]
-            start = bucket.row_start if bucket.row_start is not None else torch.zeros(
-                len(bucket.indices), dtype=torch.long, device=rows.device)
-            positions = (start[:, None] + torch.arange(width, device=rows.device)).repeat(p, 1)
+            positions = _positions(bucket, p, rows.shape[1], rows.device)
             past, past_mask = self.past(session.delta, bucket, prefix, None, p) if prefix is not None else ([], None)
             parts.append((rows, bucket.row_mask.repeat(p, 1), positions, past, past_mask))
         width = max(part[0].shape[1] for part in parts)
@@ -271,6 +278,26 @@ class Scorer:
             logits.append(self._read(session, bucket, hidden[first:first + len(part)], len(group)))
             first += len(part)
         return logits
+
+    def _forward_merged_shared(self, chunks) -> list[torch.Tensor]:
+        """`forward_merged` of prefix chunks: each row segment attends over its own chunk's
+        tokens ahead and virtual keys and values (`attention.attending` with segments)."""
+        parts, segments, first = [], [], 0
+        for session, bucket, group, params, prefix in chunks:
+            rows = self.rows(bucket, group)
+            parts.append((rows, _positions(bucket, len(group), rows.shape[1], rows.device)))
+            segments.append((first, first + len(rows),
+                             self._shared_past(session.delta, bucket, prefix, params, len(group))))
+            first += len(rows)
+        width = max(rows.shape[1] for rows, _ in parts)
+        rows = torch.cat([F.pad(r, (0, 0, 0, width - r.shape[1])) for r, _ in parts])
+        positions = torch.cat([F.pad(q, (0, width - q.shape[1])) for _, q in parts])
+        self._count(len(rows))
+        # Padding sits after each row's own tokens, where causal attention never looks back to it.
+        with attention.attending(self.backbone, segments):
+            hidden = self.backbone.body(inputs_embeds=rows, use_cache=False, position_ids=positions).last_hidden_state
+        return [self._read(session, bucket, hidden[a:b], len(group))
+                for (session, bucket, group, _, _), (a, b, _) in zip(chunks, segments)]
 
     def _count(self, rows: int) -> None:
         self.forwards += 1  # under the turn: one forward at a time
@@ -343,6 +370,13 @@ class Scorer:
             return words
         member = session.word_classes[None, :] == torch.arange(session.num_classes, device=words.device)[:, None]
         return torch.logsumexp(words[:, None, :].masked_fill(~member[None], float("-inf")), dim=-1)
+
+
+def _positions(bucket: Bucket, p: int, width: int, device) -> torch.Tensor:
+    """(p * B, width) positions of a chunk's rows: from the bucket's row starts, else 0."""
+    start = bucket.row_start if bucket.row_start is not None else torch.zeros(
+        len(bucket.indices), dtype=torch.long, device=device)
+    return (start[:, None] + torch.arange(width, device=device)).repeat(p, 1)
 
 
 def _segment_hooks(chunks, sizes: list[int]) -> list[tuple[torch.nn.Module, Callable]]:

@@ -105,6 +105,18 @@ def test_weight_kinds_of_many_sessions_share_forwards_each_on_its_own_rows(model
     assert engine.merger.merged_chunks >= 6
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_prefixes_of_many_sessions_share_forwards_each_over_its_own_virtual_tokens(model, request):
+    backbone = request.getfixturevalue(model)
+    kinds = ["prefix", "prefix", "prompt-after"]
+    got, engine = together(backbone, kinds)
+    want = alone(backbone, kinds)
+    for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    if engine.scorer._shared_attention:  # the model takes shared attention: the prefixes merge in segments
+        assert engine.merger.merged_chunks >= 4
+
+
 def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monkeypatch):
     engine = Engine(tiny_roberta, batch_window_ms=200)
     made = sessions(engine, ["prompt-first"], copies=3)
