@@ -34,6 +34,7 @@ from backbone_server.scoring import Scorer, out_of_memory
 from backbone_server.sessions import SessionState
 
 DEFAULT_WINDOW_MS = 2.0
+MAX_WIDTH_GAP = 0.125  # chunks merge when their rows' widths differ by at most this fraction
 
 
 @dataclass(eq=False)
@@ -47,6 +48,10 @@ class Chunk:
     done: threading.Event = field(default_factory=threading.Event)
     logits: torch.Tensor | None = None
     alone: bool = False  # its merged forward failed: it runs by itself
+
+
+def _width(chunk: "Chunk") -> int:
+    return chunk.bucket.row_ids.shape[1]
 
 
 class ForwardMerger:
@@ -96,9 +101,13 @@ class ForwardMerger:
         with self._lock:
             batch, tokens = [chunk], chunk.tokens
             path = self.scorer.merge_path(chunk.bucket)
+            width = _width(chunk)
             for other in self._pending:
+                # Rows are padded to the widest: a much wider or narrower chunk would cost
+                # more in padding than sharing the forward saves.
                 if (other is not chunk and not other.done.is_set() and tokens + other.tokens <= bound
-                        and self.scorer.merge_path(other.bucket) == path):
+                        and self.scorer.merge_path(other.bucket) == path
+                        and abs(_width(other) - width) <= MAX_WIDTH_GAP * width):
                     batch.append(other)
                     tokens += other.tokens
             for member in batch:

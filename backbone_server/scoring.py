@@ -392,20 +392,17 @@ def _segment_hooks(chunks, sizes: list[int]) -> list[tuple[torch.nn.Module, Call
 
 
 def _segmented(parts: list[tuple[int, int, Callable]]) -> Callable:
+    """A forward hook that runs each (first row, end row, hook) on its rows and writes what
+    it returns back in place (inference only: the merged path never runs under autograd)."""
     def hook(module, args, output):
         whole = output[0] if isinstance(output, tuple) else output
-        pieces, last = [], 0
         for start, end, own in parts:
-            pieces.append(whole[last:start])
             own_args = (args[0][start:end], *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
             own_output = (whole[start:end], *output[1:]) if isinstance(output, tuple) else whole[start:end]
             changed = own(module, own_args, own_output)
-            changed = own_output if changed is None else changed
-            pieces.append(changed[0] if isinstance(changed, tuple) else changed)
-            last = end
-        pieces.append(whole[last:])
-        merged = torch.cat(pieces)
-        return (merged, *output[1:]) if isinstance(output, tuple) else merged
+            if changed is not None:
+                whole[start:end] = changed[0] if isinstance(changed, tuple) else changed
+        return output
     return hook
 
 

@@ -55,8 +55,8 @@ def phase(backbone, args, window_ms: float) -> dict:
     running = create_server(args.model, "127.0.0.1:0", backbone=backbone,
                             service=Service(tenants=directory, batch_window_ms=window_ms, allow_logits=True))
     running.wait_ready(timeout=300)
-    delta = DeltaSpec(kind=args.delta, prompt_length=args.prompt_length if "prompt" in args.delta else 0,
-                      intrinsic_dim=args.dim)
+    takes_prompt = any(part in ("prompt", "prefix", "deep-prompt") for part in args.delta.split(":")[-1].split("+"))
+    delta = DeltaSpec(kind=args.delta, prompt_length=args.prompt_length if takes_prompt else 0, intrinsic_dim=args.dim)
     latencies: dict[str, list[float]] = {name: [] for name in keys}
     stop = threading.Event()
     start = threading.Barrier(len(keys) + 1)

@@ -37,7 +37,8 @@ def sessions(engine, kinds, copies=2):
     made = []
     for number, name in enumerate(k for k in kinds for _ in range(copies)):
         config, template = KINDS[name]
-        texts = [(f"{text}{' and more' * number}", b, label) for text, b, label in SPLIT]  # widths differ
+        # Widths differ by a token from session to session: merged rows are padded.
+        texts = [(f"{text}{' more' * (number % 2)}", b, label) for text, b, label in SPLIT]
         tenant = Tenant(f"t{number}")
         session = engine.create_session({"train": texts}, template, ["bad", "great"], config, tenant=tenant)
         made.append((name, tenant, session, population(number)))
@@ -145,3 +146,27 @@ def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monk
     reference = sessions(want, ["prompt-first"], copies=3)
     for result, (_, tenant, session, z) in zip(results, reference):
         np.testing.assert_allclose(result, want.evaluate(session.id, "train", z, tenant=tenant).logits, atol=1e-5)
+
+
+def test_chunks_of_very_different_widths_do_not_share_a_forward(tiny_roberta):
+    """Padding a narrow chunk to a wide one's width would cost more than sharing saves."""
+    engine = Engine(tiny_roberta, batch_window_ms=200)
+    config, template = KINDS["prompt-first"]
+    made = []
+    for number, words in enumerate((3, 40)):
+        tenant = Tenant(f"t{number}")
+        texts = [(" ".join(["good"] * words), "", i % 2) for i in range(4)]
+        made.append((tenant, engine.create_session({"train": texts}, template, ["bad", "great"], config,
+                                                   tenant=tenant), population(number)))
+    start = threading.Barrier(len(made))
+
+    def run(tenant, session, z):
+        start.wait()
+        engine.evaluate(session.id, "train", z, tenant=tenant)
+
+    threads = [threading.Thread(target=run, args=item) for item in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine.merger.merged_chunks == 0 and engine.scorer.forwards == 2
