@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -46,7 +47,7 @@ class DeltaLibrary:
                                     f"{MAX_RECORD_BYTES}")
         stored = pb.StoredDelta()
         stored.CopyFrom(record)
-        stored.model_name = self.engine.backbone.name
+        stored.model_name = _model_name(self.engine)
         stored.saved_unix = time.time()
         session = self._session(tenant, stored, [("", "")], cancelled)  # refuses what this model cannot use
         _z(stored, session.delta.z_dim)
@@ -114,15 +115,19 @@ class DeltaLibrary:
 
     def _session(self, tenant: Tenant, record: pb.StoredDelta, texts: list[tuple[str, str]],
                  cancelled: Callable[[], bool] | None):
-        backbone = self.engine.backbone
-        if record.model_name and record.model_name != backbone.name:
+        if record.model_name and record.model_name != _model_name(self.engine):
             raise InvalidArgument(f"the delta was saved on {shown(record.model_name)}; this server hosts "
-                                  f"{backbone.name}")
+                                  f"{_model_name(self.engine)}")
         if not record.verbalizer:
             raise InvalidArgument("the delta has no verbalizer: one word (or 'a|b' words) per class")
         return self.engine.transient_session({PREDICT_SPLIT: [(a, b, 0) for a, b in texts]}, record.template,
                                              list(record.verbalizer), DeltaConfig.from_message(record.delta),
                                              record.truncate, tenant, cancelled)
+
+
+def _model_name(engine: Engine) -> str:
+    """The model as a tenant sees it: a model folder's or file's name, never its path."""
+    return Path(engine.backbone.name).name
 
 
 def _z(record: pb.StoredDelta, dim: int) -> np.ndarray:
