@@ -261,9 +261,10 @@ def test_get_info_tells_a_tenant_neither_the_hosts_memory_nor_its_paths(tiny_lla
 
 
 def test_an_open_server_binds_loopback_only_unless_told():
+    import argparse
+
     from backbone_server.options import add_server_arguments
     from backbone_server.server import service_from_args
-    import argparse
 
     parser = argparse.ArgumentParser()
     add_server_arguments(parser)
@@ -331,7 +332,7 @@ def test_idle_sessions_expire_free_their_memory_and_a_client_rides_it_out(tiny_l
         running.stop(grace=0)
 
 
-def test_a_session_in_use_does_not_expire_under_its_caller(tiny_llama):
+def test_a_session_in_use_does_not_expire_under_its_caller():
     from backbone_server.sessions import SessionRegistry, SessionState
 
     registry = SessionRegistry(4, ttl_s=0.01)
