@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from backbone_server import attention
 from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.deltas import Delta, Routing
-from backbone_server.deltas.hooks import forward_hooks
+from backbone_server.deltas.hooks import forward_hooks, hidden_of, with_hidden
 from backbone_server.errors import ResourceExhausted
 from backbone_server.models import Backbone
 from backbone_server.sessions import SessionState
@@ -271,7 +271,8 @@ class Scorer:
             kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
             mask = torch.cat([past_mask, mask], dim=1)
         self._count(len(rows))
-        with forward_hooks(_segment_hooks(chunks, [len(part[0]) for part in parts])):
+        post, pre = _segment_hooks(chunks, [len(part[0]) for part in parts], width)
+        with forward_hooks(post), forward_hooks(pre, pre=True):
             hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         logits, first = [], 0
         for (session, bucket, group, _, _), (part, *_) in zip(chunks, parts):
@@ -379,16 +380,22 @@ def _positions(bucket: Bucket, p: int, width: int, device) -> torch.Tensor:
     return (start[:, None] + torch.arange(width, device=device)).repeat(p, 1)
 
 
-def _segment_hooks(chunks, sizes: list[int]) -> list[tuple[torch.nn.Module, Callable]]:
-    """One forward hook per hooked module: each chunk's own hook on that chunk's rows."""
-    segments: dict[torch.nn.Module, list[tuple[int, int, Callable]]] = {}
+def _segment_hooks(chunks, sizes: list[int], width: int) -> tuple[list, list]:
+    """(forward hooks, forward pre-hooks): one per hooked module, each running every
+    chunk's own hook on that chunk's rows (their prompt slots padded to `width`)."""
+    segments: dict[tuple[torch.nn.Module, bool], list[tuple[int, int, Callable]]] = {}
     first = 0
-    for (session, _, _, params, _), size in zip(chunks, sizes):
+    for (session, bucket, _, params, _), size in zip(chunks, sizes):
         if params is not None:
-            for module, hook in session.delta.row_hooks(params):
-                segments.setdefault(module, []).append((first, first + size, hook))
+            delta = session.delta
+            slots = torch.where(bucket.row_ids < 0, (-bucket.row_ids - 1).clamp(min=0), -1)
+            slots = F.pad(slots, (0, width - slots.shape[1]), value=-1)
+            for module, hook in delta.row_hooks(params, slots):
+                segments.setdefault((module, delta.row_hooks_pre), []).append((first, first + size, hook))
         first += size
-    return [(module, _segmented(parts)) for module, parts in segments.items()]
+    post = [(module, _segmented(parts)) for (module, pre), parts in segments.items() if not pre]
+    pre = [(module, _segmented_pre(parts)) for (module, pre), parts in segments.items() if pre]
+    return post, pre
 
 
 def _segmented(parts: list[tuple[int, int, Callable]]) -> Callable:
@@ -403,6 +410,20 @@ def _segmented(parts: list[tuple[int, int, Callable]]) -> Callable:
             if changed is not None:
                 whole[start:end] = changed[0] if isinstance(changed, tuple) else changed
         return output
+    return hook
+
+
+def _segmented_pre(parts: list[tuple[int, int, Callable]]) -> Callable:
+    """The pre-hook form of `_segmented`: each (first row, end row, pre-hook) changes its
+    rows of the hidden states the module gets, written back in place."""
+    def hook(module, args, kwargs):
+        hidden = hidden_of(args, kwargs)
+        for start, end, own in parts:
+            own_args, own_kwargs = with_hidden(args, kwargs, hidden[start:end])
+            changed = own(module, own_args, own_kwargs)
+            if changed is not None:
+                hidden[start:end] = hidden_of(*changed)
+        return args, kwargs
     return hook
 
 

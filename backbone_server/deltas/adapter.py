@@ -103,7 +103,7 @@ class Adapter(ProjectedWeights):
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         return forward_hooks(self.row_hooks(params))
 
-    def row_hooks(self, params: torch.Tensor) -> list:
+    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
         hooks = []
         for module, down_segment, up_segment in self._targets:
             # (p, width, m) and (p, m, width), in the model's dtype.

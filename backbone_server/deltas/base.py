@@ -249,16 +249,20 @@ class Delta:
     # Its hooks (`row_hooks`, what `patched` installs) act on each row alone: a module's
     # output for a row depends on that row's input and its candidate's parameters only, so
     # its rows can share a forward with other deltas' rows, each hooked by its own delta.
+    # `row_hooks_pre`: they are forward pre-hooks (with keyword arguments), not forward hooks.
     row_local = False
+    row_hooks_pre = False
 
     @property
     def changes_modules(self) -> bool:
         """Whether the kind installs hooks (`patched`)."""
         return type(self).patched is not Delta.patched
 
-    def row_hooks(self, params: torch.Tensor) -> list[tuple[torch.nn.Module, Callable]]:
-        """(module, forward hook) pairs for the candidates of `params` (p, D), whose rows are
-        candidate-major (kinds with `row_local` only)."""
+    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None
+                  ) -> list[tuple[torch.nn.Module, Callable]]:
+        """(module, hook) pairs for the candidates of `params` (p, D), whose rows are
+        candidate-major, with `slots` (B, L) the prompt slot of each position or -1 (kinds
+        with `row_local` only)."""
         raise NotImplementedError(f"delta kind {self.name!r} has no row-local hooks")
 
     @property

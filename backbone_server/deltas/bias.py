@@ -104,7 +104,7 @@ class BiasShift(ProjectedWeights):
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         return forward_hooks(self.row_hooks(params))
 
-    def row_hooks(self, params: torch.Tensor) -> list:
+    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
         hooks = []
         for module, segment in self._targets:
             weight = module.weight

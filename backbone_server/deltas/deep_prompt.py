@@ -141,7 +141,13 @@ class DeepPrompt(LayerBlocks, Delta):
         return torch.cat([projection(self.layer_z(z, l))
                           for l, projection in enumerate(self.layer_projections, start=1)], dim=1)
 
+    row_local = True
+    row_hooks_pre = True
+
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
+        return forward_hooks(self.row_hooks(params, slots), pre=True)
+
+    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
         if slots is None:
             raise ValueError("a deep prompt needs the prompt slot positions of the rows")
         p = params.shape[0]
@@ -152,7 +158,7 @@ class DeepPrompt(LayerBlocks, Delta):
         for layer, segment in zip(self.layers, self.layout):
             offsets = segment.of(params)[:, which]  # (p, K, h)
             hooks.append((layer, offset_hook(offsets.to(self.dtype), positions, p, size * width)))
-        return forward_hooks(hooks, pre=True)
+        return hooks
 
     def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
         # A masked model reads the prompt and the text both ways, so the prompt's keys and

@@ -93,7 +93,7 @@ class LoRA(ProjectedWeights):
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None):
         return forward_hooks(self.row_hooks(params))
 
-    def row_hooks(self, params: torch.Tensor) -> list:
+    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
         hooks = []
         for module, a_segment, b_segment in self._targets:
             weight = module.weight

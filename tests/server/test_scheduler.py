@@ -95,10 +95,10 @@ def test_soft_prompts_of_many_sessions_share_forwards(model, request):
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2", "tiny_roberta"])
 def test_weight_kinds_of_many_sessions_share_forwards_each_on_its_own_rows(model, request):
-    """LoRA, bias and adapters of different sessions in one forward, each delta's hooks on
-    its own rows (segment-wise)."""
+    """LoRA, bias, adapters and deep prompts of different sessions in one forward, each
+    delta's hooks on its own rows (segment-wise)."""
     backbone = request.getfixturevalue(model)
-    kinds = ["lora", "bias", "adapter", "prompt-after"]
+    kinds = ["lora", "bias", "adapter", "deep-prompt", "prompt-after"]
     got, engine = together(backbone, kinds)
     want = alone(backbone, kinds)
     for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
