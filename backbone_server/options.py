@@ -71,8 +71,8 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
     service.add_argument("--batch-window-ms", type=float, default=None,
                          help="how long a chunk waits for other requests' chunks to share its forward, when others "
                               "are in flight (0: never merge; default: 2 on a GPU, 0 on a CPU, where merging "
-                              "measured no faster); soft prompts, prefixes, LoRA, adapters, bias and deep prompts merge, "
-                              "AdaMix and combinations run alone")
+                              "measured no faster); soft prompts, prefixes, LoRA, adapters, bias, deep prompts and their "
+                              "combinations merge, AdaMix runs alone")
     service.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     service.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics bind (default loopback)")
 

@@ -6,8 +6,9 @@ A chunk can share when its forward is its rows behind nothing or behind the shar
 of its tokens ahead, changed by row-local hooks at most (`Scorer.mergeable`: soft prompts
 spliced into the rows; LoRA, adapters, bias and deep prompts, each hooked on its own
 rows), or, along the shared-attention path, a prefix's rows behind its own virtual keys
-and values. Chunks of the two paths never share a forward. Any other chunk (AdaMix,
-combinations) runs in its own forward, as before.
+and values. Chunks of the two paths never share a forward. Combinations merge when their
+parts do. Any other chunk (AdaMix, a deep prompt combined with a weight kind) runs in its
+own forward, as before.
 
 There is no scheduler thread. A request's chunk is put in the pending list; the request
 waits the window when other requests are in flight, then takes its turn at the model

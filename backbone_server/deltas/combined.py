@@ -182,6 +182,28 @@ class CombinedDelta(Delta):
             first += part.layout.size
         return super().key_values(params)
 
+    @property
+    def _hooked_parts(self) -> list:
+        return [part for part in self.parts if part.layout.size]
+
+    @property
+    def row_local(self) -> bool:
+        """Row-local when every part with parameters is, and all their hooks are of one form."""
+        hooked = self._hooked_parts
+        return all(part.row_local for part in hooked) and len({part.row_hooks_pre for part in hooked}) <= 1
+
+    @property
+    def row_hooks_pre(self) -> bool:
+        return any(part.row_hooks_pre for part in self._hooked_parts)
+
+    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
+        hooks, first = [], 0
+        for part in self._hooked_parts:
+            width = part.layout.size
+            hooks += part.row_hooks(params[:, first:first + width], slots)
+            first += width
+        return hooks
+
     @contextlib.contextmanager
     def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None, routing=None):
         with contextlib.ExitStack() as stack:

@@ -25,11 +25,14 @@ KINDS = {
     "bias": (DeltaConfig(kind="bias", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
     "adapter": (DeltaConfig(kind="adapter", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
     "prompt+lora": (DeltaConfig(kind="prompt+lora", prompt_length=2, intrinsic_dim=6), "{text_a} {prompt} It was {mask}"),
+    "unipelt": (DeltaConfig(kind="unipelt:lora+adapter", prompt_length=0, intrinsic_dim=8), "{text_a} It was {mask}"),
+    "deep-prompt+bias": (DeltaConfig(kind="deep-prompt+bias", prompt_length=2, intrinsic_dim=6),
+                         "{text_a} {prompt} It was {mask}"),
 }
 
 
-def population(seed, size=5):
-    return np.random.default_rng(seed).normal(size=(size, 6)).astype(np.float32)
+def population(seed, size=5, dim=6):
+    return np.random.default_rng(seed).normal(size=(size, dim)).astype(np.float32)
 
 
 def sessions(engine, kinds, copies=2):
@@ -41,7 +44,7 @@ def sessions(engine, kinds, copies=2):
         texts = [(f"{text}{' more' * (number % 2)}", b, label) for text, b, label in SPLIT]
         tenant = Tenant(f"t{number}")
         session = engine.create_session({"train": texts}, template, ["bad", "great"], config, tenant=tenant)
-        made.append((name, tenant, session, population(number)))
+        made.append((name, tenant, session, population(number, dim=session.delta.z_dim)))
     return made
 
 
