@@ -12,7 +12,7 @@ import numpy as np
 from blackbox.client import BackboneClient, KindInfo, SavedDelta
 from blackbox.export import delta_spec_of_run
 from blackbox.progress import Progress
-from blackbox.runlog import RunDirError
+from blackbox.runlog import RunLog
 
 PREDICT_SLICE = 256  # texts per Predict call: one API call each
 
@@ -22,13 +22,7 @@ def saved_delta_of_run(run_dir: str | Path, name: str, kinds: Mapping[str, KindI
     delta the run tuned (rebuilt from its config.json for the server's `kinds`), its
     template and verbalizer, and its label bias."""
     run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-        z = np.load(run_dir / "best_z.npy")
-    except FileNotFoundError as error:
-        raise RunDirError(f"{run_dir} holds no finished run ({Path(error.filename).name} is missing)") from None
-    result_file = run_dir / "result.json"
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    config, z, result = RunLog.read_finished(run_dir)
     verbalizer = config.get("verbalizer") or _task_verbalizer(config)
     notes = {"task": str(config.get("task", "")), "seed": str(config.get("seed", "")), "run": str(run_dir.resolve())}
     if result.get("test_acc") is not None:

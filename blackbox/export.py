@@ -5,14 +5,11 @@ local server side (`backbone_server.export`), on the run's model loaded here."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Mapping
 
-import numpy as np
-
 from blackbox.client import DeltaSpec, KindInfo
-from blackbox.runlog import RunDirError
+from blackbox.runlog import RunDirError, RunLog
 from blackbox.tune_config import TuneConfig, delta_spec
 
 
@@ -50,13 +47,7 @@ def export_run(run_dir: str | Path, out: str | Path, model: str | None = None, d
     from backbone_server.models import BUNDLED_MODEL, TINY_MODELS, load_backbone, model_folder
 
     run_dir, out = Path(run_dir), Path(out)
-    try:
-        run_config = json.loads((run_dir / "config.json").read_text())
-        z = np.load(run_dir / "best_z.npy")
-    except FileNotFoundError as error:
-        raise RunDirError(f"{run_dir} holds no finished run ({Path(error.filename).name} is missing)") from None
-    result_file = run_dir / "result.json"
-    result = json.loads(result_file.read_text()) if result_file.exists() else {}
+    run_config, z, result = RunLog.read_finished(run_dir)
     spec = delta_spec_of_run(run_config)
     if spec.said or spec.projection.startswith("subspace:"):
         raise ValueError(f"{run_dir} was tuned through {'SAID scales' if spec.said else 'a learned subspace'}; "

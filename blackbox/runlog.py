@@ -90,6 +90,19 @@ class RunLog:
         return checkpoint
 
     @staticmethod
+    def read_finished(run_dir: str | os.PathLike) -> tuple[dict, np.ndarray, dict]:
+        """(config.json, best_z.npy, result.json or {}) of a finished run folder; RunDirError
+        naming the file that is missing."""
+        run_dir = Path(run_dir)
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+            z = np.load(run_dir / "best_z.npy")
+        except FileNotFoundError as error:
+            raise RunDirError(f"{run_dir} holds no finished run ({Path(error.filename).name} is missing)") from None
+        result_file = run_dir / "result.json"
+        return config, z, json.loads(result_file.read_text()) if result_file.exists() else {}
+
+    @staticmethod
     def read_stored(out: str | os.PathLike) -> StoredRun:
         """The run `--resume` continues in `out`: from its checkpoint, or, where the run
         stopped before its first generation was checkpointed (config.json, no checkpoint,
