@@ -42,23 +42,15 @@ def _task_verbalizer(config: dict) -> tuple[str, ...]:
 
 def read_texts(path: str | Path) -> list[tuple[str, str | None]]:
     """(text_a, text_b) of each line of a JSONL file ({"text_a": ..., "text_b": ...})."""
+    from blackbox.tasks.data import jsonl_records
+
     texts = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as error:
-        raise ValueError(f"cannot read {path}: {error.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text_a"), str):
-            raise ValueError(f'{path}, line {number}: expected {{"text_a": "...", "text_b": "..."}}')
+    for number, record in jsonl_records(Path(path)):
+        if not isinstance(record.get("text_a"), str):
+            raise ValueError(f'{path}:{number}: expected {{"text_a": "...", "text_b": "..."}}')
         text_b = record.get("text_b")
         if text_b is not None and not isinstance(text_b, str):
-            raise ValueError(f"{path}, line {number}: text_b must be a string")
+            raise ValueError(f"{path}:{number}: text_b must be a string")
         texts.append((record["text_a"], text_b))
     if not texts:
         raise ValueError(f"{path} holds no texts")

@@ -117,7 +117,7 @@ def load_task_file(
         header, rows = _read_tsv(path)
         records = [(no, dict(zip(header, fields))) for no, fields in rows]
     elif suffix in (".jsonl", ".ndjson"):
-        records = _jsonl_records(path)
+        records = jsonl_records(path)
     else:
         raise TaskError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .csv, .tsv or .jsonl")
     labels = list(labels) if labels is not None else None
@@ -287,7 +287,7 @@ def _csv_records(path: Path, header: bool = True) -> Iterable[tuple[int, dict]]:
         raise TaskError(f"cannot read {path}: {err}") from None
 
 
-def _jsonl_records(path: Path, arrays: bool = False) -> Iterable[tuple[int, dict]]:
+def jsonl_records(path: Path, arrays: bool = False) -> Iterable[tuple[int, dict]]:
     """(line number, record) per JSON object; with `arrays`, JSON arrays as records of
     their positions ("0", "1", ...) instead."""
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from blackbox.v1.verbalizer import join_label_words, label_words
 
-from .data import SPLITS, Example, _csv_records, _field, _jsonl_records, _label_id, _read_tsv, _seeds, _text, read_text
+from .data import SPLITS, Example, _csv_records, _field, jsonl_records, _label_id, _read_tsv, _seeds, _text, read_text
 from .registry import PLACEHOLDERS, Task, TaskError, get_task, place_prompt, validate_template
 
 __all__ = ["FORMATS", "FileTask", "describe_task_file", "task_from_file"]
@@ -81,7 +81,7 @@ class FileTask(Task):
             names, rows = _read_tsv(path, header=self.header)
             records = [(no, dict(zip(names, fields))) for no, fields in rows]
         else:
-            records = _jsonl_records(path, arrays=not self.header)
+            records = jsonl_records(path, arrays=not self.header)
         if not records:
             raise TaskError(f"{path} has no examples")
         columns = dict(self.columns)
