@@ -133,6 +133,10 @@ class Engine:
         self.sessions.add(session, tenant)
         return session
 
+    def examples_bound(self, tenant: Tenant) -> int:
+        """Examples one of the tenant's sessions may hold: its own limit, within the server's."""
+        return min(filter(None, (tenant.max_examples, self.limits.max_examples_per_session)))
+
     def transient_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str,
                           verbalizer: list[str], delta_config: DeltaConfig, truncate: bool, tenant: Tenant,
                           cancelled: Callable[[], bool] | None = None) -> SessionState:
@@ -157,7 +161,7 @@ class Engine:
                      delta_config: DeltaConfig, truncate: bool, tenant: Tenant,
                      cancelled: Callable[[], bool] | None, reuse_delta: bool = False) -> SessionState:
         examples = sum(len(split) for split in splits.values())
-        bound = min(filter(None, (tenant.max_examples, self.limits.max_examples_per_session)))
+        bound = self.examples_bound(tenant)
         if examples > bound:
             which = "tenant's (max_examples)" if bound == tenant.max_examples else "server's"
             raise ResourceExhausted(f"the session holds {examples} examples, more than the {which} limit of {bound} "

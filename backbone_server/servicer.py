@@ -84,7 +84,7 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
             calls_left=max(0, tenant.quota_calls - use.calls) if tenant.quota_calls else -1,
             examples_scored=use.examples, sessions_held=engine.sessions.held_by(tenant.name),
             max_sessions=tenant.max_sessions or engine.limits.max_sessions,
-            max_examples=min(filter(None, (tenant.max_examples, engine.limits.max_examples_per_session))),
+            max_examples=engine.examples_bound(tenant),
         )
 
     def CreateSession(self, request, context):

@@ -107,15 +107,13 @@ class SessionRegistry:
             self._check_capacity(tenant)
 
     def _check_capacity(self, tenant: Tenant) -> None:
+        expiry = f" (idle sessions expire after {self.ttl_s:g} s)" if self.ttl_s else ""
         if len(self._sessions) >= self.max_sessions:
-            raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first "
-                                    f"(idle sessions expire after {self.ttl_s:g} s)" if self.ttl_s else
-                                    f"the server holds {self.max_sessions} sessions already; close one first")
+            raise ResourceExhausted(f"the server holds {self.max_sessions} sessions already; close one first{expiry}")
         held = self._held_by(tenant.name)
         if tenant.max_sessions and held >= tenant.max_sessions:
             raise ResourceExhausted(f"tenant {tenant.name!r} holds {held} sessions, its limit (max_sessions); "
-                                    "close one first" + (f" (idle ones expire after {self.ttl_s:g} s)"
-                                                         if self.ttl_s else ""))
+                                    f"close one first{expiry}")
 
     def _held_by(self, tenant: str) -> int:
         return sum(session.tenant == tenant for session in self._sessions.values())
