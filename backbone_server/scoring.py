@@ -175,8 +175,7 @@ class Scorer:
         width = rows.shape[1]
         kwargs = {}
         if bucket.row_start is not None:
-            positions = bucket.row_start[:, None] + torch.arange(width, device=rows.device)
-            kwargs["position_ids"] = positions.repeat(p, 1)
+            kwargs["position_ids"] = _positions(bucket, p, width, rows.device)
         slots = torch.where(slot, slot_index, -1)  # (B, Ls): prompt slot of each position, or -1
         with session.delta.patched(group_params, slots, routing):
             if self.shares_attention(bucket):
@@ -254,18 +253,19 @@ class Scorer:
         if causal:
             kwargs["position_ids"] = torch.cat([F.pad(q, (0, width - q.shape[1])) for _, _, q, *_ in parts])
         if ahead:
-            layers = []
-            for layer in range(len(next(part[3] for part in parts if part[3]))):
-                keys, values = [], []
-                for r, _, _, past, _ in parts:
-                    for held, target in ((0, keys), (1, values)):
-                        if past:
-                            state = past[layer][held]
-                            target.append(F.pad(state, (0, 0, 0, ahead - state.shape[2])))
-                        else:
-                            reference = next(part[3] for part in parts if part[3])[layer][held]
-                            target.append(reference.new_zeros(len(r), reference.shape[1], ahead, reference.shape[3]))
-                layers.append((torch.cat(keys), torch.cat(values)))
+            reference = next(part[3] for part in parts if part[3])
+
+            def padded(past, rows: int, layer: int, held: int) -> torch.Tensor:
+                """A chunk's keys (held 0) or values (1) of one layer, padded to `ahead`;
+                zeros, all masked, for a chunk with nothing ahead."""
+                if not past:
+                    like = reference[layer][held]
+                    return like.new_zeros(rows, like.shape[1], ahead, like.shape[3])
+                state = past[layer][held]
+                return F.pad(state, (0, 0, 0, ahead - state.shape[2]))
+
+            layers = [tuple(torch.cat([padded(past, len(r), layer, held) for r, _, _, past, _ in parts])
+                            for held in (0, 1)) for layer in range(len(reference))]
             past_mask = torch.cat([F.pad(pm, (0, ahead - pm.shape[1])) if pm is not None else
                                    mask.new_zeros(len(r), ahead) for r, _, _, _, pm in parts])
             kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
