@@ -54,9 +54,9 @@ def alone(backbone, kinds):
             for _, tenant, session, z in sessions(engine, kinds)]
 
 
-def together(backbone, kinds, window_ms=200):
-    engine = Engine(backbone, batch_window_ms=window_ms)
-    made = sessions(engine, kinds)
+def at_once(engine, made):
+    """Each (name, tenant, session, z) of `made` evaluated from its own thread, all
+    released together -> their logits, in order (None where a call failed)."""
     results = [None] * len(made)
     start = threading.Barrier(len(made))
 
@@ -70,7 +70,12 @@ def together(backbone, kinds, window_ms=200):
         thread.start()
     for thread in threads:
         thread.join()
-    return results, engine
+    return results
+
+
+def together(backbone, kinds, window_ms=200):
+    engine = Engine(backbone, batch_window_ms=window_ms)
+    return at_once(engine, sessions(engine, kinds)), engine
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_roberta"])
@@ -132,19 +137,7 @@ def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monk
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(engine.scorer, "forward_merged", out_of_memory)
-    results = [None] * len(made)
-    start = threading.Barrier(len(made))
-
-    def run(index):
-        _, tenant, session, z = made[index]
-        start.wait()
-        results[index] = engine.evaluate(session.id, "train", z, tenant=tenant).logits
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(made))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = at_once(engine, made)
     assert calls and all(result is not None for result in results)
     reference = sessions(want, ["prompt-first"], copies=3)
     for result, (_, tenant, session, z) in zip(results, reference):
@@ -159,17 +152,7 @@ def test_chunks_of_very_different_widths_do_not_share_a_forward(tiny_roberta):
     for number, words in enumerate((3, 40)):
         tenant = Tenant(f"t{number}")
         texts = [(" ".join(["good"] * words), "", i % 2) for i in range(4)]
-        made.append((tenant, engine.create_session({"train": texts}, template, ["bad", "great"], config,
-                                                   tenant=tenant), population(number)))
-    start = threading.Barrier(len(made))
-
-    def run(tenant, session, z):
-        start.wait()
-        engine.evaluate(session.id, "train", z, tenant=tenant)
-
-    threads = [threading.Thread(target=run, args=item) for item in made]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        made.append(("prompt-first", tenant, engine.create_session({"train": texts}, template, ["bad", "great"],
+                                                                   config, tenant=tenant), population(number)))
+    assert all(result is not None for result in at_once(engine, made))
     assert engine.merger.merged_chunks == 0 and engine.scorer.forwards == 2
