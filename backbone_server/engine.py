@@ -25,7 +25,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from backbone_server.deltas.budget import MAX_DELTA_BYTES
 from backbone_server.encoding import TemplateEncoder
 from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted, shown
 from backbone_server.fairness import FairTurns
-from backbone_server.scheduler import DEFAULT_WINDOW_MS, ForwardMerger
+from backbone_server.scheduler import DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
 from backbone_server.scoring import (
@@ -52,6 +52,9 @@ from backbone_server.sessions import SessionRegistry, SessionState, encode_split
 from backbone_server.store import ServerStore
 from backbone_server.subspace import DEFAULT_MAX_BYTES, MAX_UPLOADED, Subspace, check_name, subspace_from_bytes
 from backbone_server.tenants import Tenant, open_tenant
+
+if TYPE_CHECKING:
+    from backbone_server.generation import Generation, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,26 @@ class Engine:
                 return self._evaluate(session, split, 0, selected, z, tenant, cancelled)
         finally:
             self.batcher.ranges.drop_session(session.id)
+
+    def run_generation(self, generation: "Generation", tenant: Tenant,
+                       cancelled: Callable[[], bool] | None = None) -> list["GenerationResult"]:
+        """Runs a Generation one forward per turn of the tenant: the input, then one token
+        step at a time, each merged with other requests' token steps (`DecodeStep`) where
+        the window is open and its delta allows."""
+        with self.merger.request():
+            with self.turns.turn(tenant.name, cancelled):
+                logits = generation.start()
+            merge = self.merger.window_s > 0 and generation.mergeable
+            while (chosen := generation.take(logits)) is not None:
+                if cancelled is not None and cancelled():
+                    raise Cancelled("the caller went away; the rest of the texts were not generated")
+                if merge:
+                    logits = self.merger.submit(DecodeStep(generation, chosen), tenant.name, self.bounds.inference,
+                                                cancelled)
+                else:
+                    with self.turns.turn(tenant.name, cancelled):
+                        logits = generation.decode(chosen)
+        return generation.results
 
     def _new_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str, verbalizer: list[str],
                      delta_config: DeltaConfig, truncate: bool, tenant: Tenant,

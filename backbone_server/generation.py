@@ -46,7 +46,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.deltas import Delta
@@ -54,7 +56,8 @@ from backbone_server.deltas.budget import SEED_MODULUS, derived_seed
 from backbone_server.encoding import EncodedExample, TemplateEncoder
 from backbone_server.errors import InvalidArgument, ResourceExhausted
 from backbone_server.models import Backbone
-from backbone_server.scoring import Scorer, TokenBounds, out_of_memory
+from backbone_server.scoring import Scorer, TokenBounds, out_of_memory, segment_hooks
+from backbone_server.deltas.hooks import forward_hooks
 
 MAX_NEW_TOKENS = 1024
 MAX_TEXTS = 256  # rows of one batch
@@ -129,6 +132,7 @@ class Generation:
         self.mask: torch.Tensor | None = None  # (B, cached + new) attention mask
         self.next_position: torch.Tensor | None = None  # (B,) the position of each row's next token
         self.steps_taken = 0  # tokens chosen so far, per row (EOS and padding counted)
+        self._joint: _JointCache | None = None  # set while its cache lives in a merged step's
         self._started = False
 
     # ---- the request ------------------------------------------------------------------
@@ -165,18 +169,40 @@ class Generation:
     def steps(self) -> Iterator[torch.Tensor]:
         """Runs the input, then one token per step, until every text has finished; yields
         each step's (B, vocabulary) float32 logits (rows of finished texts are noise)."""
+        logits = self.start()
+        while True:
+            chosen = self.take(logits)
+            yield logits
+            if chosen is None:
+                return
+            logits = self.decode(chosen)
+
+    def start(self) -> torch.Tensor:
+        """The input's forward: (B, vocabulary) logits of every text's first new token."""
         if self._started:
             raise RuntimeError("a Generation runs once")
         self._started = True
-        logits = self._run(self._input_forward)
-        while True:
-            chosen = self._take(logits)
-            yield logits
-            if all(self.finished):
-                break
-            logits = self._run(lambda: self._token_forward(chosen))
-        self.results = [GenerationResult(self.texts[i] if self.texts[i] is not None else self._decode(i),
-                                         list(self.tokens[i]), self.finished[i]) for i in range(len(self.tokens))]
+        return self._run(self._input_forward)
+
+    def decode(self, chosen: torch.Tensor) -> torch.Tensor:
+        """One forward of the (B,) tokens `take` chose, behind the cache: the next logits."""
+        return self._run(lambda: self._token_forward(chosen))
+
+    @property
+    def cached_length(self) -> int:
+        """The tokens every row's cache holds (padding included): the mask's width."""
+        return self.mask.shape[1]
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether its token steps can share a forward with other generations'
+        (`decode_together`): its delta changes nothing a new token goes through, or only
+        through row-local hooks; its cache is one plain growing tensor per layer."""
+        delta = self.delta
+        if delta.changes_modules and not delta.row_local:
+            return False
+        layers = self.cache.layers if self.cache is not None else self._joint.cache.layers
+        return all(type(layer) is DynamicLayer for layer in layers)
 
     def _run(self, forward) -> torch.Tensor:
         try:
@@ -246,12 +272,30 @@ class Generation:
     def _token_forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """One new token per row (B,), behind the cache; no row holds a prompt position."""
         ids = tokens[:, None]
+        self.cache = self._own_cache()
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(ids), 1)], dim=1)
         positions = self.next_position[:, None]
         self.next_position = self.next_position + 1
         with self.delta.patched(self.params, _no_slots(ids), None):
             hidden = self._body(self.backbone.embeddings(ids), positions)
         return self._logits(hidden[:, -1])
+
+    def _own_cache(self) -> DynamicCache:
+        """Its cache, taken out of a merged step's joint cache if it was last in one."""
+        if self._joint is None:
+            return self.cache
+        cache = DynamicCache(ddp_cache_data=self._cache_layers(), config=self.backbone.model.config)
+        self._joint = None
+        return cache
+
+    def _cache_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer its rows' (B, kv heads, cached_length, head dim) keys and values."""
+        if self._joint is None:
+            return [(layer.keys, layer.values) for layer in self.cache.layers]
+        first, end = self._joint.rows[self]
+        ahead = self._joint.cache.layers[0].keys.shape[2] - self.cached_length
+        return [(layer.keys[first:end, :, ahead:], layer.values[first:end, :, ahead:])
+                for layer in self._joint.cache.layers]
 
     def _body(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.backbone.body(inputs_embeds=embeddings, attention_mask=self.mask, position_ids=positions,
@@ -274,9 +318,10 @@ class Generation:
 
     # ---- choosing tokens and finishing ----------------------------------------------------
 
-    def _take(self, logits: torch.Tensor) -> torch.Tensor:
+    def take(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Each unfinished row's next token, recorded; (B,) the tokens the next forward
-        runs (padding for rows that have finished)."""
+        runs (padding for rows that have finished), or None once every text has finished
+        (`results` then holds them)."""
         with torch.inference_mode():
             chosen = self._choose(logits)
         picked = chosen.tolist()
@@ -294,6 +339,11 @@ class Generation:
         self.steps_taken += 1
         if self.steps_taken >= self.max_new_tokens:
             self.finished = [reason or "length" for reason in self.finished]
+        if all(self.finished):
+            self.results = [GenerationResult(self.texts[i] if self.texts[i] is not None else self._decode(i),
+                                             list(self.tokens[i]), self.finished[i]) for i in range(len(self.tokens))]
+            self.cache = self._joint = None  # its memory goes back now
+            return None
         return torch.tensor(picked, dtype=torch.long, device=self.backbone.device)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
@@ -317,6 +367,70 @@ class Generation:
 
     def _decode(self, row: int) -> str:
         return self.backbone.tokenizer.decode(self.tokens[row])
+
+
+@dataclass(eq=False)
+class _JointCache:
+    """The cache of a merged token step: its generations' rows stacked, each row's keys
+    and values padded ahead to the longest. The generations of the next step, if they are
+    the same in the same order, go on from it without a copy."""
+
+    cache: DynamicCache
+    members: tuple["Generation", ...]
+    rows: dict["Generation", tuple[int, int]]
+
+
+def decode_together(generations: list[Generation], chosen: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`Generation.decode` of several mergeable generations in one forward: each one's
+    (B_i,) tokens -> its (B_i, vocabulary) logits, what it gets alone (within float
+    rounding). Every row gets its own positions and, through the attention mask, only its
+    own cache; a weight kind's hooks act on its generation's rows only. A forward that
+    fails leaves every generation as it was, ready to run alone."""
+    backbone = generations[0].backbone
+    joint = generations[0]._joint
+    if joint is None or joint.members != tuple(generations) or any(g._joint is not joint for g in generations):
+        joint = _join(generations)
+    longest = max(g.cached_length for g in generations)
+    with torch.inference_mode():
+        ids = torch.cat(chosen)[:, None]
+        positions = torch.cat([g.next_position for g in generations])[:, None]
+        masks = [torch.cat([g.mask, g.mask.new_ones(len(g.mask), 1)], dim=1) for g in generations]
+        mask = torch.cat([F.pad(own, (longest + 1 - own.shape[1], 0)) for own in masks])
+        segments = [(g.delta, g.params, torch.full((end - first, 1), -1, device=ids.device), first, end - first)
+                    for g, (first, end) in ((g, joint.rows[g]) for g in generations)
+                    if g.params is not None and g.delta.changes_modules]
+        post, pre = segment_hooks(segments)
+        held = [(layer.keys, layer.values) for layer in joint.cache.layers]
+        try:
+            with forward_hooks(post), forward_hooks(pre, pre=True):
+                hidden = backbone.body(inputs_embeds=backbone.embeddings(ids), attention_mask=mask,
+                                       position_ids=positions, cache=joint.cache, use_cache=True).last_hidden_state
+            logits = backbone.head(hidden[:, -1]).float()
+        except BaseException:
+            for layer, (keys, values) in zip(joint.cache.layers, held):  # a layer's update replaces, never writes in
+                layer.keys, layer.values = keys, values
+            raise
+    for g, own in zip(generations, masks):
+        g.mask, g.next_position = own, g.next_position + 1
+        g.cache, g._joint = None, joint
+    return [logits[first:end] for first, end in (joint.rows[g] for g in generations)]
+
+
+def _join(generations: list[Generation]) -> _JointCache:
+    """A joint cache of the generations' caches: rows stacked in their order, each padded
+    ahead (masked there) to the longest."""
+    longest = max(g.cached_length for g in generations)
+    layers = [g._cache_layers() for g in generations]
+    data = []
+    for layer in range(len(layers[0])):
+        data.append(tuple(torch.cat([F.pad(own[layer][held], (0, 0, longest - own[layer][held].shape[2], 0))
+                                     for own in layers]) for held in (0, 1)))
+    rows, first = {}, 0
+    for g in generations:
+        rows[g] = (first, first + len(g.mask))
+        first += len(g.mask)
+    return _JointCache(DynamicCache(ddp_cache_data=data, config=generations[0].backbone.model.config),
+                       tuple(generations), rows)
 
 
 def _past_states(backbone: Backbone, delta: Delta, bucket: Bucket, params: torch.Tensor | None

@@ -10,22 +10,28 @@ and values. Chunks of the two paths never share a forward. Combinations merge wh
 parts do. Any other chunk (AdaMix, a deep prompt combined with a weight kind) runs in its
 own forward, as before.
 
-There is no scheduler thread. A request's chunk is put in the pending list; the request
+Generate's token steps merge the same way, along a path of their own (`DecodeStep`): one
+new token for every row of several generations in one forward, each generation's KV
+cache padded ahead to the longest and its weight kind hooked on its own rows
+(`generation.decode_together`).
+
+There is no scheduler thread. A request's step (a chunk, a token step) is put in the
+pending list; the request
 waits the window when other requests are in flight, then takes its turn at the model
 (`FairTurns`, so tenants are still served round robin). In its turn it runs every
-pending chunk that fits the token bound with its own, in one forward, and hands each
-its logits. A chunk already run by another request's turn returns at once. A merged
-forward that runs out of memory is not retried merged: each chunk runs again alone,
-where its own out-of-memory halving applies.
+pending step of its path that fits the token bound with its own, in one forward, and
+hands each its logits. A step already run by another request's turn returns at once. A
+merged forward that runs out of memory is not retried merged: each step runs again
+alone, where its own out-of-memory handling applies (a chunk halves itself).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -34,42 +40,110 @@ from backbone_server.fairness import FairTurns
 from backbone_server.scoring import Scorer, out_of_memory
 from backbone_server.sessions import SessionState
 
+if TYPE_CHECKING:
+    from backbone_server.generation import Generation
+
 DEFAULT_WINDOW_MS = 2.0
 MAX_WIDTH_GAP = 0.125  # chunks merge when their rows' widths differ by at most this fraction
 
 
-@dataclass(eq=False)
-class Chunk:
-    session: SessionState
-    bucket: Bucket
-    group: torch.Tensor  # (p, n, h) prompts
-    params: torch.Tensor | None  # (p, D) module parameters of a row-local kind
-    prefix: PrefixStates | None  # the shared states of its tokens ahead, if any
+class Step:
+    """One request's forward, waiting to run alone or with other requests' steps of its
+    `path`. A subclass says what it costs (`tokens`: rows x tokens, against the bound),
+    whom it joins, and how it runs alone and together."""
+
+    path: str
     tokens: int
-    done: threading.Event = field(default_factory=threading.Event)
-    logits: torch.Tensor | None = None
-    alone: bool = False  # its merged forward failed: it runs by itself
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.logits: torch.Tensor | None = None
+        self.alone = False  # its merged forward failed: it runs by itself
+
+    def joins(self, other: "Step") -> bool:
+        """Whether this step shares a forward with `other`, a pending step of its path."""
+        return True
+
+    def run_alone(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def run_together(steps: list["Step"]) -> list[torch.Tensor]:
+        raise NotImplementedError
 
 
-def _width(chunk: "Chunk") -> int:
-    return chunk.bucket.row_ids.shape[1]
+class ChunkStep(Step):
+    """A chunk of an Evaluate (or Predict): its candidates on one bucket, `Scorer.forward_chunk`."""
+
+    def __init__(self, scorer: Scorer, session: SessionState, bucket: Bucket, group: torch.Tensor,
+                 params: torch.Tensor | None, prefix: PrefixStates | None):
+        super().__init__()
+        self.scorer = scorer
+        self.session = session
+        self.bucket = bucket
+        self.group = group  # (p, n, h) prompts
+        self.params = params  # (p, D) module parameters of a row-local kind
+        self.prefix = prefix  # the shared states of its tokens ahead, if any
+        self.path = scorer.merge_path(bucket)
+        self.tokens = len(group) * bucket.tokens_per_candidate
+
+    @property
+    def width(self) -> int:
+        return self.bucket.row_ids.shape[1]
+
+    def joins(self, other: "ChunkStep") -> bool:
+        # Rows are padded to the widest: a much wider or narrower chunk would cost more in
+        # padding than sharing the forward saves.
+        return abs(other.width - self.width) <= MAX_WIDTH_GAP * self.width
+
+    def run_alone(self) -> torch.Tensor:
+        return self.scorer.forward_chunk(self.session, self.bucket, self.group, self.params, self.prefix)
+
+    @staticmethod
+    def run_together(steps: list["ChunkStep"]) -> list[torch.Tensor]:
+        return steps[0].scorer.forward_merged([(s.session, s.bucket, s.group, s.params, s.prefix) for s in steps])
+
+
+class DecodeStep(Step):
+    """One new token for every row of a Generation (`Generation.decode`). The rows of any
+    two generations share a forward: a new token's cost barely depends on how far back
+    its cache reaches, so no width rule applies."""
+
+    path = "decode"
+
+    def __init__(self, generation: "Generation", chosen: torch.Tensor):
+        super().__init__()
+        self.generation = generation
+        self.chosen = chosen  # (B,) the tokens this step runs
+        self.tokens = len(chosen) * (generation.cached_length + 1)
+
+    def run_alone(self) -> torch.Tensor:
+        return self.generation.decode(self.chosen)
+
+    @staticmethod
+    def run_together(steps: list["DecodeStep"]) -> list[torch.Tensor]:
+        from backbone_server.generation import decode_together
+
+        return decode_together([s.generation for s in steps], [s.chosen for s in steps])
 
 
 class ForwardMerger:
-    """`window_s` 0: every chunk runs in its own forward."""
+    """`window_s` 0: every step runs in its own forward."""
 
     def __init__(self, scorer: Scorer, turns: FairTurns, window_s: float = DEFAULT_WINDOW_MS / 1e3):
         self.scorer = scorer
         self.turns = turns
         self.window_s = window_s
-        self.merged_chunks = 0  # chunks that shared a forward with another request's
-        self._pending: list[Chunk] = []
+        self.merged_chunks = 0  # steps that shared a forward with another request's
+        self.merged_by_path: Counter[str] = Counter()
+        self._pending: list[Step] = []
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # a step was added or done
 
     @contextmanager
     def request(self) -> Iterator[None]:
-        """Marks a request in flight: chunks wait the window only when another one is."""
+        """Marks a request in flight: steps wait the window only when another one is."""
         with self._lock:
             self._in_flight += 1
         try:
@@ -82,61 +156,72 @@ class ForwardMerger:
                 prefix: PrefixStates | None, tenant: str, bound: int,
                 cancelled: Callable[[], bool] | None) -> torch.Tensor:
         """The chunk's (p, B, C) logits, computed in a forward shared with other pending chunks."""
-        chunk = Chunk(session, bucket, group, params, prefix, len(group) * bucket.tokens_per_candidate)
-        with self._lock:
-            self._pending.append(chunk)
-            others = self._in_flight > 1
-        if others and self.window_s > 0:
-            chunk.done.wait(self.window_s)
-        if not chunk.done.is_set():
-            with self.turns.turn(tenant, cancelled):
-                if not chunk.done.is_set():
-                    self._run(chunk, bound)
-        if chunk.alone:
-            with self.turns.turn(tenant, cancelled):
-                return self._forward_alone(chunk)
-        return chunk.logits
+        return self.submit(ChunkStep(self.scorer, session, bucket, group, params, prefix), tenant, bound, cancelled)
 
-    def _run(self, chunk: Chunk, bound: int) -> None:
-        """In the caller's turn: its chunk and every pending chunk that fits with it."""
+    def submit(self, step: Step, tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
+        """The step's logits, computed in a forward shared with other pending steps of its path."""
         with self._lock:
-            batch, tokens = [chunk], chunk.tokens
-            path = self.scorer.merge_path(chunk.bucket)
-            width = _width(chunk)
+            self._pending.append(step)
+            self._arrived.notify_all()
+            if self._in_flight > 1 and self.window_s > 0:
+                # The window closes early once every request in flight has a step waiting:
+                # nobody else can come.
+                self._arrived.wait_for(lambda: step.done.is_set() or len(self._pending) >= self._in_flight,
+                                       self.window_s)
+        if not step.done.is_set():
+            try:
+                with self.turns.turn(tenant, cancelled):
+                    if not step.done.is_set():
+                        self._run(step, bound)
+            except BaseException:
+                with self._lock:  # left while waiting for its turn: nobody runs it now
+                    if step in self._pending:
+                        self._pending.remove(step)
+                raise
+        if step.alone:
+            with self.turns.turn(tenant, cancelled):
+                return step.run_alone()
+        return step.logits
+
+    def _run(self, step: Step, bound: int) -> None:
+        """In the caller's turn: its step and every pending step of its path that fits with it."""
+        with self._lock:
+            batch, tokens = [step], step.tokens
             for other in self._pending:
-                # Rows are padded to the widest: a much wider or narrower chunk would cost
-                # more in padding than sharing the forward saves.
-                if (other is not chunk and not other.done.is_set() and tokens + other.tokens <= bound
-                        and self.scorer.merge_path(other.bucket) == path
-                        and abs(_width(other) - width) <= MAX_WIDTH_GAP * width):
+                if (other is not step and not other.done.is_set() and other.path == step.path
+                        and tokens + other.tokens <= bound and step.joins(other)):
                     batch.append(other)
                     tokens += other.tokens
             for member in batch:
                 self._pending.remove(member)
+        try:
+            self._run_batch(batch, tokens, bound)
+        finally:
+            with self._lock:
+                self._arrived.notify_all()  # wakes the members waiting out the window
+
+    def _run_batch(self, batch: list[Step], tokens: int, bound: int) -> None:
         if len(batch) == 1:
-            chunk.logits = self._forward_alone(chunk)
-            chunk.done.set()
+            try:
+                batch[0].logits = batch[0].run_alone()
+            finally:
+                batch[0].done.set()
             return
         try:
             began = time.perf_counter()
-            outputs = self.scorer.forward_merged([(c.session, c.bucket, c.group, c.params, c.prefix) for c in batch])
+            outputs = type(batch[0]).run_together(batch)
             if self.scorer.on_forward is not None:
                 self.scorer.on_forward(tokens, bound, time.perf_counter() - began)
         except Exception as error:
-            if not out_of_memory(error):
-                for member in batch:
-                    member.alone = True
-                    member.done.set()
-                raise
-            for member in batch:  # each runs alone, and halves itself if it must
+            for member in batch:  # each runs alone, where an out-of-memory halves a chunk
                 member.alone = True
                 member.done.set()
+            if not out_of_memory(error):
+                raise
             return
         with self._lock:
             self.merged_chunks += len(batch)
+            self.merged_by_path[batch[0].path] += len(batch)
         for member, logits in zip(batch, outputs):
             member.logits = logits
             member.done.set()
-
-    def _forward_alone(self, chunk: Chunk) -> torch.Tensor:
-        return self.scorer.forward_chunk(chunk.session, chunk.bucket, chunk.group, chunk.params, chunk.prefix)

@@ -381,20 +381,26 @@ def _positions(bucket: Bucket, p: int, width: int, device) -> torch.Tensor:
 
 
 def _segment_hooks(chunks, sizes: list[int], width: int) -> tuple[list, list]:
-    """(forward hooks, forward pre-hooks): one per hooked module, each running every
-    chunk's own hook on that chunk's rows (their prompt slots padded to `width`)."""
-    segments: dict[tuple[torch.nn.Module, bool], list[tuple[int, int, Callable]]] = {}
-    first = 0
+    """`segment_hooks` of merged chunks: each chunk's rows with their prompt slots padded to `width`."""
+    segments, first = [], 0
     for (session, bucket, _, params, _), size in zip(chunks, sizes):
         if params is not None:
-            delta = session.delta
             slots = torch.where(bucket.row_ids < 0, (-bucket.row_ids - 1).clamp(min=0), -1)
-            slots = F.pad(slots, (0, width - slots.shape[1]), value=-1)
-            for module, hook in delta.row_hooks(params, slots):
-                segments.setdefault((module, delta.row_hooks_pre), []).append((first, first + size, hook))
+            segments.append((session.delta, params, F.pad(slots, (0, width - slots.shape[1]), value=-1), first, size))
         first += size
-    post = [(module, _segmented(parts)) for (module, pre), parts in segments.items() if not pre]
-    pre = [(module, _segmented_pre(parts)) for (module, pre), parts in segments.items() if pre]
+    return segment_hooks(segments)
+
+
+def segment_hooks(segments: list[tuple[Delta, torch.Tensor, torch.Tensor, int, int]]) -> tuple[list, list]:
+    """(forward hooks, forward pre-hooks) of a forward whose rows belong to several row-local
+    deltas: one per hooked module, each running every (delta, params, slots, first row,
+    rows) segment's own hook on that segment's rows."""
+    hooked: dict[tuple[torch.nn.Module, bool], list[tuple[int, int, Callable]]] = {}
+    for delta, params, slots, first, size in segments:
+        for module, hook in delta.row_hooks(params, slots):
+            hooked.setdefault((module, delta.row_hooks_pre), []).append((first, first + size, hook))
+    post = [(module, _segmented(parts)) for (module, pre), parts in hooked.items() if not pre]
+    pre = [(module, _segmented_pre(parts)) for (module, pre), parts in hooked.items() if pre]
     return post, pre
 
 

@@ -100,7 +100,8 @@ class DeltaLibrary:
     def generate(self, tenant: Tenant, record: pb.StoredDelta, texts: list[tuple[str, str]], max_new_tokens: int,
                  temperature: float, seed: int, stop: list[str], cancelled: Callable[[], bool] | None = None):
         """Each text's continuation at {mask} under the delta, one token of all the texts
-        per turn at the model: one API call per text."""
+        per turn at the model (merged with other requests' tokens where the scheduler's
+        window is open): one API call per text."""
         from backbone_server.generation import MAX_TEXTS, Generation
 
         _check_texts(texts, MAX_TEXTS)
@@ -109,9 +110,7 @@ class DeltaLibrary:
         generation = Generation(engine.backbone, session.delta, session.encoder, _z(record, session.delta.z_dim),
                                 texts, max_new_tokens, temperature, seed, stop)
         with engine.metered(tenant, len(texts), len(texts) * max_new_tokens):
-            for _ in engine.in_turns(generation.steps(), tenant, cancelled):
-                pass
-        return generation.results
+            return engine.run_generation(generation, tenant, cancelled)
 
     def _session(self, tenant: Tenant, record: pb.StoredDelta, texts: list[tuple[str, str]],
                  cancelled: Callable[[], bool] | None):

@@ -183,25 +183,29 @@ class CombinedDelta(Delta):
         return super().key_values(params)
 
     @property
-    def _hooked_parts(self) -> list:
-        return [part for part in self.parts if part.layout.size]
+    def _hooked_parts(self) -> list[tuple[Delta, int]]:
+        """The parts that change modules, each with where its parameters start."""
+        hooked, first = [], 0
+        for part in self.parts:
+            if part.layout.size and part.changes_modules:
+                hooked.append((part, first))
+            first += part.layout.size
+        return hooked
 
     @property
     def row_local(self) -> bool:
-        """Row-local when every part with parameters is, and all their hooks are of one form."""
-        hooked = self._hooked_parts
+        """Row-local when every part that changes modules is, and all their hooks are of one form."""
+        hooked = [part for part, _ in self._hooked_parts]
         return all(part.row_local for part in hooked) and len({part.row_hooks_pre for part in hooked}) <= 1
 
     @property
     def row_hooks_pre(self) -> bool:
-        return any(part.row_hooks_pre for part in self._hooked_parts)
+        return any(part.row_hooks_pre for part, _ in self._hooked_parts)
 
     def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
-        hooks, first = [], 0
-        for part in self._hooked_parts:
-            width = part.layout.size
-            hooks += part.row_hooks(params[:, first:first + width], slots)
-            first += width
+        hooks = []
+        for part, first in self._hooked_parts:
+            hooks += part.row_hooks(params[:, first:first + part.layout.size], slots)
         return hooks
 
     @contextlib.contextmanager
