@@ -167,17 +167,18 @@ class Engine:
         the window is open and its delta allows."""
         with self.merger.request():
             with self.turns.turn(tenant.name, cancelled):
+                self.scorer.count_forward(len(generation.examples))
                 logits = generation.start()
             merge = self.merger.window_s > 0 and generation.mergeable
             while (chosen := generation.take(logits)) is not None:
                 if cancelled is not None and cancelled():
                     raise Cancelled("the caller went away; the rest of the texts were not generated")
+                step = DecodeStep(self.scorer, generation, chosen)
                 if merge:
-                    logits = self.merger.submit(DecodeStep(generation, chosen), tenant.name, self.bounds.inference,
-                                                cancelled)
+                    logits = self.merger.submit(step, tenant.name, self.bounds.inference, cancelled)
                 else:
                     with self.turns.turn(tenant.name, cancelled):
-                        logits = generation.decode(chosen)
+                        logits = step.run_alone()
         return generation.results
 
     def _new_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str, verbalizer: list[str],

@@ -111,19 +111,22 @@ class DecodeStep(Step):
 
     path = "decode"
 
-    def __init__(self, generation: "Generation", chosen: torch.Tensor):
+    def __init__(self, scorer: Scorer, generation: "Generation", chosen: torch.Tensor):
         super().__init__()
+        self.scorer = scorer  # counts the forwards
         self.generation = generation
         self.chosen = chosen  # (B,) the tokens this step runs
         self.tokens = len(chosen) * (generation.cached_length + 1)
 
     def run_alone(self) -> torch.Tensor:
+        self.scorer.count_forward(len(self.chosen))
         return self.generation.decode(self.chosen)
 
     @staticmethod
     def run_together(steps: list["DecodeStep"]) -> list[torch.Tensor]:
         from backbone_server.generation import decode_together
 
+        steps[0].scorer.count_forward(sum(len(s.chosen) for s in steps))
         return decode_together([s.generation for s in steps], [s.chosen for s in steps])
 
 

@@ -86,7 +86,7 @@ class Scorer:
         self._shared_attention: bool | None = None  # probed on the first prefix bucket
         # Hears each forward: (tokens run, the token bound it ran under, seconds); metrics.
         self.on_forward: Callable[[int, int, float], None] | None = None
-        self.forwards = self.rows_run = 0  # scoring forwards run, and their (candidate, example) rows
+        self.forwards = self.rows_run = 0  # forwards run (scoring, generating), and their rows
 
     def shares_attention(self, bucket: Bucket) -> bool:
         """Whether the bucket's candidates attend to what they share without copies (the
@@ -167,7 +167,7 @@ class Scorer:
         """(p, n, h) prompts and (p, D) module parameters (or None) of some candidates ->
         (p, B, C) verbalizer logits on the bucket."""
         backbone = self.backbone
-        self._count(len(group) * len(bucket.indices))
+        self.count_forward(len(group) * len(bucket.indices))
         slot = bucket.row_ids < 0
         slot_index = (-bucket.row_ids - 1).clamp(min=0)
         p = len(group)
@@ -270,7 +270,7 @@ class Scorer:
                                    mask.new_zeros(len(r), ahead) for r, _, _, _, pm in parts])
             kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
             mask = torch.cat([past_mask, mask], dim=1)
-        self._count(len(rows))
+        self.count_forward(len(rows))
         post, pre = _segment_hooks(chunks, [len(part[0]) for part in parts], width)
         with forward_hooks(post), forward_hooks(pre, pre=True):
             hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
@@ -293,14 +293,14 @@ class Scorer:
         width = max(rows.shape[1] for rows, _ in parts)
         rows = torch.cat([F.pad(r, (0, 0, 0, width - r.shape[1])) for r, _ in parts])
         positions = torch.cat([F.pad(q, (0, width - q.shape[1])) for _, q in parts])
-        self._count(len(rows))
+        self.count_forward(len(rows))
         # Padding sits after each row's own tokens, where causal attention never looks back to it.
         with attention.attending(self.backbone, segments):
             hidden = self.backbone.body(inputs_embeds=rows, use_cache=False, position_ids=positions).last_hidden_state
         return [self._read(session, bucket, hidden[a:b], len(group))
                 for (session, bucket, group, _, _), (a, b, _) in zip(chunks, segments)]
 
-    def _count(self, rows: int) -> None:
+    def count_forward(self, rows: int) -> None:
         self.forwards += 1  # under the turn: one forward at a time
         self.rows_run += rows
 

@@ -1,19 +1,26 @@
 """Many tenants on one server: throughput with the in-batch scheduler on and off, in one run.
 
     python scripts/bench_tenants.py --model tiny-llama --tenants 8 --popsize 4 --seconds 20
+    python scripts/bench_tenants.py --model tiny-llama --tenants 8 --popsize 4 --seconds 20 --workload generate
 
 N tenants (each with its own key, session and texts) send tuning-shaped requests: an
 Evaluate of a population of --popsize soft prompts on their 16 train examples, again and
 again, as a tuner's generations do; one more tenant sends Predict calls of 32 texts under
-a stored delta. The same streams run twice against servers on the same loaded model: with
-the scheduler's window (--window-ms) and with it off (0). Prints, per phase, generations/s,
-rows per forward, and latency p50/p99 per tenant, and ends with one JSON line holding
-`merged_vs_serial` (throughput on / off), `rows_per_forward` and `p99_ms` (of the merged
-phase), and `p99_over_mean_max` (the worst tenant's p99 over the mean latency).
+a stored delta. With `--workload generate` each tenant instead sends Generate calls of
+--popsize texts and --max-new-tokens greedy tokens under a stored delta of its own (its
+own z), and the Predict tenant still runs beside them.
+
+The same streams run twice against servers on the same loaded model: with the
+scheduler's window (--window-ms) and with it off (0). Prints, per phase, calls/s (for
+Evaluate, generations/s), rows per forward, and latency p50/p99 per tenant, and ends with
+one JSON line holding `merged_vs_serial` (throughput on / off), `rows_per_forward` and
+`p99_ms` (of the merged phase), and `p99_over_mean_max` (the worst tenant's p99 over the
+mean latency).
 
 What merges (`--delta`): soft prompts, behind nothing or behind their shared prefix
-states, and the row-local weight kinds (lora, bias, adapter), each on its own rows; the
-prefix kind, deep prompts and mixes run alone, so `--delta prefix` measures the fallback.
+states; the row-local weight kinds (lora, bias, adapter) and deep prompts, each on its own
+rows; prefixes, each row segment over its own virtual keys and values. Mixes run alone.
+Generate's token steps merge for every kind but mixes.
 """
 
 from __future__ import annotations
@@ -84,8 +91,20 @@ def phase(backbone, args, window_ms: float) -> dict:
                 client.predict(batch, name="bench")
                 latencies[name].append(time.perf_counter() - began)
 
+    def generate(name: str, seed: int) -> None:
+        with BackboneClient(running.address, api_key=keys[name]) as client:
+            z = np.random.default_rng(seed).normal(size=args.dim).astype(np.float32)
+            client.save_delta(SavedDelta("own", delta, TEMPLATE, VERBALIZER, z), overwrite=True)
+            batch = [(e.text_a, None) for e in texts(args.popsize, seed)]
+            start.wait()
+            while not stop.is_set():
+                began = time.perf_counter()
+                client.generate(batch, name="own", max_new_tokens=args.max_new_tokens)
+                latencies[name].append(time.perf_counter() - began)
+
     names = list(keys)
-    threads = [threading.Thread(target=tune, args=(name, i)) for i, name in enumerate(names[:-1])]
+    stream = tune if args.workload == "evaluate" else generate
+    threads = [threading.Thread(target=stream, args=(name, i)) for i, name in enumerate(names[:-1])]
     threads.append(threading.Thread(target=predict, args=(names[-1],)))
     for thread in threads:
         thread.start()
@@ -104,15 +123,19 @@ def phase(backbone, args, window_ms: float) -> dict:
                          "p99_ms": percentile_ms(latencies[name], 99)} for name in names}
     result = {
         "window_ms": window_ms, "seconds": round(elapsed, 2),
-        "generations_per_s": round(len(tuning) / elapsed, 2),
+        "generations_per_s": round(len(tuning) / elapsed, 2),  # tenants' calls: Evaluate or Generate
+        "new_tokens_per_s": round(len(tuning) * args.popsize * args.max_new_tokens / elapsed, 1)
+        if args.workload == "generate" else None,
         "predicts_per_s": round(len(latencies[names[-1]]) / elapsed, 2),
         "rows_per_forward": round(engine.scorer.rows_per_forward(), 1), "merged_chunks": engine.merger.merged_chunks,
+        "merged_by_path": dict(engine.merger.merged_by_path),
         "p50_ms": percentile_ms(tuning, 50), "p99_ms": percentile_ms(tuning, 99),
         "p99_over_mean_max": round(max(per_tenant[n]["p99_ms"] for n in names[:-1]) / (mean * 1e3), 2)
         if mean else None,
         "per_tenant": per_tenant,
     }
-    print(f"window {window_ms:g} ms: {result['generations_per_s']} generations/s, {result['predicts_per_s']} "
+    unit = "generations/s" if args.workload == "evaluate" else "Generate calls/s"
+    print(f"window {window_ms:g} ms: {result['generations_per_s']} {unit}, {result['predicts_per_s']} "
           f"predicts/s, {result['rows_per_forward']} rows per forward, p50 {result['p50_ms']} ms, "
           f"p99 {result['p99_ms']} ms", file=sys.stderr)
     return result
@@ -129,14 +152,22 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-length", type=int, default=4)
     parser.add_argument("--delta", default="prompt", help="the tenants' delta kind (prompt, lora, bias, adapter, ...)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workload", choices=("evaluate", "generate"), default="evaluate",
+                        help="what the tenants send: Evaluate calls of a population, or Generate calls")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="with --workload generate")
     args = parser.parse_args(argv)
     if not 1 <= args.tenants <= 64 or not 1 <= args.popsize <= 1024 or not 0 < args.seconds <= 600:
         parser.error("--tenants 1..64, --popsize 1..1024, --seconds (0, 600]")
+    if args.workload == "generate" and not 1 <= args.popsize <= 256:
+        parser.error("--workload generate: --popsize (texts per Generate call) 1..256")
+    if not 1 <= args.max_new_tokens <= 1024:
+        parser.error("--max-new-tokens 1..1024")
     backbone = load_backbone(args.model, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
     merged = phase(backbone, args, args.window_ms)
     serial = phase(backbone, args, 0.0)
     result = {
         "script": "bench_tenants", "model": args.model, "delta": args.delta, "device": str(backbone.device),
+        "workload": args.workload, "max_new_tokens": args.max_new_tokens if args.workload == "generate" else None,
         "tenants": args.tenants,
         "popsize": args.popsize, "seconds": args.seconds, "window_ms": args.window_ms,
         "merged_vs_serial": round(merged["generations_per_s"] / serial["generations_per_s"], 3)

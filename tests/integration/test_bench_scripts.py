@@ -19,3 +19,13 @@ def test_bench_tenants_prints_its_json_line():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"merged_vs_serial", "rows_per_forward", "p99_ms"} <= set(report)
     assert report["merged"]["generations_per_s"] > 0 and report["serial"]["merged_chunks"] == 0
+
+
+def test_bench_tenants_measures_generate_streams_too():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_tenants.py"), "--model", "tiny-llama",
+                             "--tenants", "2", "--popsize", "2", "--seconds", "1", "--workload", "generate",
+                             "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["workload"] == "generate" and report["merged"]["new_tokens_per_s"] > 0
+    assert report["serial"]["merged_chunks"] == 0
