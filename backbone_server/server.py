@@ -15,15 +15,17 @@ import signal
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from backbone_server.engine import Limits
-from backbone_server.errors import ServiceError
+from backbone_server.errors import InvalidArgument, ServiceError
 from backbone_server.metrics import ServerMetrics
 from backbone_server.options import add_server_arguments
 from backbone_server.servicer import BackboneServicer
@@ -61,37 +63,61 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
         short_method = method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
 
-        def guarded(request, context):
-            began = time.perf_counter()
-            code, details = grpc.StatusCode.OK, ""
-            try:
-                if request is _UNDECODABLE:
-                    code, details = grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {short_method} request message"
-                else:
+            def guarded(request, context):
+                with self._answering(method, context):
+                    if request is _UNDECODABLE:
+                        raise InvalidArgument(f"the request is not a valid {short_method} request message")
                     return inner(request, context)
-            except ServiceError as error:
-                code, details = error.code, str(error)
-            except Exception:
-                log.exception("unexpected error in %s", method)
-                code, details = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
-            finally:
-                if self.metrics is not None:
-                    self.metrics.observe_request(short_method, code.name, time.perf_counter() - began)
+
+            return grpc.unary_unary_rpc_method_handler(
+                guarded, request_deserializer=_decoding(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            def guarded_stream(requests, context):
+                with self._answering(method, context):
+                    yield from inner_stream(_decoded(requests, short_method), context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                guarded_stream, request_deserializer=_decoding(handler.request_deserializer),
+                response_serializer=handler.response_serializer)
+        return handler
+
+    @contextmanager
+    def _answering(self, method: str, context) -> Iterator[None]:
+        """Runs one call's body: its error, if any, becomes the call's status."""
+        began = time.perf_counter()
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            yield
+        except ServiceError as error:
+            code, details = error.code, str(error)
+        except Exception:
+            log.exception("unexpected error in %s", method)
+            code, details = grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log"
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_request(method.rsplit("/", 1)[-1], code.name, time.perf_counter() - began)
+        if code != grpc.StatusCode.OK:
             if len(details) > MAX_DETAILS:
                 details = details[:MAX_DETAILS] + " ..."
             context.abort(code, details)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=_decoding(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+
+def _decoded(requests: Iterator, method: str) -> Iterator:
+    """A stream's requests, the first that does not parse refused."""
+    for request in requests:
+        if request is _UNDECODABLE:
+            raise InvalidArgument(f"a request of the stream is not a valid {method} request message")
+        yield request
 
 
 @dataclass

@@ -167,6 +167,22 @@ class BackboneServicer(backbone_pb2_grpc.BackboneServicer):
         engine, tenant = self._caller(context)
         library = DeltaLibrary(engine)
         record = library.resolve(tenant, request.delta_name, request.delta if request.HasField("delta") else None)
+        return self._predicted(library, tenant, record, request, context)
+
+    def PredictStream(self, requests, context):
+        engine, tenant = self._caller(context)
+        library = DeltaLibrary(engine)
+        record = None
+        for request in requests:
+            if record is None:
+                record = library.resolve(tenant, request.delta_name,
+                                         request.delta if request.HasField("delta") else None)
+            elif request.delta_name or request.HasField("delta"):
+                raise InvalidArgument("only the first request of a PredictStream names (or gives) the delta; "
+                                      "the later ones carry texts only")
+            yield self._predicted(library, tenant, record, request, context)
+
+    def _predicted(self, library: DeltaLibrary, tenant: Tenant, record, request, context) -> pb.PredictResponse:
         labels, probabilities = library.predict(tenant, record, _texts(request), cancelled=_gone(context))
         # Class probabilities are the logits up to a constant: the operator's --allow-logits decides.
         return pb.PredictResponse(labels=labels.tolist(),

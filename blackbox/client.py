@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -295,8 +295,27 @@ class BackboneClient:
         (`name`) or one given whole (`delta`). One call is one API call."""
         response = self._call("Predict", pb.PredictRequest(
             delta_name=name, delta=delta.to_message() if delta is not None else None, texts=_examples(texts)))
-        probabilities = tensor_to_array(response.probabilities) if response.HasField("probabilities") else None
-        return Prediction(np.asarray(response.labels), probabilities, tuple(response.label_words))
+        return _prediction(response)
+
+    def predict_stream(self, slices: Iterable[Sequence[tuple[str, str | None]]], name: str = "",
+                       delta: SavedDelta | None = None) -> Iterator[Prediction]:
+        """`predict` of each slice of texts, in order, over one streamed call (PredictStream):
+        the next slice goes out while the server scores this one. Each slice is one API
+        call. A slice's Prediction comes as soon as the server has scored it; the stream
+        has no overall deadline (keepalive pings notice a server that is gone)."""
+        def requests() -> Iterator[pb.PredictRequest]:
+            for number, texts in enumerate(slices):
+                if number == 0:
+                    yield pb.PredictRequest(delta_name=name, delta=delta.to_message() if delta is not None else None,
+                                            texts=_examples(texts))
+                else:
+                    yield pb.PredictRequest(texts=_examples(texts))
+
+        try:
+            for response in self._stub.PredictStream(requests(), metadata=self._metadata):
+                yield _prediction(response)
+        except grpc.RpcError as error:
+            raise BackboneError(error.code(), error.details(), self.address, "PredictStream") from None
 
     def generate(self, texts: Sequence[tuple[str, str | None]], name: str = "", delta: SavedDelta | None = None,
                  max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
@@ -315,6 +334,11 @@ class BackboneClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prediction(response: pb.PredictResponse) -> Prediction:
+    probabilities = tensor_to_array(response.probabilities) if response.HasField("probabilities") else None
+    return Prediction(np.asarray(response.labels), probabilities, tuple(response.label_words))
 
 
 def _examples(texts: Sequence[tuple[str, str | None]]) -> list[pb.Example]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from blackbox.export import delta_spec_of_run
 from blackbox.progress import Progress
 from blackbox.runlog import RunLog
 
-PREDICT_SLICE = 256  # texts per Predict call: one API call each
+PREDICT_SLICE = 256  # texts per slice of a PredictStream: one API call each
 
 
 def saved_delta_of_run(run_dir: str | Path, name: str, kinds: Mapping[str, KindInfo]) -> SavedDelta:
@@ -88,10 +88,10 @@ def predict_file(client: BackboneClient, texts: list[tuple[str, str | None]], ou
     out.parent.mkdir(parents=True, exist_ok=True)
     done = predictions_done(out, texts)
     progress = progress or Progress(bars=False)
-    with progress.phase("predict", len(texts), "text", f"{len(texts)} texts, {PREDICT_SLICE} per call",
+    with progress.phase("predict", len(texts), "text", f"{len(texts)} texts, streamed {PREDICT_SLICE} per call",
                         done=done) as phase, out.open("a") as handle:
-        for first, batch in _slices(texts, done):
-            prediction = client.predict(batch, name=name, delta=delta)
+        slices = _slices(texts, done)  # streamed: the server scores one while the next goes out
+        for batch, prediction in zip(slices, client.predict_stream(slices, name=name, delta=delta)):
             rows = prediction.probabilities if prediction.probabilities is not None else [None] * len(batch)
             for (text_a, text_b), label, row in zip(batch, prediction.labels, rows):
                 record = {"text_a": text_a, **({"text_b": text_b} if text_b is not None else {}),
@@ -103,6 +103,5 @@ def predict_file(client: BackboneClient, texts: list[tuple[str, str | None]], ou
     return len(texts) - done
 
 
-def _slices(texts: list, start: int) -> Iterator[tuple[int, list]]:
-    for first in range(start, len(texts), PREDICT_SLICE):
-        yield first, texts[first:first + PREDICT_SLICE]
+def _slices(texts: list, start: int) -> list[list]:
+    return [texts[first:first + PREDICT_SLICE] for first in range(start, len(texts), PREDICT_SLICE)]

@@ -89,6 +89,11 @@ class BackboneStub:
                 request_serializer=blackbox_dot_v1_dot_backbone__pb2.PredictRequest.SerializeToString,
                 response_deserializer=blackbox_dot_v1_dot_backbone__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.PredictStream = channel.stream_stream(
+                '/blackbox.v1.Backbone/PredictStream',
+                request_serializer=blackbox_dot_v1_dot_backbone__pb2.PredictRequest.SerializeToString,
+                response_deserializer=blackbox_dot_v1_dot_backbone__pb2.PredictResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/blackbox.v1.Backbone/Generate',
                 request_serializer=blackbox_dot_v1_dot_backbone__pb2.GenerateRequest.SerializeToString,
@@ -179,6 +184,15 @@ class BackboneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PredictStream(self, request_iterator, context):
+        """Predict over a large input in one call: the client streams slices of texts, the first
+        naming (or giving) the delta and the later ones texts only; the server answers each
+        slice with its PredictResponse, in order, as it is scored. Each slice is one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Text continuation under a stored or given delta (causal models), from the template
         filled in with each text, up to {mask}: where the tuned model speaks.
@@ -242,6 +256,11 @@ def add_BackboneServicer_to_server(servicer, server):
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
+                    request_deserializer=blackbox_dot_v1_dot_backbone__pb2.PredictRequest.FromString,
+                    response_serializer=blackbox_dot_v1_dot_backbone__pb2.PredictResponse.SerializeToString,
+            ),
+            'PredictStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PredictStream,
                     request_deserializer=blackbox_dot_v1_dot_backbone__pb2.PredictRequest.FromString,
                     response_serializer=blackbox_dot_v1_dot_backbone__pb2.PredictResponse.SerializeToString,
             ),
@@ -546,6 +565,33 @@ class Backbone:
             request,
             target,
             '/blackbox.v1.Backbone/Predict',
+            blackbox_dot_v1_dot_backbone__pb2.PredictRequest.SerializeToString,
+            blackbox_dot_v1_dot_backbone__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/blackbox.v1.Backbone/PredictStream',
             blackbox_dot_v1_dot_backbone__pb2.PredictRequest.SerializeToString,
             blackbox_dot_v1_dot_backbone__pb2.PredictResponse.FromString,
             options,

@@ -1,5 +1,5 @@
 """Tuned deltas kept on the server and used without weights (issue 16): SaveDelta,
-ListDeltas, DeleteDelta and Predict, per tenant, across restarts."""
+ListDeltas, DeleteDelta, Predict and PredictStream, per tenant, across restarts."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from backbone_server.server import Service, create_server
 from backbone_server.tenants import Tenant, TenantDirectory
 from blackbox.client import BackboneClient, BackboneError, DeltaSpec, SavedDelta
 from blackbox.tasks import Example
+from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1.auth import hash_key
 
 TRAIN = [Example("a great film", None, 1), Example("a bad film", None, 0), Example("very good", None, 1),
@@ -162,3 +163,56 @@ def _config(delta):
     from backbone_server.deltas import DeltaConfig
 
     return DeltaConfig.from_message(delta.to_message())
+
+
+# ---- PredictStream: large inputs in one streamed call ----------------------------------------
+
+
+def test_a_predict_stream_answers_each_slice_as_predict_does(server):
+    slices = [TEXTS, TEXTS[:1], [("a third slice", None), ("and more", None)]]
+    with connect(server, "alice") as alice:
+        alice.save_delta(saved())
+        before = alice.usage().calls_used
+        streamed = list(alice.predict_stream(slices, name="sentiment"))
+        after = alice.usage().calls_used
+        alone = [alice.predict(batch, name="sentiment") for batch in slices]
+        given = list(alice.predict_stream(slices, delta=saved()))
+    assert after - before == len(slices)  # one call per slice
+    for got, want, whole in zip(streamed, alone, given):
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_allclose(got.probabilities, want.probabilities, atol=1e-6)
+        np.testing.assert_allclose(whole.probabilities, want.probabilities, atol=1e-6)
+        assert got.label_words == VERBALIZER
+    assert [len(p.labels) for p in streamed] == [len(s) for s in slices]
+
+
+def test_a_predict_stream_refuses_what_predict_refuses_and_a_delta_after_the_first(server):
+    with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        alice.save_delta(saved())
+        assert code_of(lambda: list(bob.predict_stream([TEXTS], name="sentiment")))[0] == grpc.StatusCode.NOT_FOUND
+        assert code_of(lambda: list(alice.predict_stream([TEXTS, []], name="sentiment")))[0] == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        got = []
+
+        def two_deltas():
+            first = pb.PredictRequest(delta_name="sentiment", texts=[pb.Example(text_a="good")])
+            second = pb.PredictRequest(delta_name="sentiment", texts=[pb.Example(text_a="bad")])
+            for response in alice._stub.PredictStream(iter([first, second]), metadata=alice._metadata):
+                got.append(response)
+
+        with pytest.raises(grpc.RpcError) as caught:
+            two_deltas()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "first request" in caught.value.details()
+        assert len(got) == 1  # the first slice was answered before the second was refused
+        code, _ = code_of(lambda: list(BackboneClient(server.address).predict_stream([TEXTS], name="sentiment")))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_undecodable_request_in_a_stream_is_invalid_argument(server):
+    channel = grpc.insecure_channel(server.address)
+    method = channel.stream_stream("/blackbox.v1.Backbone/PredictStream", request_serializer=lambda raw: raw,
+                                   response_deserializer=lambda raw: raw)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(method(iter([b"\xff\xff\xff"]), metadata=[("authorization", f"Bearer {KEYS['alice']}")]))
+    channel.close()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
