@@ -397,8 +397,9 @@ def segment_hooks(segments: list[tuple[Delta, torch.Tensor, torch.Tensor, int, i
     rows) segment's own hook on that segment's rows."""
     hooked: dict[tuple[torch.nn.Module, bool], list[tuple[int, int, Callable]]] = {}
     for delta, params, slots, first, size in segments:
-        for module, hook in delta.row_hooks(params, slots):
-            hooked.setdefault((module, delta.row_hooks_pre), []).append((first, first + size, hook))
+        for pre, hooks in delta.row_hook_sets(params, slots):
+            for module, hook in hooks:
+                hooked.setdefault((module, pre), []).append((first, first + size, hook))
     post = [(module, _segmented(parts)) for (module, pre), parts in hooked.items() if not pre]
     pre = [(module, _segmented_pre(parts)) for (module, pre), parts in hooked.items() if pre]
     return post, pre

@@ -265,6 +265,12 @@ class Delta:
         with `row_local` only)."""
         raise NotImplementedError(f"delta kind {self.name!r} has no row-local hooks")
 
+    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None
+                      ) -> list[tuple[bool, list[tuple[torch.nn.Module, Callable]]]]:
+        """Its row-local hooks as (pre, hooks) sets: `row_hooks` in one set of its form by
+        default; a combination gives one set per part, so its parts' forms may differ."""
+        return [(self.row_hooks_pre, self.row_hooks(params, slots))]
+
     @property
     def num_parameters(self) -> int:
         """D: the size of the delta generated from z (prompt vectors or module parameters)."""

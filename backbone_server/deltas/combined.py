@@ -194,19 +194,14 @@ class CombinedDelta(Delta):
 
     @property
     def row_local(self) -> bool:
-        """Row-local when every part that changes modules is, and all their hooks are of one form."""
-        hooked = [part for part, _ in self._hooked_parts]
-        return all(part.row_local for part in hooked) and len({part.row_hooks_pre for part in hooked}) <= 1
+        """Row-local when every part that changes modules is."""
+        return all(part.row_local for part, _ in self._hooked_parts)
 
-    @property
-    def row_hooks_pre(self) -> bool:
-        return any(part.row_hooks_pre for part, _ in self._hooked_parts)
-
-    def row_hooks(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
-        hooks = []
+    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
+        sets = []
         for part, first in self._hooked_parts:
-            hooks += part.row_hooks(params[:, first:first + part.layout.size], slots)
-        return hooks
+            sets += part.row_hook_sets(params[:, first:first + part.layout.size], slots)
+        return sets
 
     @contextlib.contextmanager
     def patched(self, params: torch.Tensor | None, slots: torch.Tensor | None = None, routing=None):

@@ -23,9 +23,10 @@ TEMPLATES = {
     "deep-prompt": "{text_a}{prompt} It was {mask}",
     "prompt+lora": "{text_a}{prompt} It was {mask}",
     "prefix+lora": "{text_a} It was {prompt} so {mask}",
+    "deep-prompt+bias": "{text_a}{prompt} It was {mask}",
 }
 KINDS = ["prompt", "prefix", "deep-prompt", "lora", "adapter", "bias", "prompt+lora", "prefix+lora",
-         "unipelt:lora+adapter"]
+         "deep-prompt+bias", "unipelt:lora+adapter"]
 TEXTS = [
     [("the movie was great and the music was very good", ""), ("bad", "")],
     [("one of the best films of the year , really", "")],

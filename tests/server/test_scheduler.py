@@ -28,6 +28,9 @@ KINDS = {
     "unipelt": (DeltaConfig(kind="unipelt:lora+adapter", prompt_length=0, intrinsic_dim=8), "{text_a} It was {mask}"),
     "deep-prompt+bias": (DeltaConfig(kind="deep-prompt+bias", prompt_length=2, intrinsic_dim=6),
                          "{text_a} {prompt} It was {mask}"),
+    "deep-prompt+lora": (DeltaConfig(kind="deep-prompt+lora", prompt_length=2, intrinsic_dim=6),
+                         "{prompt} {text_a} It was {mask}"),
+    "adamix": (DeltaConfig(kind="adamix:lora", prompt_length=0, intrinsic_dim=6), "{text_a} It was {mask}"),
 }
 
 
@@ -112,6 +115,28 @@ def test_weight_kinds_of_many_sessions_share_forwards_each_on_its_own_rows(model
     for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
     assert engine.merger.merged_chunks >= 6
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2", "tiny_roberta"])
+def test_a_deep_prompt_with_a_weight_kind_shares_forwards_its_hooks_of_both_forms_on_its_rows(model, request):
+    """A deep prompt's pre-hooks and a weight kind's forward hooks, in one combination,
+    beside other sessions' LoRA and deep prompts."""
+    backbone = request.getfixturevalue(model)
+    kinds = ["deep-prompt+bias", "deep-prompt+lora", "lora", "deep-prompt"]
+    got, engine = together(backbone, kinds)
+    want = alone(backbone, kinds)
+    for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    assert engine.merger.merged_chunks >= 5  # more than the plain LoRA and deep-prompt sessions' 4
+
+
+def test_adamix_runs_alone_beside_merged_kinds(tiny_llama):
+    kinds = ["adamix", "lora"]
+    got, engine = together(tiny_llama, kinds)
+    want = alone(tiny_llama, kinds)
+    for name, a, b in zip([k for k in kinds for _ in range(2)], got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    assert engine.merger.merged_chunks <= 2  # the two LoRA sessions at most
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
