@@ -41,6 +41,7 @@ from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
 from backbone_server.scoring import (
     LOSSES,
+    Chunk,
     PopulationGradients,
     PopulationScores,
     Scorer,
@@ -264,7 +265,7 @@ class Engine:
             if cancelled is not None and cancelled():
                 raise Cancelled("the caller went away; the rest of the request was not computed")
             if self.merger.window_s > 0 and self.scorer.mergeable(session, bucket, group_params, prefix):
-                return self.merger.forward(session, bucket, group, group_params, prefix, tenant.name,
+                return self.merger.forward(Chunk(session, bucket, group, group_params, prefix, routing), tenant.name,
                                            self.bounds.inference, cancelled)
             with self.turns.turn(tenant.name, cancelled):
                 return self.scorer.forward_chunk(session, bucket, group, group_params, prefix, routing)

@@ -56,7 +56,7 @@ from backbone_server.deltas.budget import SEED_MODULUS, derived_seed
 from backbone_server.encoding import EncodedExample, TemplateEncoder
 from backbone_server.errors import InvalidArgument, ResourceExhausted
 from backbone_server.models import Backbone
-from backbone_server.scoring import Scorer, TokenBounds, out_of_memory, segment_hooks
+from backbone_server.scoring import Scorer, Segment, TokenBounds, out_of_memory, segment_hooks
 from backbone_server.deltas.hooks import forward_hooks
 
 MAX_NEW_TOKENS = 1024
@@ -396,7 +396,7 @@ def decode_together(generations: list[Generation], chosen: list[torch.Tensor]) -
         positions = torch.cat([g.next_position for g in generations])[:, None]
         masks = [torch.cat([g.mask, g.mask.new_ones(len(g.mask), 1)], dim=1) for g in generations]
         mask = torch.cat([F.pad(own, (longest + 1 - own.shape[1], 0)) for own in masks])
-        segments = [(g.delta, g.params, torch.full((end - first, 1), -1, device=ids.device), first, end - first)
+        segments = [Segment(g.delta, g.params, torch.full((end - first, 1), -1, device=ids.device), first, end - first)
                     for g, (first, end) in ((g, joint.rows[g]) for g in generations)
                     if g.params is not None and g.delta.changes_modules]
         post, pre = segment_hooks(segments)

@@ -1,23 +1,24 @@
 """Many sessions in one forward (in-batch parallel computing, Delta Tuning; S-LoRA's and
-Punica's idea for adapters): chunks of different requests that arrive within a short
+Punica's idea for adapters): steps of different requests that arrive within a short
 window and can share a forward are run as one.
 
-A chunk can share when its forward is its rows behind nothing or behind the shared states
-of its tokens ahead, changed by row-local hooks at most (`Scorer.mergeable`: soft prompts
-spliced into the rows; LoRA, adapters, bias and deep prompts, each hooked on its own
-rows), or, along the shared-attention path, a prefix's rows behind its own virtual keys
-and values. Chunks of the two paths never share a forward. Combinations merge when their
-parts do. Any other chunk (AdaMix, a deep prompt combined with a weight kind) runs in its
-own forward, as before.
+A chunk of an Evaluate can share when its forward is its rows behind nothing or behind
+the shared states of its tokens ahead, changed by row-local hooks at most
+(`Scorer.mergeable`: soft prompts spliced into the rows; LoRA, adapters, bias, deep
+prompts and AdaMix, each hooked on its own rows, AdaMix's rows on their routed copies),
+or, along the shared-attention path, a prefix's rows behind its own virtual keys and
+values. Chunks of the two paths never share a forward. Combinations merge when their
+parts do, whatever their hooks' forms. A prefix combined with a weight kind runs in its
+own forward: its tokens ahead run per candidate, under its hooks.
 
-Generate's token steps merge the same way, along a path of their own (`DecodeStep`): one
-new token for every row of several generations in one forward, each generation's KV
-cache padded ahead to the longest and its weight kind hooked on its own rows
-(`generation.decode_together`).
+Generate's token steps merge along a path of their own (`DecodeStep`): one new token for
+every row of several generations in one forward, each generation's KV cache padded ahead
+to the longest and its hooks on its own rows (`generation.decode_together`), for every
+kind.
 
 There is no scheduler thread. A request's step (a chunk, a token step) is put in the
-pending list; the request
-waits the window when other requests are in flight, then takes its turn at the model
+pending list; the request waits the window when other requests are in flight (closed
+early once every request in flight has a step waiting), then takes its turn at the model
 (`FairTurns`, so tenants are still served round robin). In its turn it runs every
 pending step of its path that fits the token bound with its own, in one forward, and
 hands each its logits. A step already run by another request's turn returns at once. A
@@ -35,10 +36,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
-from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.fairness import FairTurns
-from backbone_server.scoring import Scorer, out_of_memory
-from backbone_server.sessions import SessionState
+from backbone_server.scoring import Chunk, Scorer, out_of_memory
 
 if TYPE_CHECKING:
     from backbone_server.generation import Generation
@@ -75,21 +74,16 @@ class Step:
 class ChunkStep(Step):
     """A chunk of an Evaluate (or Predict): its candidates on one bucket, `Scorer.forward_chunk`."""
 
-    def __init__(self, scorer: Scorer, session: SessionState, bucket: Bucket, group: torch.Tensor,
-                 params: torch.Tensor | None, prefix: PrefixStates | None):
+    def __init__(self, scorer: Scorer, chunk: Chunk):
         super().__init__()
         self.scorer = scorer
-        self.session = session
-        self.bucket = bucket
-        self.group = group  # (p, n, h) prompts
-        self.params = params  # (p, D) module parameters of a row-local kind
-        self.prefix = prefix  # the shared states of its tokens ahead, if any
-        self.path = scorer.merge_path(bucket)
-        self.tokens = len(group) * bucket.tokens_per_candidate
+        self.chunk = chunk
+        self.path = scorer.merge_path(chunk.bucket)
+        self.tokens = len(chunk.group) * chunk.bucket.tokens_per_candidate
 
     @property
     def width(self) -> int:
-        return self.bucket.row_ids.shape[1]
+        return self.chunk.bucket.row_ids.shape[1]
 
     def joins(self, other: "ChunkStep") -> bool:
         # Rows are padded to the widest: a much wider or narrower chunk would cost more in
@@ -97,11 +91,12 @@ class ChunkStep(Step):
         return abs(other.width - self.width) <= MAX_WIDTH_GAP * self.width
 
     def run_alone(self) -> torch.Tensor:
-        return self.scorer.forward_chunk(self.session, self.bucket, self.group, self.params, self.prefix)
+        c = self.chunk
+        return self.scorer.forward_chunk(c.session, c.bucket, c.group, c.params, c.prefix, c.routing)
 
     @staticmethod
     def run_together(steps: list["ChunkStep"]) -> list[torch.Tensor]:
-        return steps[0].scorer.forward_merged([(s.session, s.bucket, s.group, s.params, s.prefix) for s in steps])
+        return steps[0].scorer.forward_merged([s.chunk for s in steps])
 
 
 class DecodeStep(Step):
@@ -155,11 +150,9 @@ class ForwardMerger:
             with self._lock:
                 self._in_flight -= 1
 
-    def forward(self, session: SessionState, bucket: Bucket, group: torch.Tensor, params: torch.Tensor | None,
-                prefix: PrefixStates | None, tenant: str, bound: int,
-                cancelled: Callable[[], bool] | None) -> torch.Tensor:
+    def forward(self, chunk: Chunk, tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
         """The chunk's (p, B, C) logits, computed in a forward shared with other pending chunks."""
-        return self.submit(ChunkStep(self.scorer, session, bucket, group, params, prefix), tenant, bound, cancelled)
+        return self.submit(ChunkStep(self.scorer, chunk), tenant, bound, cancelled)
 
     def submit(self, step: Step, tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
         """The step's logits, computed in a forward shared with other pending steps of its path."""

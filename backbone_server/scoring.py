@@ -36,6 +36,18 @@ LOSSES = ("ce", "hinge")
 
 
 @dataclass
+class Chunk:
+    """Some candidates of one session on one bucket: what one forward scores."""
+
+    session: SessionState
+    bucket: Bucket
+    group: torch.Tensor  # (p, n, h) prompts
+    params: torch.Tensor | None  # (p, D) module parameters, or None
+    prefix: PrefixStates | None  # the shared states of the bucket's tokens ahead, if any
+    routing: Routing | None = None
+
+
+@dataclass
 class TokenBounds:
     """Rows x tokens one forward may hold: for inference, and with autograd kept for a
     backward. They only shrink, when a forward runs out of memory."""
@@ -208,8 +220,8 @@ class Scorer:
                   prefix: PrefixStates | None) -> bool:
         """Whether this chunk's forward can share a forward with other sessions' chunks
         (`scheduler.py`): its rows, spliced with its candidates' prompts, behind nothing or
-        behind the shared states of its tokens ahead; no virtual keys and values, no
-        changed modules."""
+        behind the shared states of its tokens ahead, its modules changed by row-local
+        hooks at most; or a prefix's rows and virtual keys and values, no module changed."""
         delta = session.delta
         if bucket.prefix_ids is not None and prefix is None:  # tokens ahead run per candidate
             return False
@@ -227,19 +239,18 @@ class Scorer:
         keys and values, or the cache path."""
         return "shared" if bucket.virtual else "cache"
 
-    def forward_merged(self, chunks: list[tuple[SessionState, Bucket, torch.Tensor, torch.Tensor | None,
-                                                PrefixStates | None]]) -> list[torch.Tensor]:
-        """One forward of several mergeable chunks (session, bucket, prompts, module
-        parameters, prefix states) -> each chunk's (p, B, C) verbalizer logits. Rows are
+    def forward_merged(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """One forward of several mergeable chunks -> each chunk's (p, B, C) verbalizer logits. Rows are
         padded on the right to the widest, the states ahead on the right to the longest,
         both masked there; a causal model gets every row's own positions, so that no real
         position moves. Each chunk's module hooks act on its own rows (segment-wise, as
         S-LoRA and Punica serve many adapters in one batch)."""
-        if chunks[0][1].virtual:
+        if chunks[0].bucket.virtual:
             return self._forward_merged_shared(chunks)
         causal = self.backbone.architecture == "causal"
         parts = []
-        for session, bucket, group, _, prefix in chunks:
+        for chunk in chunks:
+            session, bucket, group, prefix = chunk.session, chunk.bucket, chunk.group, chunk.prefix
             p = len(group)
             rows = self.rows(bucket, group)
             positions = _positions(bucket, p, rows.shape[1], rows.device)
@@ -275,20 +286,20 @@ class Scorer:
         with forward_hooks(post), forward_hooks(pre, pre=True):
             hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         logits, first = [], 0
-        for (session, bucket, group, _, _), (part, *_) in zip(chunks, parts):
-            logits.append(self._read(session, bucket, hidden[first:first + len(part)], len(group)))
+        for chunk, (part, *_) in zip(chunks, parts):
+            logits.append(self._read(chunk.session, chunk.bucket, hidden[first:first + len(part)], len(chunk.group)))
             first += len(part)
         return logits
 
-    def _forward_merged_shared(self, chunks) -> list[torch.Tensor]:
+    def _forward_merged_shared(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """`forward_merged` of prefix chunks: each row segment attends over its own chunk's
         tokens ahead and virtual keys and values (`attention.attending` with segments)."""
         parts, segments, first = [], [], 0
-        for session, bucket, group, params, prefix in chunks:
-            rows = self.rows(bucket, group)
-            parts.append((rows, _positions(bucket, len(group), rows.shape[1], rows.device)))
-            segments.append((first, first + len(rows),
-                             self._shared_past(session.delta, bucket, prefix, params, len(group))))
+        for chunk in chunks:
+            rows = self.rows(chunk.bucket, chunk.group)
+            parts.append((rows, _positions(chunk.bucket, len(chunk.group), rows.shape[1], rows.device)))
+            segments.append((first, first + len(rows), self._shared_past(chunk.session.delta, chunk.bucket, chunk.prefix,
+                                                                         chunk.params, len(chunk.group))))
             first += len(rows)
         width = max(rows.shape[1] for rows, _ in parts)
         rows = torch.cat([F.pad(r, (0, 0, 0, width - r.shape[1])) for r, _ in parts])
@@ -297,8 +308,8 @@ class Scorer:
         # Padding sits after each row's own tokens, where causal attention never looks back to it.
         with attention.attending(self.backbone, segments):
             hidden = self.backbone.body(inputs_embeds=rows, use_cache=False, position_ids=positions).last_hidden_state
-        return [self._read(session, bucket, hidden[a:b], len(group))
-                for (session, bucket, group, _, _), (a, b, _) in zip(chunks, segments)]
+        return [self._read(chunk.session, chunk.bucket, hidden[a:b], len(chunk.group))
+                for chunk, (a, b, _) in zip(chunks, segments)]
 
     def count_forward(self, rows: int) -> None:
         self.forwards += 1  # under the turn: one forward at a time
@@ -380,24 +391,39 @@ def _positions(bucket: Bucket, p: int, width: int, device) -> torch.Tensor:
     return (start[:, None] + torch.arange(width, device=device)).repeat(p, 1)
 
 
-def _segment_hooks(chunks, sizes: list[int], width: int) -> tuple[list, list]:
+def _segment_hooks(chunks: list[Chunk], sizes: list[int], width: int) -> tuple[list, list]:
     """`segment_hooks` of merged chunks: each chunk's rows with their prompt slots padded to `width`."""
     segments, first = [], 0
-    for (session, bucket, _, params, _), size in zip(chunks, sizes):
-        if params is not None:
-            slots = torch.where(bucket.row_ids < 0, (-bucket.row_ids - 1).clamp(min=0), -1)
-            segments.append((session.delta, params, F.pad(slots, (0, width - slots.shape[1]), value=-1), first, size))
+    for chunk, size in zip(chunks, sizes):
+        if chunk.params is not None and chunk.session.delta.changes_modules:
+            row_ids = chunk.bucket.row_ids
+            slots = torch.where(row_ids < 0, (-row_ids - 1).clamp(min=0), -1)
+            segments.append(Segment(chunk.session.delta, chunk.params,
+                                    F.pad(slots, (0, width - slots.shape[1]), value=-1), first, size, chunk.routing))
         first += size
     return segment_hooks(segments)
 
 
-def segment_hooks(segments: list[tuple[Delta, torch.Tensor, torch.Tensor, int, int]]) -> tuple[list, list]:
+@dataclass
+class Segment:
+    """Rows first .. first + size of a merged forward, under one row-local delta."""
+
+    delta: Delta
+    params: torch.Tensor  # (p, D)
+    slots: torch.Tensor  # (B, L): the prompt slot of each position, or -1
+    first: int
+    size: int
+    routing: Routing | None = None
+
+
+def segment_hooks(segments: list[Segment]) -> tuple[list, list]:
     """(forward hooks, forward pre-hooks) of a forward whose rows belong to several row-local
-    deltas: one per hooked module, each running every (delta, params, slots, first row,
-    rows) segment's own hook on that segment's rows."""
+    deltas: one per hooked module, each running every segment's own hook on that
+    segment's rows."""
     hooked: dict[tuple[torch.nn.Module, bool], list[tuple[int, int, Callable]]] = {}
-    for delta, params, slots, first, size in segments:
-        for pre, hooks in delta.row_hook_sets(params, slots):
+    for segment in segments:
+        first, size = segment.first, segment.size
+        for pre, hooks in segment.delta.row_hook_sets(segment.params, segment.slots, segment.routing):
             for module, hook in hooks:
                 hooked.setdefault((module, pre), []).append((first, first + size, hook))
     post = [(module, _segmented(parts)) for (module, pre), parts in hooked.items() if not pre]

@@ -95,14 +95,30 @@ class AdaMixDelta(Delta):
         return out
 
     def patched(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing: Routing | None = None):
+        return self.copies[0].patched(self._copy_parameters(params, routing), slots)
+
+    @property
+    def row_local(self) -> bool:
+        return self.copies[0].row_local
+
+    @property
+    def row_hooks_pre(self) -> bool:
+        return self.copies[0].row_hooks_pre
+
+    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None,
+                      routing: Routing | None = None) -> list:
+        return self.copies[0].row_hook_sets(self._copy_parameters(params, routing), slots)
+
+    def _copy_parameters(self, params: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        """What the copy's hooks take: (p, D) the copies averaged, or on a routed split
+        (p * B, D), each row its candidate's copy for its example (p * B candidates of a
+        row each)."""
         p = params.shape[0]
         copies = params.view(p, self.num_copies, self.size)
-        base = self.copies[0]
         if routing is None or not is_routed(routing.split):
-            return base.patched(copies.mean(dim=1), slots)
+            return copies.mean(dim=1)
         route = torch.tensor(self.route(routing.indices), device=params.device)  # (B,)
-        rows = copies[:, route]  # (p, B, D): each row's candidate's copy
-        return base.patched(rows.reshape(p * len(route), self.size), slots)
+        return copies[:, route].reshape(p * len(route), self.size)  # (p, B, D) rows, candidate-major
 
     def export(self, z: torch.Tensor, request: ExportRequest) -> Exported:
         """AdaMix's inference form: the copies' parameters averaged into one module."""

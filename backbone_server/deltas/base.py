@@ -265,10 +265,11 @@ class Delta:
         with `row_local` only)."""
         raise NotImplementedError(f"delta kind {self.name!r} has no row-local hooks")
 
-    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None
-                      ) -> list[tuple[bool, list[tuple[torch.nn.Module, Callable]]]]:
-        """Its row-local hooks as (pre, hooks) sets: `row_hooks` in one set of its form by
-        default; a combination gives one set per part, so its parts' forms may differ."""
+    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None,
+                      routing: Routing | None = None) -> list[tuple[bool, list[tuple[torch.nn.Module, Callable]]]]:
+        """Its row-local hooks as (pre, hooks) sets, what `patched` installs for these rows:
+        `row_hooks` in one set of its form by default; a combination gives one set per
+        part, so its parts' forms may differ; AdaMix its copies' hooks as `routing` says."""
         return [(self.row_hooks_pre, self.row_hooks(params, slots))]
 
     @property

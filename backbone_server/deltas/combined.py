@@ -197,10 +197,10 @@ class CombinedDelta(Delta):
         """Row-local when every part that changes modules is."""
         return all(part.row_local for part, _ in self._hooked_parts)
 
-    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None) -> list:
+    def row_hook_sets(self, params: torch.Tensor, slots: torch.Tensor | None = None, routing=None) -> list:
         sets = []
         for part, first in self._hooked_parts:
-            sets += part.row_hook_sets(params[:, first:first + part.layout.size], slots)
+            sets += part.row_hook_sets(params[:, first:first + part.layout.size], slots, routing)
         return sets
 
     @contextlib.contextmanager

@@ -26,7 +26,7 @@ TEMPLATES = {
     "deep-prompt+bias": "{text_a}{prompt} It was {mask}",
 }
 KINDS = ["prompt", "prefix", "deep-prompt", "lora", "adapter", "bias", "prompt+lora", "prefix+lora",
-         "deep-prompt+bias", "unipelt:lora+adapter"]
+         "deep-prompt+bias", "unipelt:lora+adapter", "adamix:lora"]
 TEXTS = [
     [("the movie was great and the music was very good", ""), ("bad", "")],
     [("one of the best films of the year , really", "")],
@@ -147,14 +147,6 @@ def test_a_failed_merged_forward_leaves_each_generation_to_go_on_alone(tiny_llam
             logits[g].append(g.decode(token).clone())
             token = g.take(logits[g][-1])
     assert_same([(g, logits[g]) for g in generations], expected)
-
-
-def test_adamix_generations_decode_alone(tiny_llama):
-    engine = Engine(tiny_llama)
-    session, z = made(engine, "adamix:lora", 0)
-    generation = generation_of(tiny_llama, session, z, TEXTS[0], 2)
-    generation.take(generation.start())
-    assert not generation.mergeable
 
 
 def concurrent(engine, specs):
