@@ -213,9 +213,22 @@ class Fuzzer:
     def connect(self, address: str) -> None:
         self.address = address
         self.channel = grpc.insecure_channel(address, options=client_options())
-        self.raw = {m.name: self.channel.unary_unary(method_path(m.name), request_serializer=None,
-                                                     response_deserializer=None) for m in self.methods}
+        self.raw = {m.name: self._raw_method(m) for m in self.methods}
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def _raw_method(self, method):
+        """A callable (body, timeout, metadata) -> response bytes; a streaming method gets
+        the body as its one request and answers its last response."""
+        if not (method.client_streaming or method.server_streaming):
+            return self.channel.unary_unary(method_path(method.name), request_serializer=None,
+                                            response_deserializer=None)
+        stream = self.channel.stream_stream(method_path(method.name), request_serializer=None,
+                                            response_deserializer=None)
+
+        def call(body, timeout, metadata):
+            responses = list(stream(iter([body]), timeout=timeout, metadata=metadata))
+            return responses[-1] if responses else b""
+        return call
 
     def health(self) -> str:
         try:
