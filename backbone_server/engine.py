@@ -36,7 +36,7 @@ from backbone_server.deltas.budget import MAX_DELTA_BYTES
 from backbone_server.encoding import TemplateEncoder
 from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted, shown
 from backbone_server.fairness import FairTurns
-from backbone_server.scheduler import DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger
+from backbone_server.scheduler import CPU_MERGE_TOKENS, DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
 from backbone_server.scoring import (
@@ -87,7 +87,8 @@ class Engine:
                  allow_gradients: bool = False, subspaces: dict | None = None,
                  allow_subspace_uploads: bool = False, max_subspace_bytes: int = DEFAULT_MAX_BYTES,
                  limits: Limits | None = None, range_cache: RangeCache | None = None,
-                 store: ServerStore | None = None, batch_window_ms: float | None = None):
+                 store: ServerStore | None = None, batch_window_ms: float | None = None,
+                 merge_max_tokens: int | None = None):
         if max_batch_tokens < 0:
             raise ValueError("max_batch_tokens must be positive (or 0 to derive it from free memory)")
         self.backbone = backbone
@@ -111,12 +112,16 @@ class Engine:
         # Everything that runs the model takes its turn here, one step at a time.
         self.turns = FairTurns()
         self._built: OrderedDict[str, Delta] = OrderedDict()  # transient sessions' deltas, by config
-        # Chunks of different requests that can share a forward run as one (0 ms: never).
-        # None: on a GPU only; on a CPU merged forwards measured no faster (docs/performance.md)
-        # and they round differently from a request alone.
+        # Steps of different requests that can share a forward run as one (0 ms: never).
+        # None: on a GPU only; on a CPU merged forwards gain little (docs/performance.md)
+        # and they round differently from a request alone. A CPU's forwards stop getting
+        # cheaper per token at about CPU_MERGE_TOKENS; a GPU's merge up to the memory bound.
+        on_gpu = backbone.device.type == "cuda"
         if batch_window_ms is None:
-            batch_window_ms = DEFAULT_WINDOW_MS if backbone.device.type == "cuda" else 0.0
-        self.merger = ForwardMerger(self.scorer, self.turns, batch_window_ms / 1e3)
+            batch_window_ms = DEFAULT_WINDOW_MS if on_gpu else 0.0
+        if merge_max_tokens is None:
+            merge_max_tokens = 0 if on_gpu else CPU_MERGE_TOKENS
+        self.merger = ForwardMerger(self.scorer, self.turns, batch_window_ms / 1e3, merge_max_tokens)
 
     @property
     def max_batch_tokens(self) -> int:

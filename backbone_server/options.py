@@ -69,10 +69,13 @@ def add_service_arguments(parser: argparse.ArgumentParser) -> None:
                          help="what one session's delta may pin: its projections, start and scales (a dense "
                               "projection is d x D floats; fastfood and sparse ones store far less)")
     service.add_argument("--batch-window-ms", type=float, default=None,
-                         help="how long a chunk waits for other requests' chunks to share its forward, when others "
-                              "are in flight (0: never merge; default: 2 on a GPU, 0 on a CPU, where merging "
-                              "measured no faster); soft prompts, prefixes, LoRA, adapters, bias, deep prompts and their "
-                              "combinations merge, AdaMix runs alone")
+                         help="how long a step (a chunk of an Evaluate or Predict, a token of a Generate) waits "
+                              "for other requests' steps to share its forward, when others are in flight (0: never "
+                              "merge; default: 2 on a GPU, 0 on a CPU)")
+    service.add_argument("--merge-max-tokens", type=int, default=None,
+                         help="the most tokens a merged forward holds (0: as many as memory allows; default: that "
+                              "on a GPU, 1024 on a CPU, past which a bigger forward measured no cheaper "
+                              "per token: scripts/bench_forward_sizes.py)")
     service.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     service.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics bind (default loopback)")
 

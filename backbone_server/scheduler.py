@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from backbone_server.generation import Generation
 
 DEFAULT_WINDOW_MS = 2.0
+# On the 2-core CPU box a forward of tiny-llama stopped getting cheaper per token at about
+# a thousand tokens (scripts/bench_forward_sizes.py); bigger merged forwards there only
+# spill the caches.
+CPU_MERGE_TOKENS = 1024
 MAX_WIDTH_GAP = 0.125  # chunks merge when their rows' widths differ by at most this fraction
 
 
@@ -111,7 +115,8 @@ class DecodeStep(Step):
         self.scorer = scorer  # counts the forwards
         self.generation = generation
         self.chosen = chosen  # (B,) the tokens this step runs
-        self.tokens = len(chosen) * (generation.cached_length + 1)
+        # What a merged forward holds of it: one new token per row (its cache is held anyway).
+        self.tokens = len(chosen)
 
     def run_alone(self) -> torch.Tensor:
         self.scorer.count_forward(len(self.chosen))
@@ -126,12 +131,16 @@ class DecodeStep(Step):
 
 
 class ForwardMerger:
-    """`window_s` 0: every step runs in its own forward."""
+    """`window_s` 0: every step runs in its own forward. `max_tokens`: the most tokens a
+    merged forward holds (0: the caller's bound alone); a step that fills it by itself
+    runs at once, without waiting the window."""
 
-    def __init__(self, scorer: Scorer, turns: FairTurns, window_s: float = DEFAULT_WINDOW_MS / 1e3):
+    def __init__(self, scorer: Scorer, turns: FairTurns, window_s: float = DEFAULT_WINDOW_MS / 1e3,
+                 max_tokens: int = 0):
         self.scorer = scorer
         self.turns = turns
         self.window_s = window_s
+        self.max_tokens = max_tokens
         self.merged_chunks = 0  # steps that shared a forward with another request's
         self.merged_by_path: Counter[str] = Counter()
         self._pending: list[Step] = []
@@ -156,10 +165,13 @@ class ForwardMerger:
 
     def submit(self, step: Step, tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
         """The step's logits, computed in a forward shared with other pending steps of its path."""
+        if self.max_tokens:
+            bound = min(bound, self.max_tokens)
         with self._lock:
             self._pending.append(step)
-            self._arrived.notify_all()
-            if self._in_flight > 1 and self.window_s > 0:
+            if len(self._pending) >= self._in_flight:
+                self._arrived.notify_all()  # the last one the others wait for
+            elif self._in_flight > 1 and self.window_s > 0 and step.tokens < bound:
                 # The window closes early once every request in flight has a step waiting:
                 # nobody else can come.
                 self._arrived.wait_for(lambda: step.done.is_set() or len(self._pending) >= self._in_flight,

@@ -134,9 +134,11 @@ class Service:
     range_cache_mb: float = 256
     session_cache_mb: float = 64
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    # How long a chunk waits for other requests' chunks to share its forward (0: off;
-    # None: DEFAULT_WINDOW_MS on a GPU, off on a CPU).
+    # How long a step waits for other requests' steps to share its forward (0: off;
+    # None: DEFAULT_WINDOW_MS on a GPU, off on a CPU), and the most tokens of a merged
+    # forward (0: the memory bound; None: that on a GPU, CPU_MERGE_TOKENS on a CPU).
     batch_window_ms: float | None = None
+    merge_max_tokens: int | None = None
 
     @property
     def logits(self) -> bool:
@@ -240,7 +242,8 @@ def create_server(model: str, address: str = "127.0.0.1:0", device: str = "auto"
                             max_subspace_bytes=int(max_subspace_mb * 2 ** 20), limits=service.limits,
                             range_cache=RangeCache(int(service.range_cache_mb * 2**20),
                                                    int(service.session_cache_mb * 2**20)),
-                            store=store, batch_window_ms=service.batch_window_ms)
+                            store=store, batch_window_ms=service.batch_window_ms,
+                            merge_max_tokens=service.merge_max_tokens)
             engine.scorer.on_forward = metrics.observe_forward
             servicer.engine = engine
             for name in ("", SERVICE_NAME):
@@ -297,6 +300,8 @@ def service_from_args(args: argparse.Namespace) -> Service:
             raise ValueError(f"cannot read {error.filename}: {error.strerror}") from None
     if args.batch_window_ms is not None and args.batch_window_ms < 0:
         raise ValueError("--batch-window-ms is >= 0 (0: every request's chunks in forwards of their own)")
+    if args.merge_max_tokens is not None and args.merge_max_tokens < 0:
+        raise ValueError("--merge-max-tokens is >= 0 (0: as many as memory allows)")
     if args.session_ttl < 0:
         raise ValueError("--session-ttl is in seconds, >= 0 (0: sessions never expire)")
     state_db = args.state_db
@@ -309,6 +314,7 @@ def service_from_args(args: argparse.Namespace) -> Service:
         state_db=state_db, tls=tls, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         range_cache_mb=args.cache_mb, session_cache_mb=args.session_cache_mb,
         max_message_bytes=int(args.max_message_mb * 2**20), batch_window_ms=args.batch_window_ms,
+        merge_max_tokens=args.merge_max_tokens,
     )
 
 

@@ -169,7 +169,7 @@ def concurrent(engine, specs):
 
 
 def test_concurrent_generate_requests_share_token_steps(tiny_llama):
-    engine = Engine(tiny_llama, batch_window_ms=200)
+    engine = Engine(tiny_llama, batch_window_ms=200, merge_max_tokens=0)
     specs = [(*made(engine, kind, i), TEXTS[i % 3], 6, {}) for i, kind in
              enumerate(["prompt", "lora", "prefix", "bias"])]
     expected = [g.results for g, _ in alone(tiny_llama, specs)]
@@ -182,7 +182,7 @@ def test_concurrent_generate_requests_share_token_steps(tiny_llama):
 def test_a_merged_token_step_out_of_memory_runs_each_alone(tiny_llama, monkeypatch):
     import backbone_server.generation as generation_module
 
-    engine = Engine(tiny_llama, batch_window_ms=200)
+    engine = Engine(tiny_llama, batch_window_ms=200, merge_max_tokens=0)
     specs = [(*made(engine, kind, i), TEXTS[i % 3], 4, {}) for i, kind in enumerate(["prompt", "lora", "bias"])]
     expected = [g.results for g, _ in alone(tiny_llama, specs)]
 

@@ -77,7 +77,7 @@ def at_once(engine, made):
 
 
 def together(backbone, kinds, window_ms=200):
-    engine = Engine(backbone, batch_window_ms=window_ms)
+    engine = Engine(backbone, batch_window_ms=window_ms, merge_max_tokens=0)
     return at_once(engine, sessions(engine, kinds)), engine
 
 
@@ -156,7 +156,7 @@ def test_prefixes_of_many_sessions_share_forwards_each_over_its_own_virtual_toke
 
 
 def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monkeypatch):
-    engine = Engine(tiny_roberta, batch_window_ms=200)
+    engine = Engine(tiny_roberta, batch_window_ms=200, merge_max_tokens=0)
     made = sessions(engine, ["prompt-first"], copies=3)
     want = Engine(tiny_roberta, batch_window_ms=0)
     calls = []
@@ -175,7 +175,7 @@ def test_a_merged_forward_out_of_memory_runs_each_chunk_alone(tiny_roberta, monk
 
 def test_chunks_of_very_different_widths_do_not_share_a_forward(tiny_roberta):
     """Padding a narrow chunk to a wide one's width would cost more than sharing saves."""
-    engine = Engine(tiny_roberta, batch_window_ms=200)
+    engine = Engine(tiny_roberta, batch_window_ms=200, merge_max_tokens=0)
     config, template = KINDS["prompt-first"]
     made = []
     for number, words in enumerate((3, 40)):
@@ -185,3 +185,26 @@ def test_chunks_of_very_different_widths_do_not_share_a_forward(tiny_roberta):
                                                                    config, tenant=tenant), population(number)))
     assert all(result is not None for result in at_once(engine, made))
     assert engine.merger.merged_chunks == 0 and engine.scorer.forwards == 2
+
+
+def test_merged_forwards_hold_at_most_merge_max_tokens(tiny_roberta):
+    """A CPU's merged forwards stop at the merge bound."""
+    kinds = ["prompt-first"] * 3
+    probe = Engine(tiny_roberta, batch_window_ms=0)
+    made = sessions(probe, kinds)
+    chunk_tokens = len(made[0][3]) * probe.batcher.buckets(made[0][2], "train", 0, made[0][2].select("train", 0, 0),
+                                                            probe.bounds.inference).__next__()[0].tokens_per_candidate
+    engine = Engine(tiny_roberta, batch_window_ms=200, merge_max_tokens=2 * chunk_tokens)
+    at_once(engine, sessions(engine, kinds))
+    assert 0 < engine.merger.merged_chunks <= 4  # pairs at most: three chunks never share one forward
+    assert engine.scorer.rows_per_forward() <= 2 * len(made[0][3]) * len(TEXTS)
+    lone = Engine(tiny_roberta, batch_window_ms=200, merge_max_tokens=chunk_tokens)
+    at_once(lone, sessions(lone, kinds))
+    assert lone.merger.merged_chunks == 0
+
+
+def test_a_cpu_engine_merges_up_to_its_merge_bound_and_a_gpu_one_to_memory(tiny_roberta):
+    from backbone_server.scheduler import CPU_MERGE_TOKENS
+
+    assert Engine(tiny_roberta).merger.max_tokens == CPU_MERGE_TOKENS
+    assert Engine(tiny_roberta, merge_max_tokens=0).merger.max_tokens == 0
