@@ -29,3 +29,11 @@ def test_bench_tenants_measures_generate_streams_too():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["workload"] == "generate" and report["merged"]["new_tokens_per_s"] > 0
     assert report["serial"]["merged_chunks"] == 0
+
+
+def test_bench_forward_sizes_prints_its_curve():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_forward_sizes.py"), "--model", "tiny-llama",
+                             "--reps", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(report["curve"]) == 8 and report["knee_tokens"] in [point["tokens"] for point in report["curve"]]
