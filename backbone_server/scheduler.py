@@ -132,8 +132,8 @@ class DecodeStep(Step):
 
 class ForwardMerger:
     """`window_s` 0: every step runs in its own forward. `max_tokens`: the most tokens a
-    merged forward holds (0: the caller's bound alone); a step that fills it by itself
-    runs at once, without waiting the window."""
+    merged forward holds (0: the caller's bound alone); a step with no room left for
+    another of its size runs at once, without waiting the window."""
 
     def __init__(self, scorer: Scorer, turns: FairTurns, window_s: float = DEFAULT_WINDOW_MS / 1e3,
                  max_tokens: int = 0):
@@ -171,9 +171,9 @@ class ForwardMerger:
             self._pending.append(step)
             if len(self._pending) >= self._in_flight:
                 self._arrived.notify_all()  # the last one the others wait for
-            elif self._in_flight > 1 and self.window_s > 0 and step.tokens < bound:
+            elif self._in_flight > 1 and self.window_s > 0 and 2 * step.tokens <= bound:
                 # The window closes early once every request in flight has a step waiting:
-                # nobody else can come.
+                # nobody else can come. A step with no room for one of its size waits for nobody.
                 self._arrived.wait_for(lambda: step.done.is_set() or len(self._pending) >= self._in_flight,
                                        self.window_s)
         if not step.done.is_set():

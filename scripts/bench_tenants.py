@@ -11,7 +11,9 @@ a stored delta. With `--workload generate` each tenant instead sends Generate ca
 own z), and the Predict tenant still runs beside them.
 
 The same streams run twice against servers on the same loaded model: with the
-scheduler's window (--window-ms) and with it off (0). Prints, per phase, calls/s (for
+scheduler's window (--window-ms) and with it off (0), each phase in --rounds stretches
+taking turns with the other's, so that a shared machine's drifting speed slows both
+alike. Prints, per phase, calls/s (for
 Evaluate, generations/s), rows per forward, and latency p50/p99 per tenant, and ends with
 one JSON line holding `merged_vs_serial` (throughput on / off), `rows_per_forward` and
 `p99_ms` (of the merged phase), and `p99_over_mean_max` (the worst tenant's p99 over the
@@ -56,11 +58,13 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1e3, 1) if values else None
 
 
-def phase(backbone, args, window_ms: float) -> dict:
+def phase(backbone, args, window_ms: float, seconds: float) -> dict:
+    """One stretch of the streams against a fresh server: what it measured, raw."""
     keys = {f"t{i}": f"bbx_t{i}" for i in range(args.tenants + 1)}
     directory = TenantDirectory({hash_key(k): Tenant(n, key_sha256=hash_key(k)) for n, k in keys.items()})
     running = create_server(args.model, "127.0.0.1:0", backbone=backbone,
-                            service=Service(tenants=directory, batch_window_ms=window_ms, allow_logits=True))
+                            service=Service(tenants=directory, batch_window_ms=window_ms, allow_logits=True,
+                                            merge_max_tokens=args.merge_max_tokens))
     running.wait_ready(timeout=300)
     takes_prompt = any(part in ("prompt", "prefix", "deep-prompt") for part in args.delta.split(":")[-1].split("+"))
     delta = DeltaSpec(kind=args.delta, prompt_length=args.prompt_length if takes_prompt else 0, intrinsic_dim=args.dim)
@@ -110,25 +114,40 @@ def phase(backbone, args, window_ms: float) -> dict:
         thread.start()
     start.wait()
     began = time.perf_counter()
-    time.sleep(args.seconds)
+    time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - began
     engine = running.servicer.engine
     running.stop(grace=0)
+    return {"latencies": latencies, "elapsed": elapsed, "forwards": engine.scorer.forwards,
+            "rows_run": engine.scorer.rows_run, "merged_chunks": engine.merger.merged_chunks,
+            "merged_by_path": dict(engine.merger.merged_by_path)}
+
+
+def summary(stretches: list[dict], args, window_ms: float) -> dict:
+    """A phase's stretches (its rounds) taken together."""
+    names = list(stretches[0]["latencies"])
+    latencies = {name: [s for stretch in stretches for s in stretch["latencies"][name]] for name in names}
+    elapsed = sum(stretch["elapsed"] for stretch in stretches)
+    forwards = sum(stretch["forwards"] for stretch in stretches)
     tuning = [s for name in names[:-1] for s in latencies[name]]
     mean = statistics.fmean(tuning) if tuning else 0.0
     per_tenant = {name: {"calls": len(latencies[name]), "p50_ms": percentile_ms(latencies[name], 50),
                          "p99_ms": percentile_ms(latencies[name], 99)} for name in names}
+    by_path: dict[str, int] = {}
+    for stretch in stretches:
+        for path, count in stretch["merged_by_path"].items():
+            by_path[path] = by_path.get(path, 0) + count
     result = {
-        "window_ms": window_ms, "seconds": round(elapsed, 2),
+        "window_ms": window_ms, "seconds": round(elapsed, 2), "rounds": len(stretches),
         "generations_per_s": round(len(tuning) / elapsed, 2),  # tenants' calls: Evaluate or Generate
         "new_tokens_per_s": round(len(tuning) * args.popsize * args.max_new_tokens / elapsed, 1)
         if args.workload == "generate" else None,
         "predicts_per_s": round(len(latencies[names[-1]]) / elapsed, 2),
-        "rows_per_forward": round(engine.scorer.rows_per_forward(), 1), "merged_chunks": engine.merger.merged_chunks,
-        "merged_by_path": dict(engine.merger.merged_by_path),
+        "rows_per_forward": round(sum(stretch["rows_run"] for stretch in stretches) / forwards, 1) if forwards else 0.0,
+        "merged_chunks": sum(stretch["merged_chunks"] for stretch in stretches), "merged_by_path": by_path,
         "p50_ms": percentile_ms(tuning, 50), "p99_ms": percentile_ms(tuning, 99),
         "p99_over_mean_max": round(max(per_tenant[n]["p99_ms"] for n in names[:-1]) / (mean * 1e3), 2)
         if mean else None,
@@ -146,7 +165,12 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="tiny-llama")
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--popsize", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (all its rounds)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="each phase runs in this many stretches, the two phases taking turns (on, off, off, on, "
+                             "...), so that a machine whose speed drifts slows both alike")
+    parser.add_argument("--merge-max-tokens", type=int, default=None,
+                        help="the server's merge bound (default: its own, 1024 on a CPU; 0: the memory bound)")
     parser.add_argument("--window-ms", type=float, default=2.0, help="the scheduler's window in the merged phase")
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--prompt-length", type=int, default=4)
@@ -162,14 +186,22 @@ def main(argv=None) -> int:
         parser.error("--workload generate: --popsize (texts per Generate call) 1..256")
     if not 1 <= args.max_new_tokens <= 1024:
         parser.error("--max-new-tokens 1..1024")
+    if not 1 <= args.rounds <= 100 or args.window_ms <= 0:
+        parser.error("--rounds 1..100, --window-ms > 0")
     backbone = load_backbone(args.model, device=args.device, dtype="float32" if args.device == "cpu" else "auto")
-    merged = phase(backbone, args, args.window_ms)
-    serial = phase(backbone, args, 0.0)
+    stretches: dict[float, list[dict]] = {args.window_ms: [], 0.0: []}
+    for number in range(args.rounds):
+        order = (args.window_ms, 0.0) if number % 2 == 0 else (0.0, args.window_ms)
+        for window_ms in order:
+            stretches[window_ms].append(phase(backbone, args, window_ms, args.seconds / args.rounds))
+    merged = summary(stretches[args.window_ms], args, args.window_ms)
+    serial = summary(stretches[0.0], args, 0.0)
     result = {
         "script": "bench_tenants", "model": args.model, "delta": args.delta, "device": str(backbone.device),
         "workload": args.workload, "max_new_tokens": args.max_new_tokens if args.workload == "generate" else None,
         "tenants": args.tenants,
-        "popsize": args.popsize, "seconds": args.seconds, "window_ms": args.window_ms,
+        "popsize": args.popsize, "seconds": args.seconds, "rounds": args.rounds, "window_ms": args.window_ms,
+        "merge_max_tokens": args.merge_max_tokens,
         "merged_vs_serial": round(merged["generations_per_s"] / serial["generations_per_s"], 3)
         if serial["generations_per_s"] else None,
         "rows_per_forward": merged["rows_per_forward"], "p99_ms": merged["p99_ms"],
