@@ -35,7 +35,14 @@ until every row has.
 
 `Generation.steps()` runs one forward per step and holds no hook, grad mode or lock
 between steps, so a caller (the engine) can give each step a turn of its own and stop
-between steps when its caller goes away; `generate` runs them all.
+between steps when its caller goes away; `generate` runs them all. The steps one by one
+are `start`, then `take` and `decode` until `take` answers None.
+
+Token steps of several generations (other requests, other deltas) share one forward in
+`decode_together`: their caches stacked into one joint cache, each padded ahead to the
+longest and masked there, kept while the same generations step together; each
+generation's hooks (`Delta.row_hook_sets`) act on its own rows. That is the engine's
+`DecodeStep` (`scheduler.py`).
 """
 
 from __future__ import annotations
@@ -53,11 +60,11 @@ from transformers.cache_utils import DynamicLayer
 from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.deltas import Delta
 from backbone_server.deltas.budget import SEED_MODULUS, derived_seed
+from backbone_server.deltas.hooks import forward_hooks
 from backbone_server.encoding import EncodedExample, TemplateEncoder
 from backbone_server.errors import InvalidArgument, ResourceExhausted
 from backbone_server.models import Backbone
 from backbone_server.scoring import Scorer, Segment, TokenBounds, out_of_memory, segment_hooks
-from backbone_server.deltas.hooks import forward_hooks
 
 MAX_NEW_TOKENS = 1024
 MAX_TEXTS = 256  # rows of one batch
