@@ -5,8 +5,6 @@ leaves every generation able to go on alone; the engine merges concurrent reques
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from backbone_server.deltas import DeltaConfig
 from backbone_server.engine import Engine
 from backbone_server.generation import Generation, decode_together
 from backbone_server.tenants import Tenant
+from tests.server.threads import released_together
 
 VERBALIZER = ["bad", "great"]
 TEMPLATES = {
@@ -151,21 +150,10 @@ def test_a_failed_merged_forward_leaves_each_generation_to_go_on_alone(tiny_llam
 
 def concurrent(engine, specs):
     """Each spec generated through `Engine.run_generation` from its own thread, all released together."""
-    results = [None] * len(specs)
-    start = threading.Barrier(len(specs))
-
-    def run(index):
-        session, z, texts, tokens, options = specs[index]
-        generation = generation_of(engine.backbone, session, z, texts, tokens, **options)
-        start.wait()
-        results[index] = engine.run_generation(generation, Tenant(f"t{index}"))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(specs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    generations = [generation_of(engine.backbone, session, z, texts, tokens, **options)
+                   for session, z, texts, tokens, options in specs]
+    return released_together([lambda i=i, g=g: engine.run_generation(g, Tenant(f"t{i}"))
+                              for i, g in enumerate(generations)])
 
 
 def test_concurrent_generate_requests_share_token_steps(tiny_llama):

@@ -3,8 +3,6 @@ each request alone, for every kind on both architectures, mixed kinds in one win
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch
 from backbone_server.deltas import DeltaConfig
 from backbone_server.engine import Engine
 from backbone_server.tenants import Tenant
+from tests.server.threads import released_together
 
 TEXTS = ["a great film", "a bad film", "very good indeed", "not good at all", "the story was fine",
          "music and story both weak", "I loved it", "dull"]
@@ -60,20 +59,7 @@ def alone(backbone, kinds):
 def at_once(engine, made):
     """Each (name, tenant, session, z) of `made` evaluated from its own thread, all
     released together -> their logits, in order (None where a call failed)."""
-    results = [None] * len(made)
-    start = threading.Barrier(len(made))
-
-    def run(index):
-        _, tenant, session, z = made[index]
-        start.wait()
-        results[index] = engine.evaluate(session.id, "train", z, tenant=tenant).logits
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(made))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    return released_together([lambda m=m: engine.evaluate(m[2].id, "train", m[3], tenant=m[1]).logits for m in made])
 
 
 def together(backbone, kinds, window_ms=200):
