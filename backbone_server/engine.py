@@ -25,7 +25,7 @@ import logging
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,9 +36,10 @@ from backbone_server.deltas.budget import MAX_DELTA_BYTES
 from backbone_server.encoding import TemplateEncoder
 from backbone_server.errors import Cancelled, InvalidArgument, PermissionDenied, ResourceExhausted, shown
 from backbone_server.fairness import FairTurns
-from backbone_server.scheduler import CPU_MERGE_TOKENS, DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger
+from backbone_server.generation import Generation, GenerationResult
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
+from backbone_server.scheduler import CPU_MERGE_TOKENS, DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger
 from backbone_server.scoring import (
     LOSSES,
     Chunk,
@@ -53,9 +54,6 @@ from backbone_server.sessions import SessionRegistry, SessionState, encode_split
 from backbone_server.store import ServerStore
 from backbone_server.subspace import DEFAULT_MAX_BYTES, MAX_UPLOADED, Subspace, check_name, subspace_from_bytes
 from backbone_server.tenants import Tenant, open_tenant
-
-if TYPE_CHECKING:
-    from backbone_server.generation import Generation, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +164,8 @@ class Engine:
         finally:
             self.batcher.ranges.drop_session(session.id)
 
-    def run_generation(self, generation: "Generation", tenant: Tenant,
-                       cancelled: Callable[[], bool] | None = None) -> list["GenerationResult"]:
+    def run_generation(self, generation: Generation, tenant: Tenant,
+                       cancelled: Callable[[], bool] | None = None) -> list[GenerationResult]:
         """Runs a Generation one forward per turn of the tenant: the input, then one token
         step at a time, each merged with other requests' token steps (`DecodeStep`) where
         the window is open and its delta allows."""

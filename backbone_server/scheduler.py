@@ -32,20 +32,18 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from backbone_server.fairness import FairTurns
+from backbone_server.generation import Generation, decode_together
 from backbone_server.scoring import Chunk, Scorer, out_of_memory
-
-if TYPE_CHECKING:
-    from backbone_server.generation import Generation
 
 DEFAULT_WINDOW_MS = 2.0
 # On the 2-core CPU box a forward of tiny-llama stopped getting cheaper per token at about
-# a thousand tokens (scripts/bench_forward_sizes.py); bigger merged forwards there only
-# spill the caches.
+# a thousand tokens (scripts/bench_forward_sizes.py); a bigger merged forward there gains
+# nothing per token and pays for its padding.
 CPU_MERGE_TOKENS = 1024
 MAX_WIDTH_GAP = 0.125  # chunks merge when their rows' widths differ by at most this fraction
 
@@ -110,7 +108,7 @@ class DecodeStep(Step):
 
     path = "decode"
 
-    def __init__(self, scorer: Scorer, generation: "Generation", chosen: torch.Tensor):
+    def __init__(self, scorer: Scorer, generation: Generation, chosen: torch.Tensor):
         super().__init__()
         self.scorer = scorer  # counts the forwards
         self.generation = generation
@@ -124,8 +122,6 @@ class DecodeStep(Step):
 
     @staticmethod
     def run_together(steps: list["DecodeStep"]) -> list[torch.Tensor]:
-        from backbone_server.generation import decode_together
-
         steps[0].scorer.count_forward(sum(len(s.chosen) for s in steps))
         return decode_together([s.generation for s in steps], [s.chosen for s in steps])
 

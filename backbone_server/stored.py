@@ -19,6 +19,7 @@ import numpy as np
 from backbone_server.deltas import DeltaConfig
 from backbone_server.engine import Engine
 from backbone_server.errors import InvalidArgument, ResourceExhausted, shown
+from backbone_server.generation import MAX_TEXTS, Generation
 from backbone_server.tenants import Tenant
 from blackbox.v1 import backbone_pb2 as pb
 from blackbox.v1.verbalizer import label_words
@@ -102,8 +103,6 @@ class DeltaLibrary:
         """Each text's continuation at {mask} under the delta, one token of all the texts
         per turn at the model (merged with other requests' tokens where the scheduler's
         window is open): one API call per text."""
-        from backbone_server.generation import MAX_TEXTS, Generation
-
         _check_texts(texts, MAX_TEXTS)
         session = self._session(tenant, record, texts, cancelled)
         engine = self.engine

@@ -168,7 +168,7 @@ def test_concurrent_generate_requests_share_token_steps(tiny_llama):
 
 
 def test_a_merged_token_step_out_of_memory_runs_each_alone(tiny_llama, monkeypatch):
-    import backbone_server.generation as generation_module
+    import backbone_server.scheduler as scheduler
 
     engine = Engine(tiny_llama, batch_window_ms=200, merge_max_tokens=0)
     specs = [(*made(engine, kind, i), TEXTS[i % 3], 4, {}) for i, kind in enumerate(["prompt", "lora", "bias"])]
@@ -177,7 +177,7 @@ def test_a_merged_token_step_out_of_memory_runs_each_alone(tiny_llama, monkeypat
     def out_of_memory(generations, chosen):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test)")
 
-    monkeypatch.setattr(generation_module, "decode_together", out_of_memory)
+    monkeypatch.setattr(scheduler, "decode_together", out_of_memory)
     got = concurrent(engine, specs)
     assert [[r.tokens for r in rs] for rs in got] == [[r.tokens for r in rs] for rs in expected]
     assert engine.merger.merged_by_path["decode"] == 0
