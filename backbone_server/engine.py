@@ -39,7 +39,7 @@ from backbone_server.fairness import FairTurns
 from backbone_server.generation import Generation, GenerationResult
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
-from backbone_server.scheduler import CPU_MERGE_TOKENS, DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger
+from backbone_server.scheduler import CPU_MERGE_TOKENS, DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger, StartStep
 from backbone_server.scoring import (
     LOSSES,
     Chunk,
@@ -167,12 +167,15 @@ class Engine:
     def run_generation(self, generation: Generation, tenant: Tenant,
                        cancelled: Callable[[], bool] | None = None) -> list[GenerationResult]:
         """Runs a Generation one forward per turn of the tenant: the input, then one token
-        step at a time, each merged with other requests' token steps (`DecodeStep`) where
-        the window is open and its delta allows."""
+        step at a time, each merged with other requests' inputs (`StartStep`) and token
+        steps (`DecodeStep`) where the window is open and its delta allows."""
         with self.merger.request():
-            with self.turns.turn(tenant.name, cancelled):
-                self.scorer.count_forward(len(generation.examples))
-                logits = generation.start()
+            start = StartStep(self.scorer, generation)
+            if self.merger.window_s > 0 and generation.starts_mergeable:
+                logits = self.merger.submit(start, tenant.name, self.bounds.inference, cancelled)
+            else:
+                with self.turns.turn(tenant.name, cancelled):
+                    logits = start.run_alone()
             merge = self.merger.window_s > 0 and generation.mergeable
             while (chosen := generation.take(logits)) is not None:
                 if cancelled is not None and cancelled():

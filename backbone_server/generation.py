@@ -201,6 +201,21 @@ class Generation:
         return self.mask.shape[1]
 
     @property
+    def input_width(self) -> int:
+        """The tokens of its input's widest row (the prompt's slots counted)."""
+        n = self.delta.prompt_length
+        return max(e.length(n) for e in self.examples)
+
+    @property
+    def starts_mergeable(self) -> bool:
+        """Whether its input's forward can share one with other generations'
+        (`start_together`): the rows path (no prefix's virtual keys and values), its
+        delta's modules changed by row-local hooks at most, a plain cache."""
+        delta = self.delta
+        return (not delta.kv_prompt and (not delta.changes_modules or delta.row_local)
+                and _plain_cache(self.backbone))
+
+    @property
     def mergeable(self) -> bool:
         """Whether its token steps can share a forward with other generations'
         (`decode_together`): its delta changes nothing a new token goes through, or only
@@ -225,30 +240,37 @@ class Generation:
                                     "fewer new tokens") from None
 
     def _input_forward(self) -> torch.Tensor:
-        z = torch.tensor(self.z[None], device=self.backbone.device)
-        prompts = self.delta.prompts(z)  # (1, n, h)
-        self.params = self.delta.parameters(z)  # (1, D) or None
-        hidden = self._prefix_input() if self.delta.kv_prompt else self._rows_input(prompts[0])
+        if self.delta.kv_prompt:
+            self.params = self.delta.parameters(torch.tensor(self.z[None], device=self.backbone.device))
+            hidden = self._prefix_input()
+        else:
+            hidden = self._rows_input()
         return self._logits(hidden[:, -1])
 
-    def _rows_input(self, prompt: torch.Tensor) -> torch.Tensor:
+    def _rows_input(self) -> torch.Tensor:
         """Before + prompt + after of every text in one left-padded forward: the prompt's
         vectors spliced in at its slot, the delta's modules patched, the slot positions
         given to `patched` (as `Scorer.forward_chunk` does)."""
+        rows = self._input_rows()
+        self.params, self.mask = rows.params, rows.mask
+        self.cache = DynamicCache(config=self.backbone.model.config)
+        self.next_position = rows.positions[:, -1] + 1
+        with self.delta.patched(self.params, rows.slots, None):
+            return self._body(rows.embeddings, rows.positions)
+
+    def _input_rows(self) -> "_InputRows":
+        """Its input's rows, left-padded (the rows path: no prefix), changing nothing yet."""
         backbone, n = self.backbone, self.delta.prompt_length
+        z = torch.tensor(self.z[None], device=backbone.device)
         rows = [list(e.before) + list(range(-1, -n - 1, -1)) + list(e.after) for e in self.examples]
         ids, mask = self._pad(rows, left=True)  # prompt slot i as -(i + 1)
         slot = ids < 0
         slot_index = (-ids - 1).clamp(min=0)
         embeddings = backbone.embeddings(ids.clamp(min=0))
         if n:
-            embeddings = torch.where(slot[:, :, None], prompt[slot_index], embeddings)
+            embeddings = torch.where(slot[:, :, None], self.delta.prompts(z)[0][slot_index], embeddings)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        self.cache = DynamicCache(config=backbone.model.config)
-        self.mask = mask
-        self.next_position = positions[:, -1] + 1
-        with self.delta.patched(self.params, torch.where(slot, slot_index, -1), None):
-            return self._body(embeddings, positions)
+        return _InputRows(embeddings, mask, positions, torch.where(slot, slot_index, -1), self.delta.parameters(z))
 
     def _prefix_input(self) -> torch.Tensor:
         """The prefix path: the tokens ahead of {prompt} (right-padded) and the virtual keys
@@ -374,6 +396,58 @@ class Generation:
 
     def _decode(self, row: int) -> str:
         return self.backbone.tokenizer.decode(self.tokens[row])
+
+
+@dataclass
+class _InputRows:
+    embeddings: torch.Tensor  # (B, W, h), the prompt spliced in
+    mask: torch.Tensor  # (B, W)
+    positions: torch.Tensor  # (B, W)
+    slots: torch.Tensor  # (B, W): the prompt slot of each position, or -1
+    params: torch.Tensor | None  # (1, D)
+
+
+def _plain_cache(backbone: Backbone) -> bool:
+    """Whether the model's cache is one plain growing tensor per layer (no sliding window)."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=backbone.model.config).layers)
+
+
+def start_together(generations: list[Generation]) -> list[torch.Tensor]:
+    """`Generation.start` of several generations whose starts merge, in one forward:
+    every generation's rows left-padded to the widest, its hooks on its own rows -> each
+    one's (B_i, vocabulary) logits. Their caches come out as one joint cache, from which
+    their token steps go on together. A forward that fails changes no generation."""
+    if any(g._started for g in generations):
+        raise RuntimeError("a Generation runs once")
+    backbone = generations[0].backbone
+    inputs = [g._input_rows() for g in generations]
+    width = max(rows.mask.shape[1] for rows in inputs)
+
+    def ahead(tensor: torch.Tensor, value=0) -> torch.Tensor:  # left-padded to `width` along dim 1
+        pad = width - tensor.shape[1]
+        return F.pad(tensor, (0, 0, pad, 0) if tensor.dim() == 3 else (pad, 0), value=value)
+
+    rows, segments, first = {}, [], 0
+    for g, own in zip(generations, inputs):
+        rows[g] = (first, first + len(own.mask))
+        if own.params is not None and g.delta.changes_modules:
+            segments.append(Segment(g.delta, own.params, ahead(own.slots, -1), first, len(own.mask)))
+        first += len(own.mask)
+    cache = DynamicCache(config=backbone.model.config)
+    post, pre = segment_hooks(segments)
+    with torch.inference_mode():
+        positions = torch.cat([ahead(own.positions) for own in inputs])
+        with forward_hooks(post), forward_hooks(pre, pre=True):
+            hidden = backbone.body(inputs_embeds=torch.cat([ahead(own.embeddings) for own in inputs]),
+                                   attention_mask=torch.cat([ahead(own.mask) for own in inputs]),
+                                   position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        logits = backbone.head(hidden[:, -1]).float()
+    joint = _JointCache(cache, tuple(generations), rows)
+    for g, own in zip(generations, inputs):
+        g._started = True
+        g.params, g.mask, g.next_position = own.params, own.mask, own.positions[:, -1] + 1
+        g.cache, g._joint = None, joint
+    return [logits[first:end] for first, end in (rows[g] for g in generations)]
 
 
 @dataclass(eq=False)

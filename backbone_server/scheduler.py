@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import torch
 
 from backbone_server.fairness import FairTurns
-from backbone_server.generation import Generation, decode_together
+from backbone_server.generation import Generation, decode_together, start_together
 from backbone_server.scoring import Chunk, Scorer, out_of_memory
 
 DEFAULT_WINDOW_MS = 2.0
@@ -99,6 +99,32 @@ class ChunkStep(Step):
     @staticmethod
     def run_together(steps: list["ChunkStep"]) -> list[torch.Tensor]:
         return steps[0].scorer.forward_merged([s.chunk for s in steps])
+
+
+class StartStep(Step):
+    """A Generation's input forward (`Generation.start`), on the rows path. Rows are
+    left-padded to the widest, so the width rule of chunks applies."""
+
+    path = "start"
+
+    def __init__(self, scorer: Scorer, generation: Generation):
+        super().__init__()
+        self.scorer = scorer  # counts the forwards
+        self.generation = generation
+        self.width = generation.input_width
+        self.tokens = len(generation.examples) * self.width
+
+    def joins(self, other: "StartStep") -> bool:
+        return abs(other.width - self.width) <= MAX_WIDTH_GAP * self.width
+
+    def run_alone(self) -> torch.Tensor:
+        self.scorer.count_forward(len(self.generation.examples))
+        return self.generation.start()
+
+    @staticmethod
+    def run_together(steps: list["StartStep"]) -> list[torch.Tensor]:
+        steps[0].scorer.count_forward(sum(len(s.generation.examples) for s in steps))
+        return start_together([s.generation for s in steps])
 
 
 class DecodeStep(Step):

@@ -5,13 +5,16 @@ leaves every generation able to go on alone; the engine merges concurrent reques
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from backbone_server.deltas import DeltaConfig
 from backbone_server.engine import Engine
-from backbone_server.generation import Generation, decode_together
+from backbone_server.generation import Generation, decode_together, start_together
 from backbone_server.tenants import Tenant
 from tests.server.threads import released_together
 
@@ -63,16 +66,19 @@ def alone(backbone, specs):
 
 def merged(backbone, specs, joins):
     """The generations stepped together, every token step of those running in one
-    `decode_together`; generation i starts at step joins[i]. -> (generation, logits per step)."""
+    `decode_together`; generation i starts at step joins[i], those starting at one step
+    and able to in one `start_together`. -> (generation, logits per step)."""
     generations = [generation_of(backbone, session, z, texts, tokens, **options)
                    for session, z, texts, tokens, options in specs]
     logits = {g: [] for g in generations}
     chosen = {}
     for step in range(1000):
-        for g, join in zip(generations, joins):
-            if join == step:
-                logits[g].append(g.start().clone())
-                chosen[g] = g.take(logits[g][-1])
+        starting = [g for g, join in zip(generations, joins) if join == step]
+        together = [g for g in starting if g.starts_mergeable]
+        firsts = dict(zip(together, start_together(together))) if together else {}
+        for g in starting:
+            logits[g].append((firsts[g] if g in firsts else g.start()).clone())
+            chosen[g] = g.take(logits[g][-1])
         running = [g for g in generations if chosen.get(g) is not None]
         if not running and step >= max(joins):
             break
@@ -102,6 +108,32 @@ def test_each_kind_decodes_beside_others_as_it_does_alone(causal, kind):
     specs = [(s0, z0, TEXTS[0], 6, {}), (s1, z1, TEXTS[1], 3, {"temperature": 0.8, "seed": 5}),
              (s2, z2, TEXTS[2], 5, {})]
     assert_same(merged(causal, specs, joins=[0, 0, 2]), alone(causal, specs))
+
+
+def test_only_the_prefix_path_starts_alone(tiny_llama):
+    engine = Engine(tiny_llama)
+    starts = {kind: generation_of(tiny_llama, *made(engine, kind, 0), TEXTS[0], 2).starts_mergeable
+              for kind in KINDS}
+    assert [kind for kind, together in starts.items() if not together] == ["prefix", "prefix+lora"]
+
+
+def test_a_failed_merged_start_leaves_each_generation_to_start_alone(tiny_llama):
+    engine = Engine(tiny_llama)
+    specs = [(*made(engine, kind, i), TEXTS[i], 3, {}) for i, kind in enumerate(["prompt", "lora", "bias"])]
+    expected = alone(tiny_llama, specs)
+    generations = [generation_of(tiny_llama, s, z, texts, n) for s, z, texts, n, _ in specs]
+
+    def fail(module, args):
+        raise RuntimeError("CUDA out of memory (a test)")
+
+    handle = tiny_llama.body.layers[1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            start_together(generations)
+    finally:
+        handle.remove()
+    got = [(g, [step.clone() for step in g.steps()]) for g in generations]
+    assert_same(got, expected)
 
 
 def test_generations_stepping_together_share_one_cache_without_copies(tiny_llama):
@@ -156,14 +188,33 @@ def concurrent(engine, specs):
                               for i, g in enumerate(generations)])
 
 
-def test_concurrent_generate_requests_share_token_steps(tiny_llama):
+def test_concurrent_generate_requests_share_their_inputs_and_token_steps(tiny_llama):
+    """The model is held (another tenant's step) until every request's input is waiting:
+    then the inputs on the rows path share a forward, and every token step after."""
     engine = Engine(tiny_llama, batch_window_ms=200, merge_max_tokens=0)
-    specs = [(*made(engine, kind, i), TEXTS[i % 3], 6, {}) for i, kind in
+    # Texts of one width, so that the inputs merge too (the prefix's starts alone).
+    specs = [(*made(engine, kind, i), TEXTS[0], 6, {}) for i, kind in
              enumerate(["prompt", "lora", "prefix", "bias"])]
     expected = [g.results for g, _ in alone(tiny_llama, specs)]
-    got = concurrent(engine, specs)
-    assert [[(r.tokens, r.finish_reason) for r in rs] for rs in got] == \
+    generations = [generation_of(tiny_llama, s, z, texts, n) for s, z, texts, n, _ in specs]
+    results = [None] * len(specs)
+
+    def run(index):
+        results[index] = engine.run_generation(generations[index], Tenant(f"t{index}"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(specs))]
+    with engine.turns.turn("someone else"):
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        mergeable = sum(g.starts_mergeable for g in generations)  # the prefix's start waits for the turn alone
+        while len(engine.merger._pending) < mergeable and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join()
+    assert [[(r.tokens, r.finish_reason) for r in rs] for rs in results] == \
         [[(r.tokens, r.finish_reason) for r in rs] for rs in expected]
+    assert engine.merger.merged_by_path["start"] == 2  # lora's and bias's (width 13); the prompt's is 16 wide
     assert engine.merger.merged_by_path["decode"] >= 8
 
 
