@@ -38,11 +38,12 @@ between steps, so a caller (the engine) can give each step a turn of its own and
 between steps when its caller goes away; `generate` runs them all. The steps one by one
 are `start`, then `take` and `decode` until `take` answers None.
 
-Token steps of several generations (other requests, other deltas) share one forward in
-`decode_together`: their caches stacked into one joint cache, each padded ahead to the
-longest and masked there, kept while the same generations step together; each
-generation's hooks (`Delta.row_hook_sets`) act on its own rows. That is the engine's
-`DecodeStep` (`scheduler.py`).
+Inputs and token steps of several generations (other requests, other deltas) share one
+forward: `start_together` runs their inputs left-padded to the widest (the rows path; a
+prefix starts alone), `decode_together` their new tokens, their caches stacked into one
+joint cache, each padded ahead to the longest and masked there, kept while the same
+generations step together; each generation's hooks (`Delta.row_hook_sets`) act on its
+own rows. Those are the engine's `StartStep` and `DecodeStep` (`scheduler.py`).
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ values. Chunks of the two paths never share a forward. Combinations merge when t
 parts do, whatever their hooks' forms. A prefix combined with a weight kind runs in its
 own forward: its tokens ahead run per candidate, under its hooks.
 
-Generate's token steps merge along a path of their own (`DecodeStep`): one new token for
-every row of several generations in one forward, each generation's KV cache padded ahead
-to the longest and its hooks on its own rows (`generation.decode_together`), for every
-kind.
+Generate's steps merge along paths of their own: its input forward (`StartStep`,
+`generation.start_together`: rows left-padded to the widest, every kind but the prefix's
+virtual keys and values) and each token step (`DecodeStep`, `generation.decode_together`:
+one new token for every row of several generations, each generation's KV cache padded
+ahead to the longest, for every kind), each generation's hooks on its own rows.
 
 There is no scheduler thread. A request's step (a chunk, a token step) is put in the
 pending list; the request waits the window when other requests are in flight (closed
