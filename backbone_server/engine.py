@@ -39,7 +39,14 @@ from backbone_server.fairness import FairTurns
 from backbone_server.generation import Generation, GenerationResult
 from backbone_server.memory import plan_memory, prefix_store_bytes
 from backbone_server.models import Backbone
-from backbone_server.scheduler import CPU_MERGE_TOKENS, DEFAULT_WINDOW_MS, DecodeStep, ForwardMerger, StartStep
+from backbone_server.scheduler import (
+    CPU_MERGE_TOKENS,
+    DEFAULT_WINDOW_MS,
+    ChunkStep,
+    DecodeStep,
+    ForwardMerger,
+    StartStep,
+)
 from backbone_server.scoring import (
     LOSSES,
     Chunk,
@@ -169,23 +176,16 @@ class Engine:
         """Runs a Generation one forward per turn of the tenant: the input, then one token
         step at a time, each merged with other requests' inputs (`StartStep`) and token
         steps (`DecodeStep`) where the window is open and its delta allows."""
+        bound = self.bounds.inference
         with self.merger.request():
-            start = StartStep(self.scorer, generation)
-            if self.merger.window_s > 0 and generation.starts_mergeable:
-                logits = self.merger.submit(start, tenant.name, self.bounds.inference, cancelled)
-            else:
-                with self.turns.turn(tenant.name, cancelled):
-                    logits = start.run_alone()
-            merge = self.merger.window_s > 0 and generation.mergeable
+            logits = self.merger.run(StartStep(self.scorer, generation), tenant.name, bound, cancelled,
+                                     generation.starts_mergeable)
+            mergeable = generation.mergeable
             while (chosen := generation.take(logits)) is not None:
                 if cancelled is not None and cancelled():
                     raise Cancelled("the caller went away; the rest of the texts were not generated")
-                step = DecodeStep(self.scorer, generation, chosen)
-                if merge:
-                    logits = self.merger.submit(step, tenant.name, self.bounds.inference, cancelled)
-                else:
-                    with self.turns.turn(tenant.name, cancelled):
-                        logits = step.run_alone()
+                logits = self.merger.run(DecodeStep(self.scorer, generation, chosen), tenant.name, bound, cancelled,
+                                         mergeable)
         return generation.results
 
     def _new_session(self, splits: dict[str, list[tuple[str, str, int]]], template: str, verbalizer: list[str],
@@ -270,11 +270,9 @@ class Engine:
         def forward(session, bucket, group, group_params, prefix, routing):
             if cancelled is not None and cancelled():
                 raise Cancelled("the caller went away; the rest of the request was not computed")
-            if self.merger.window_s > 0 and self.scorer.mergeable(session, bucket, group_params, prefix):
-                return self.merger.forward(Chunk(session, bucket, group, group_params, prefix, routing), tenant.name,
-                                           self.bounds.inference, cancelled)
-            with self.turns.turn(tenant.name, cancelled):
-                return self.scorer.forward_chunk(session, bucket, group, group_params, prefix, routing)
+            step = ChunkStep(self.scorer, Chunk(session, bucket, group, group_params, prefix, routing))
+            return self.merger.run(step, tenant.name, self.bounds.inference, cancelled,
+                                   self.scorer.mergeable(session, bucket, group_params, prefix))
         return forward
 
     def _check_rows(self, population: int, examples: int) -> None:

@@ -61,11 +61,10 @@ from transformers.cache_utils import DynamicLayer
 from backbone_server.batching import Bucket, PrefixStates
 from backbone_server.deltas import Delta
 from backbone_server.deltas.budget import SEED_MODULUS, derived_seed
-from backbone_server.deltas.hooks import forward_hooks
 from backbone_server.encoding import EncodedExample, TemplateEncoder
 from backbone_server.errors import InvalidArgument, ResourceExhausted
 from backbone_server.models import Backbone
-from backbone_server.scoring import Scorer, Segment, TokenBounds, out_of_memory, segment_hooks
+from backbone_server.scoring import Scorer, Segment, TokenBounds, out_of_memory, segmented
 
 MAX_NEW_TOKENS = 1024
 MAX_TEXTS = 256  # rows of one batch
@@ -208,24 +207,19 @@ class Generation:
         return max(e.length(n) for e in self.examples)
 
     @property
-    def starts_mergeable(self) -> bool:
-        """Whether its input's forward can share one with other generations'
-        (`start_together`): the rows path (no prefix's virtual keys and values), its
-        delta's modules changed by row-local hooks at most, a plain cache."""
-        delta = self.delta
-        return (not delta.kv_prompt and (not delta.changes_modules or delta.row_local)
-                and _plain_cache(self.backbone))
-
-    @property
     def mergeable(self) -> bool:
         """Whether its token steps can share a forward with other generations'
         (`decode_together`): its delta changes nothing a new token goes through, or only
-        through row-local hooks; its cache is one plain growing tensor per layer."""
+        through row-local hooks; the model's cache is one plain growing tensor per layer."""
         delta = self.delta
-        if delta.changes_modules and not delta.row_local:
-            return False
-        layers = self.cache.layers if self.cache is not None else self._joint.cache.layers
-        return all(type(layer) is DynamicLayer for layer in layers)
+        return (not delta.changes_modules or delta.row_local) and _plain_cache(self.backbone)
+
+    @property
+    def starts_mergeable(self) -> bool:
+        """Whether its input's forward can share one with other generations'
+        (`start_together`): as its token steps, on the rows path (no prefix's virtual keys
+        and values, whose tokens ahead run first)."""
+        return not self.delta.kv_prompt and self.mergeable
 
     def _run(self, forward) -> torch.Tensor:
         try:
@@ -428,17 +422,14 @@ def start_together(generations: list[Generation]) -> list[torch.Tensor]:
         pad = width - tensor.shape[1]
         return F.pad(tensor, (0, 0, pad, 0) if tensor.dim() == 3 else (pad, 0), value=value)
 
-    rows, segments, first = {}, [], 0
-    for g, own in zip(generations, inputs):
-        rows[g] = (first, first + len(own.mask))
-        if own.params is not None and g.delta.changes_modules:
-            segments.append(Segment(g.delta, own.params, ahead(own.slots, -1), first, len(own.mask)))
-        first += len(own.mask)
+    rows = _row_ranges(generations)
+    segments = [Segment(g.delta, own.params, ahead(own.slots, -1), first, end - first)
+                for g, own, (first, end) in zip(generations, inputs, rows.values())
+                if own.params is not None and g.delta.changes_modules]
     cache = DynamicCache(config=backbone.model.config)
-    post, pre = segment_hooks(segments)
     with torch.inference_mode():
         positions = torch.cat([ahead(own.positions) for own in inputs])
-        with forward_hooks(post), forward_hooks(pre, pre=True):
+        with segmented(segments):
             hidden = backbone.body(inputs_embeds=torch.cat([ahead(own.embeddings) for own in inputs]),
                                    attention_mask=torch.cat([ahead(own.mask) for own in inputs]),
                                    position_ids=positions, cache=cache, use_cache=True).last_hidden_state
@@ -481,10 +472,9 @@ def decode_together(generations: list[Generation], chosen: list[torch.Tensor]) -
         segments = [Segment(g.delta, g.params, torch.full((end - first, 1), -1, device=ids.device), first, end - first)
                     for g, (first, end) in ((g, joint.rows[g]) for g in generations)
                     if g.params is not None and g.delta.changes_modules]
-        post, pre = segment_hooks(segments)
         held = [(layer.keys, layer.values) for layer in joint.cache.layers]
         try:
-            with forward_hooks(post), forward_hooks(pre, pre=True):
+            with segmented(segments):
                 hidden = backbone.body(inputs_embeds=backbone.embeddings(ids), attention_mask=mask,
                                        position_ids=positions, cache=joint.cache, use_cache=True).last_hidden_state
             logits = backbone.head(hidden[:, -1]).float()
@@ -507,12 +497,17 @@ def _join(generations: list[Generation]) -> _JointCache:
     for layer in range(len(layers[0])):
         data.append(tuple(torch.cat([F.pad(own[layer][held], (0, 0, longest - own[layer][held].shape[2], 0))
                                      for own in layers]) for held in (0, 1)))
-    rows, first = {}, 0
-    for g in generations:
-        rows[g] = (first, first + len(g.mask))
-        first += len(g.mask)
     return _JointCache(DynamicCache(ddp_cache_data=data, config=generations[0].backbone.model.config),
-                       tuple(generations), rows)
+                       tuple(generations), _row_ranges(generations))
+
+
+def _row_ranges(generations: list[Generation]) -> dict[Generation, tuple[int, int]]:
+    """Each generation's (first, end) rows when their texts are stacked in this order."""
+    ranges, first = {}, 0
+    for g in generations:
+        ranges[g] = (first, first + len(g.examples))
+        first += len(g.examples)
+    return ranges
 
 
 def _past_states(backbone: Backbone, delta: Delta, bucket: Bucket, params: torch.Tensor | None

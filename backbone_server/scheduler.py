@@ -182,9 +182,14 @@ class ForwardMerger:
             with self._lock:
                 self._in_flight -= 1
 
-    def forward(self, chunk: Chunk, tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
-        """The chunk's (p, B, C) logits, computed in a forward shared with other pending chunks."""
-        return self.submit(ChunkStep(self.scorer, chunk), tenant, bound, cancelled)
+    def run(self, step: Step, tenant: str, bound: int, cancelled: Callable[[], bool] | None,
+            mergeable: bool = True) -> torch.Tensor:
+        """The step's logits: in a forward shared with other pending steps where the window
+        is open and the step can share, else in a forward of its own, in the tenant's turn."""
+        if self.window_s > 0 and mergeable:
+            return self.submit(step, tenant, bound, cancelled)
+        with self.turns.turn(tenant, cancelled):
+            return step.run_alone()
 
     def submit(self, step: Step, tenant: str, bound: int, cancelled: Callable[[], bool] | None) -> torch.Tensor:
         """The step's logits, computed in a forward shared with other pending steps of its path."""

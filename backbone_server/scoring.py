@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -282,8 +283,7 @@ class Scorer:
             kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
             mask = torch.cat([past_mask, mask], dim=1)
         self.count_forward(len(rows))
-        post, pre = _segment_hooks(chunks, [len(part[0]) for part in parts], width)
-        with forward_hooks(post), forward_hooks(pre, pre=True):
+        with segmented(_segments(chunks, [len(part[0]) for part in parts], width)):
             hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
         logits, first = [], 0
         for chunk, (part, *_) in zip(chunks, parts):
@@ -391,8 +391,8 @@ def _positions(bucket: Bucket, p: int, width: int, device) -> torch.Tensor:
     return (start[:, None] + torch.arange(width, device=device)).repeat(p, 1)
 
 
-def _segment_hooks(chunks: list[Chunk], sizes: list[int], width: int) -> tuple[list, list]:
-    """`segment_hooks` of merged chunks: each chunk's rows with their prompt slots padded to `width`."""
+def _segments(chunks: list[Chunk], sizes: list[int], width: int) -> list[Segment]:
+    """The hooked segments of merged chunks: each chunk's rows with their prompt slots padded to `width`."""
     segments, first = [], 0
     for chunk, size in zip(chunks, sizes):
         if chunk.params is not None and chunk.session.delta.changes_modules:
@@ -401,7 +401,7 @@ def _segment_hooks(chunks: list[Chunk], sizes: list[int], width: int) -> tuple[l
             segments.append(Segment(chunk.session.delta, chunk.params,
                                     F.pad(slots, (0, width - slots.shape[1]), value=-1), first, size, chunk.routing))
         first += size
-    return segment_hooks(segments)
+    return segments
 
 
 @dataclass
@@ -416,10 +416,11 @@ class Segment:
     routing: Routing | None = None
 
 
-def segment_hooks(segments: list[Segment]) -> tuple[list, list]:
-    """(forward hooks, forward pre-hooks) of a forward whose rows belong to several row-local
-    deltas: one per hooked module, each running every segment's own hook on that
-    segment's rows."""
+@contextmanager
+def segmented(segments: list[Segment]) -> Iterator[None]:
+    """While entered, the hooks of a forward whose rows belong to several row-local
+    deltas: one forward hook (or pre-hook) per hooked module, each running every
+    segment's own hook on that segment's rows."""
     hooked: dict[tuple[torch.nn.Module, bool], list[tuple[int, int, Callable]]] = {}
     for segment in segments:
         first, size = segment.first, segment.size
@@ -428,7 +429,8 @@ def segment_hooks(segments: list[Segment]) -> tuple[list, list]:
                 hooked.setdefault((module, pre), []).append((first, first + size, hook))
     post = [(module, _segmented(parts)) for (module, pre), parts in hooked.items() if not pre]
     pre = [(module, _segmented_pre(parts)) for (module, pre), parts in hooked.items() if pre]
-    return post, pre
+    with forward_hooks(post), forward_hooks(pre, pre=True):
+        yield
 
 
 def _segmented(parts: list[tuple[int, int, Callable]]) -> Callable:
