@@ -30,7 +30,6 @@ alone, where its own out-of-memory handling applies (a chunk halves itself).
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -119,13 +118,13 @@ class StartStep(Step):
         return abs(other.width - self.width) <= MAX_WIDTH_GAP * self.width
 
     def run_alone(self) -> torch.Tensor:
-        self.scorer.count_forward(len(self.generation.examples))
-        return self.generation.start()
+        with self.scorer.running(len(self.generation.examples), self.tokens):
+            return self.generation.start()
 
     @staticmethod
     def run_together(steps: list["StartStep"]) -> list[torch.Tensor]:
-        steps[0].scorer.count_forward(sum(len(s.generation.examples) for s in steps))
-        return start_together([s.generation for s in steps])
+        with steps[0].scorer.running(sum(len(s.generation.examples) for s in steps), sum(s.tokens for s in steps)):
+            return start_together([s.generation for s in steps])
 
 
 class DecodeStep(Step):
@@ -144,13 +143,13 @@ class DecodeStep(Step):
         self.tokens = len(chosen)
 
     def run_alone(self) -> torch.Tensor:
-        self.scorer.count_forward(len(self.chosen))
-        return self.generation.decode(self.chosen)
+        with self.scorer.running(len(self.chosen), self.tokens):
+            return self.generation.decode(self.chosen)
 
     @staticmethod
     def run_together(steps: list["DecodeStep"]) -> list[torch.Tensor]:
-        steps[0].scorer.count_forward(sum(len(s.chosen) for s in steps))
-        return decode_together([s.generation for s in steps], [s.chosen for s in steps])
+        with steps[0].scorer.running(sum(len(s.chosen) for s in steps), sum(s.tokens for s in steps)):
+            return decode_together([s.generation for s in steps], [s.chosen for s in steps])
 
 
 class ForwardMerger:
@@ -231,12 +230,12 @@ class ForwardMerger:
             for member in batch:
                 self._pending.remove(member)
         try:
-            self._run_batch(batch, tokens, bound)
+            self._run_batch(batch)
         finally:
             with self._lock:
                 self._arrived.notify_all()  # wakes the members waiting out the window
 
-    def _run_batch(self, batch: list[Step], tokens: int, bound: int) -> None:
+    def _run_batch(self, batch: list[Step]) -> None:
         if len(batch) == 1:
             try:
                 batch[0].logits = batch[0].run_alone()
@@ -244,10 +243,7 @@ class ForwardMerger:
                 batch[0].done.set()
             return
         try:
-            began = time.perf_counter()
             outputs = type(batch[0]).run_together(batch)
-            if self.scorer.on_forward is not None:
-                self.scorer.on_forward(tokens, bound, time.perf_counter() - began)
         except Exception as error:
             for member in batch:  # each runs alone, where an out-of-memory halves a chunk
                 member.alone = True

@@ -144,10 +144,7 @@ class Scorer:
             group = prompts[first:first + chunk]
             group_params = None if params is None else params[first:first + chunk]
             try:
-                began = time.perf_counter()
                 logits = forward(session, bucket, group, group_params, prefix, routing)
-                if self.on_forward is not None:
-                    self.on_forward(len(group) * per_candidate, tokens, time.perf_counter() - began)
             except Exception as error:
                 if not out_of_memory(error):
                     raise
@@ -179,8 +176,13 @@ class Scorer:
                       routing: Routing | None = None) -> torch.Tensor:
         """(p, n, h) prompts and (p, D) module parameters (or None) of some candidates ->
         (p, B, C) verbalizer logits on the bucket."""
+        with self.running(len(group) * len(bucket.indices), len(group) * self.tokens_per_candidate(bucket)):
+            return self._forward_chunk(session, bucket, group, group_params, prefix, routing)
+
+    def _forward_chunk(self, session: SessionState, bucket: Bucket, group: torch.Tensor,
+                       group_params: torch.Tensor | None, prefix: PrefixStates | None,
+                       routing: Routing | None) -> torch.Tensor:
         backbone = self.backbone
-        self.count_forward(len(group) * len(bucket.indices))
         slot = bucket.row_ids < 0
         slot_index = (-bucket.row_ids - 1).clamp(min=0)
         p = len(group)
@@ -282,13 +284,14 @@ class Scorer:
                                    mask.new_zeros(len(r), ahead) for r, _, _, _, pm in parts])
             kwargs["cache"] = DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
             mask = torch.cat([past_mask, mask], dim=1)
-        self.count_forward(len(rows))
-        with segmented(_segments(chunks, [len(part[0]) for part in parts], width)):
-            hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
-        logits, first = [], 0
-        for chunk, (part, *_) in zip(chunks, parts):
-            logits.append(self._read(chunk.session, chunk.bucket, hidden[first:first + len(part)], len(chunk.group)))
-            first += len(part)
+        with self.running(len(rows), self._tokens(chunks)):
+            with segmented(_segments(chunks, [len(part[0]) for part in parts], width)):
+                hidden = self.backbone.body(inputs_embeds=rows, attention_mask=mask, **kwargs).last_hidden_state
+            logits, first = [], 0
+            for chunk, (part, *_) in zip(chunks, parts):
+                logits.append(self._read(chunk.session, chunk.bucket, hidden[first:first + len(part)],
+                                         len(chunk.group)))
+                first += len(part)
         return logits
 
     def _forward_merged_shared(self, chunks: list[Chunk]) -> list[torch.Tensor]:
@@ -304,16 +307,26 @@ class Scorer:
         width = max(rows.shape[1] for rows, _ in parts)
         rows = torch.cat([F.pad(r, (0, 0, 0, width - r.shape[1])) for r, _ in parts])
         positions = torch.cat([F.pad(q, (0, width - q.shape[1])) for _, q in parts])
-        self.count_forward(len(rows))
         # Padding sits after each row's own tokens, where causal attention never looks back to it.
-        with attention.attending(self.backbone, segments):
+        with self.running(len(rows), self._tokens(chunks)), attention.attending(self.backbone, segments):
             hidden = self.backbone.body(inputs_embeds=rows, use_cache=False, position_ids=positions).last_hidden_state
-        return [self._read(chunk.session, chunk.bucket, hidden[a:b], len(chunk.group))
-                for chunk, (a, b, _) in zip(chunks, segments)]
+            return [self._read(chunk.session, chunk.bucket, hidden[a:b], len(chunk.group))
+                    for chunk, (a, b, _) in zip(chunks, segments)]
 
-    def count_forward(self, rows: int) -> None:
-        self.forwards += 1  # under the turn: one forward at a time
+    def _tokens(self, chunks: list[Chunk]) -> int:
+        return sum(len(chunk.group) * self.tokens_per_candidate(chunk.bucket) for chunk in chunks)
+
+    @contextmanager
+    def running(self, rows: int, tokens: int) -> Iterator[None]:
+        """Around one forward of the model (scoring or generating; under the turn, so one
+        at a time): counted, and heard by `on_forward` with its tokens and its time."""
+        self.forwards += 1
         self.rows_run += rows
+        began = time.perf_counter()
+        yield
+        if self.on_forward is not None:
+            bound = self.bounds.gradient if torch.is_grad_enabled() else self.bounds.inference
+            self.on_forward(tokens, bound, time.perf_counter() - began)
 
     def rows_per_forward(self) -> float:
         return self.rows_run / self.forwards if self.forwards else 0.0

@@ -194,3 +194,18 @@ def test_a_cpu_engine_merges_up_to_its_merge_bound_and_a_gpu_one_to_memory(tiny_
 
     assert Engine(tiny_roberta).merger.max_tokens == CPU_MERGE_TOKENS
     assert Engine(tiny_roberta, merge_max_tokens=0).merger.max_tokens == 0
+
+
+def test_a_merged_forward_is_heard_once_with_its_tokens(tiny_roberta):
+    """The metrics hear each forward once, where it runs: merged or not, every chunk's
+    tokens are counted once."""
+    heard = {}
+    for window_ms in (0, 200):
+        engine = Engine(tiny_roberta, batch_window_ms=window_ms, merge_max_tokens=0)
+        tokens = []
+        engine.scorer.on_forward = lambda count, bound, seconds: tokens.append(count)
+        at_once(engine, sessions(engine, ["prompt-first", "lora"]))
+        heard[window_ms] = (sum(tokens), len(tokens), engine.scorer.forwards, engine.merger.merged_chunks)
+    assert heard[200][3] > 0 and heard[200][2] < heard[0][2]
+    assert heard[200][0] == heard[0][0]
+    assert heard[200][1] == heard[200][2] and heard[0][1] == heard[0][2]
