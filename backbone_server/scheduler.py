@@ -81,7 +81,7 @@ class ChunkStep(Step):
         self.scorer = scorer
         self.chunk = chunk
         self.path = scorer.merge_path(chunk.bucket)
-        self.tokens = len(chunk.group) * chunk.bucket.tokens_per_candidate
+        self.tokens = len(chunk.group) * scorer.tokens_per_candidate(chunk.bucket)  # as score_chunks sized it
 
     @property
     def width(self) -> int:
